@@ -1,0 +1,139 @@
+"""Stable Diffusion checkpoints in the WebUI's format: the tiny SD1-style model used by tests and the demo.
+
+A WebUI (ldm `LatentDiffusion`) checkpoint is one flat state dict:
+    model.diffusion_model.*                       the UNet
+    first_stage_model.{encoder,decoder,quant_conv,post_quant_conv}.*   the VAE (AutoencoderKL)
+    cond_stage_model.transformer.text_model.*     the SD1 text encoder (transformers' CLIPTextModel)
+    betas, alphas_cumprod, ...                    the noise schedule buffers of LatentDiffusion
+with an ldm config yaml beside it (`<name>.yaml`), as the WebUI expects for non-standard architectures.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from afa.unet import PRESETS, UNET_KEY_PREFIX, UNET_TARGET, build_unet
+
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+
+# The tiny VAE: one downsampling level (latents are images / 2), 4 latent channels like SD.
+TINY_VAE_DDCONFIG = dict(
+    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+    num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+)
+# The tiny text encoder: SD1's CLIP text model shape at width 32 (same vocabulary and 77-token context).
+TINY_CLIP_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=77, hidden_act="quick_gelu",
+)
+
+
+def tiny_sd_config(parameterization: str = "eps") -> dict:
+    """The ldm config (yaml content) of the tiny SD1-style LatentDiffusion. `clip_text_config` is ours: it lets
+    the text encoder be built offline (SD1 checkpoints name a hub model instead)."""
+    params = dict(
+        linear_start=0.00085, linear_end=0.012, timesteps=1000, first_stage_key="jpg", cond_stage_key="txt",
+        image_size=16, channels=4, cond_stage_trainable=False, conditioning_key="crossattn", scale_factor=1.0,
+        unet_config=dict(target=UNET_TARGET, params=copy.deepcopy(PRESETS["tiny"])),
+        first_stage_config=dict(
+            target="ldm.models.autoencoder.AutoencoderKL",
+            params=dict(embed_dim=4, ddconfig=copy.deepcopy(TINY_VAE_DDCONFIG),
+                        lossconfig=dict(target="torch.nn.Identity")),
+        ),
+        cond_stage_config=dict(
+            target="ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+            params=dict(clip_text_config=copy.deepcopy(TINY_CLIP_TEXT_CONFIG)),
+        ),
+    )
+    if parameterization != "eps":
+        params["parameterization"] = parameterization
+    return dict(model=dict(target="ldm.models.diffusion.ddpm.LatentDiffusion", params=params))
+
+
+def schedule_buffers(linear_start: float = 0.00085, linear_end: float = 0.012, timesteps: int = 1000) \
+        -> dict[str, torch.Tensor]:
+    """The noise-schedule buffers `LatentDiffusion.register_schedule` stores in every checkpoint (SD's "linear"
+    schedule: betas linear in sqrt space)."""
+    betas = np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    values = dict(
+        betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=np.log(np.maximum(posterior_variance, 1e-20)),
+        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+    )
+    return {name: torch.tensor(value, dtype=torch.float32) for name, value in values.items()}
+
+
+def build_tiny_vae(ddconfig: dict | None = None, embed_dim: int = 4) -> torch.nn.ModuleDict:
+    """The VAE's four parts under their checkpoint names (ldm's AutoencoderKL without pytorch_lightning)."""
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    ddconfig = ddconfig or TINY_VAE_DDCONFIG
+    z_channels = ddconfig["z_channels"]
+    return torch.nn.ModuleDict(dict(
+        encoder=Encoder(**ddconfig), decoder=Decoder(**ddconfig),
+        quant_conv=torch.nn.Conv2d(2 * z_channels, 2 * embed_dim, 1),
+        post_quant_conv=torch.nn.Conv2d(embed_dim, z_channels, 1),
+    ))
+
+
+def build_tiny_text_encoder(text_config: dict | None = None) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**(text_config or TINY_CLIP_TEXT_CONFIG)))
+
+
+def tiny_sd_state_dict(seed: int, unet_params: dict | None = None) -> dict[str, torch.Tensor]:
+    """A complete WebUI-format state dict of the tiny model with random weights drawn from `seed`.
+
+    The UNet's output layers are zero-initialised by ldm; they are re-drawn here so the UNet's output depends on
+    its weights and two seeds give two different members.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = build_unet(unet_params or PRESETS["tiny"])
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if parameter.abs().sum() == 0 and parameter.ndim > 1:  # zero_module() layers
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    state_dict = {UNET_KEY_PREFIX + k: v for k, v in unet.state_dict().items()}
+    state_dict.update({VAE_PREFIX + k: v for k, v in build_tiny_vae().state_dict().items()})
+    state_dict.update({TEXT_ENCODER_PREFIX + k: v for k, v in build_tiny_text_encoder().state_dict().items()})
+    state_dict.update(schedule_buffers())
+    return state_dict
+
+
+def write_webui_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict | None = None,
+                           dtype: torch.dtype | None = None) -> Path:
+    """Writes a checkpoint the WebUI can load: `.safetensors` or `.ckpt` (a pickled {"state_dict": ...}), plus
+    `<name>.yaml` beside it when `config` is given. `dtype` casts floating-point tensors (fp16 checkpoints are the
+    common case on CivitAI). The file is written under a temporary name and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in state_dict.items()}
+    temporary = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        save_file(tensors, str(temporary), metadata={"format": "pt"})
+    else:
+        torch.save({"state_dict": tensors}, temporary)
+    os.replace(temporary, path)
+    if config is not None:
+        path.with_suffix(".yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
