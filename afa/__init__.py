@@ -1,0 +1,29 @@
+"""AFA: ensemble Stable Diffusion checkpoints at inference with Adaptive Feature Aggregation.
+
+The core library. It imports torch, einops, safetensors, PyYAML and ldm's modules -- never the WebUI (`modules`,
+`launch`) or gradio; the WebUI glue lives in `afa.webui`, which only the extension's script imports.
+"""
+
+from .aggregator import Aggregator, AggregatorConfig
+from .ensemble import MODES, EnsembleUNet, mix
+from .errors import AfaError, CheckpointError, IncompatibleMembersError, MembersMismatchError, WeightsFileError
+from .hashing import file_sha256, shorthash
+from .members import MemberRef, check_members, load_member, read_unet_shapes, read_unet_state_dict, unet_shapes
+from .unet import PRESETS, BlockLayout, block_layout, build_unet
+from .weights import FORMAT_VERSION, WeightsInfo, load_weights, read_weights_info, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregator", "AggregatorConfig", "MODES", "EnsembleUNet", "mix", "AfaError", "CheckpointError",
+    "IncompatibleMembersError", "MembersMismatchError", "WeightsFileError", "file_sha256", "shorthash", "MemberRef",
+    "check_members", "load_member", "read_unet_shapes", "read_unet_state_dict", "unet_shapes", "PRESETS",
+    "BlockLayout", "block_layout", "build_unet", "FORMAT_VERSION", "WeightsInfo", "load_weights",
+    "read_weights_info", "save_weights", "default_config",
+]
+
+
+def default_config(layout: BlockLayout, num_members: int, context_dim: int, **overrides) -> AggregatorConfig:
+    """The default aggregator for members of a given block layout (SD 1.5, N=2: about 51M parameters)."""
+    return AggregatorConfig(num_members=num_members, block_channels=list(layout.channels),
+                            context_dim=context_dim, **overrides)

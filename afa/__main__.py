@@ -1,0 +1,147 @@
+"""Command line: `python -m afa {inspect,check,bench}`; run `python -m afa --help`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .aggregator import Aggregator
+from .errors import AfaError
+from .hashing import file_sha256, shorthash
+from .members import check_members, read_unet_shapes, resolve_unet_params
+from .unet import PRESETS, BlockLayout, block_layout
+from .weights import read_weights_info
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _print_layout(layout: BlockLayout) -> None:
+    print(f"{'block':<4}{'name':<18}{'channels':>9}{'downsampling':>14}")
+    for index, (name, channels, factor) in enumerate(zip(layout.names, layout.channels, layout.downsampling)):
+        print(f"{index:<4}{name:<18}{channels:>9}{'1/' + str(factor):>14}")
+
+
+def _sabw_parameters(config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in Aggregator(config).parameters())
+
+
+def _is_weights_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return "afa_format_version" in (handle.metadata() or {})
+    except Exception:
+        return False  # let the checkpoint reader report what is wrong with the file
+
+
+def command_inspect(args) -> None:
+    path = Path(args.file)
+    if _is_weights_file(path):
+        info = read_weights_info(path)
+        print(f"AFA weights file {path}")
+        print(f"format version {info.format_version}; mode {info.mode}; "
+              f"SABW parameters {_sabw_parameters(info.config) / 1e6:.2f}M")
+        print("members (in order):")
+        for index, member in enumerate(info.members):
+            print(f"  {index}: {member.name}  sha256 {member.sha256}")
+        print("config: " + json.dumps(info.config.to_dict()))
+        if info.training:
+            print("training: " + json.dumps(info.training))
+        return
+    shapes = read_unet_shapes(path)
+    params = resolve_unet_params(path, shapes, args.config)
+    sha256 = file_sha256(path)
+    print(f"checkpoint {path}")
+    print(f"sha256 {sha256} (shorthash {shorthash(sha256)})")
+    print(f"UNet parameters {sum(_numel(s) for s in shapes.values()) / 1e6:.2f}M; architecture: "
+          + json.dumps(params))
+    _print_layout(block_layout(shapes))
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def command_check(args) -> None:
+    from . import default_config
+
+    members = [(Path(path).name, read_unet_shapes(path)) for path in args.members]
+    layout = check_members(members)
+    context_keys = [k for k in members[0][1] if k.endswith("attn2.to_k.weight")]
+    context_dim = members[0][1][context_keys[0]][1] if context_keys else 768
+    config = default_config(layout, len(members), context_dim,
+                            **({"hidden_channels": args.hidden} if args.hidden else {}))
+    print(f"{len(members)} members can be ensembled: " + ", ".join(name for name, _ in members))
+    _print_layout(layout)
+    print(f"SABW parameters for them: {_sabw_parameters(config) / 1e6:.2f}M (hidden {config.hidden_channels}, "
+          f"context {context_dim})")
+
+
+def command_bench(args) -> None:
+    from .bench import run_bench
+
+    max_resolution = "default" if args.max_resolution is None else (
+        None if args.max_resolution == 0 else args.max_resolution)
+    run_bench(args.arch, args.members, args.latent, args.batch, args.repeats, DTYPES[args.dtype], args.hidden,
+              max_resolution, args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m afa", description=__doc__.split(";")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="describe a checkpoint (architecture, blocks, sha256) or an AFA "
+                                  "weights file (members, config, parameters)",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    inspect.add_argument("file", help="a .safetensors/.ckpt checkpoint or an AFA weights .safetensors")
+    inspect.add_argument("--config", help="ldm yaml for the checkpoint (default: <name>.yaml beside it, else "
+                         "inferred from shapes)")
+    inspect.set_defaults(run=command_inspect)
+
+    check = commands.add_parser("check", help="confirm that checkpoints can be ensembled (reads shapes only)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    check.add_argument("members", nargs="+", help="member checkpoints (at least 2)")
+    check.add_argument("--hidden", type=int, help="SABW hidden width for the parameter count (default: the "
+                       "config default)")
+    check.set_defaults(run=command_check)
+
+    bench = commands.add_parser("bench", help="time one UNet vs the ensemble in every mode, random weights",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--arch", choices=sorted(PRESETS), default="sd15", help="member architecture")
+    bench.add_argument("--members", type=int, default=2, help="number of members N")
+    bench.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px for SD)")
+    bench.add_argument("--batch", type=int, default=1, help="batch size (the WebUI's CFG batches 2 per image)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median reported)")
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="members' and SABW's dtype")
+    bench.add_argument("--hidden", type=int, help="SABW hidden width (default: the config default)")
+    bench.add_argument("--max-resolution", type=int, help="SABW pooling size (default: the config default; "
+                       "0 = full resolution)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    bench.set_defaults(run=command_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except AfaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""`python -m afa bench`: seconds per UNet call for one member and for the ensemble in every mode.
+
+Members of a named architecture are built with random weights (no downloads). Runs are interleaved (one UNet,
+then each mode, repeated) so machine noise hits all of them alike, and medians are reported. The figure that matters
+is the ratio ensemble / (N x one UNet): the cost of AFA beyond running the N members.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from .aggregator import Aggregator, AggregatorConfig
+from .ensemble import MODES, EnsembleUNet
+from .members import unet_shapes
+from .unet import PRESETS, block_layout, build_unet
+
+
+def _random_members(arch: str, count: int, dtype: torch.dtype, seed: int) -> list[torch.nn.Module]:
+    torch.manual_seed(seed)
+    first = build_unet(PRESETS[arch]).to(dtype).eval().requires_grad_(False)
+    members = [first]
+    for _ in range(count - 1):
+        member = copy.deepcopy(first)
+        with torch.no_grad():
+            for parameter in member.parameters():  # distinct weights, so no cache can share them
+                parameter.mul_(1.0 + 0.01 * torch.randn((), dtype=torch.float32).item())
+        members.append(member)
+    return members
+
+
+def _aggregator(config: AggregatorConfig, dtype: torch.dtype) -> Aggregator:
+    aggregator = Aggregator(config)
+    with torch.no_grad():  # non-zero output layers, so the weights are not trivially uniform
+        for name, parameter in aggregator.named_parameters():
+            if name.endswith("out.2.weight"):
+                parameter.normal_(0.0, 0.02)
+    return aggregator.to(dtype).eval().requires_grad_(False)
+
+
+def _time_call(function, repeats: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) / repeats
+
+
+def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch: int = 1, repeats: int = 3,
+              dtype: torch.dtype = torch.float32, hidden_channels: int | None = None,
+              max_resolution: int | None | str = "default", seed: int = 0, out=sys.stdout) -> dict:
+    """Times one UNet and the ensemble in each mode; prints a table and returns the figures."""
+    members = _random_members(arch, num_members, dtype, seed)
+    params = PRESETS[arch]
+    layout = block_layout(unet_shapes(members[0]))
+    overrides = {}
+    if hidden_channels is not None:
+        overrides["hidden_channels"] = hidden_channels
+    if max_resolution != "default":
+        overrides["max_resolution"] = max_resolution
+    aggregators = {
+        "sabw": _aggregator(AggregatorConfig(num_members, list(layout.channels), context_dim=params["context_dim"],
+                                             **overrides), dtype),
+        "last-block": _aggregator(AggregatorConfig(num_members, list(layout.channels),
+                                                   context_dim=params["context_dim"], only_last_block=True,
+                                                   **overrides), dtype),
+    }
+    ensembles = {mode: EnsembleUNet(members, aggregators.get(mode), mode) for mode in MODES}
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, params["in_channels"], latent, latent, generator=generator).to(dtype)
+    timesteps = torch.full((batch,), 500.0)
+    context = torch.randn(batch, 77, params["context_dim"], generator=generator).to(dtype)
+
+    calls = {"one UNet": lambda: members[0](x, timesteps, context)}
+    calls.update({mode: (lambda e=ensemble: e(x, timesteps, context)) for mode, ensemble in ensembles.items()})
+    seconds = {name: [] for name in calls}
+    with torch.inference_mode():
+        for function in calls.values():  # warm-up: allocator, oneDNN kernels
+            function()
+        for _ in range(repeats):
+            for name, function in calls.items():
+                seconds[name].append(_time_call(function))
+
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    one = medians["one UNet"]
+    sabw_parameters = sum(p.numel() for p in aggregators["sabw"].parameters())
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
+    print(f"arch={arch} members={num_members} latent={latent}x{latent} batch={batch} dtype={str(dtype)[6:]} "
+          f"threads={torch.get_num_threads()} repeats={repeats} (medians)", file=out)
+    print(f"{'call':<16}{'s/call':>10}{'ratio to N x one':>18}", file=out)
+    for name, value in medians.items():
+        ratio = "" if name == "one UNet" else f"{value / (num_members * one):.3f}"
+        print(f"{name:<16}{value:>10.3f}{ratio:>18}", file=out)
+    print(f"SABW parameters: {sabw_parameters / 1e6:.2f}M (hidden {aggregators['sabw'].config.hidden_channels}, "
+          f"max_resolution {aggregators['sabw'].config.max_resolution}); peak RSS {peak_rss_gib:.2f} GiB", file=out)
+    figures = {
+        "arch": arch, "members": num_members, "latent": latent, "batch": batch, "dtype": str(dtype)[6:],
+        "threads": torch.get_num_threads(), "repeats": repeats,
+        "seconds_one_unet": round(one, 4),
+        "seconds": {mode: round(medians[mode], 4) for mode in MODES},
+        "ratio_to_n_unets": {mode: round(medians[mode] / (num_members * one), 4) for mode in MODES},
+        "sabw_parameters": sabw_parameters, "peak_rss_gib": round(peak_rss_gib, 3),
+    }
+    print(json.dumps(figures), file=out)
+    return figures

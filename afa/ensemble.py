@@ -1,0 +1,187 @@
+"""The ensembled UNet: N ldm UNets driven block by block, their features mixed after every block.
+
+`EnsembleUNet` has the call signature of ldm's `UNetModel.forward(x, timesteps, context, y=None, **kwargs)`, so it
+drops into the WebUI (through `sd_unet`), into k-diffusion's denoiser wrappers and into the trainer unchanged.
+
+It never calls a member's `forward()`: the WebUI replaces `UNetModel.forward` on the class with a switch that routes
+every UNet call to the active `SdUnet` -- which is this ensemble, so a member's `forward()` would recurse. The block
+loop below is ldm's `UNetModel.forward` written out (guided-diffusion's three phases with the `hs` skip stack).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.utils.checkpoint
+from ldm.modules.diffusionmodules import openaimodel
+from torch import nn
+
+from .aggregator import Aggregator
+from .errors import IncompatibleMembersError
+
+MODES = ("sabw", "average", "noise-average", "last-block")
+"""sabw: learned per-block weights; average: block-wise averaging (no weights file); noise-average: members run
+independently and only their predictions are averaged; last-block: members run independently, SABW mixes the
+predictions (the paper's "only ensembling last block")."""
+
+Observer = Callable[[int, torch.Tensor], None]
+"""Called as observer(block_index, weights [B x N x H x W]) with the weights a block was mixed with."""
+
+
+def mix(features: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_i weights[:, i] * features[i]. features: N x [B x C x H x W]; weights [B x N x H x W] or [B x N x 1 x 1].
+
+    Written as a fixed-order sum (not einsum) so that uniform weights give bit-identical results whichever mode
+    produced them."""
+    weights = weights.to(features[0].dtype)
+    mixed = weights[:, 0:1] * features[0]
+    for index in range(1, len(features)):
+        mixed = mixed + weights[:, index:index + 1] * features[index]
+    return mixed
+
+
+def _parameter_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class EnsembleUNet(nn.Module):
+    """N frozen UNets of one architecture plus an optional trained `Aggregator`.
+
+    Args:
+        members: ldm `UNetModel`s (or sgm's, same block interface) of identical architecture, in the order the
+            aggregator was trained for.
+        aggregator: required for modes `sabw` and `last-block`.
+        mode: one of `MODES`.
+        observer: optional `Observer` that receives the weight maps of every mixed block.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None = None, mode: str = "sabw",
+                 observer: Observer | None = None):
+        super().__init__()
+        if len(members) < 2:
+            raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.aggregator = aggregator
+        self.observer = observer
+        self.gradient_checkpointing = False
+        self.set_mode(mode)
+        first = members[0]
+        self.num_input_blocks = len(first.input_blocks)
+        self.num_blocks = 2 * self.num_input_blocks + 1
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown ensemble mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode in ("sabw", "last-block"):
+            if self.aggregator is None:
+                raise ValueError(f"mode {mode!r} needs SABW weights; without a weights file use 'average' "
+                                 f"or 'noise-average'")
+            config = self.aggregator.config
+            if config.num_members != len(self.members):
+                raise IncompatibleMembersError(f"the SABW weights are for {config.num_members} members, "
+                                               f"the ensemble has {len(self.members)}")
+            if config.only_last_block != (mode == "last-block"):
+                trained = "last-block" if config.only_last_block else "sabw"
+                raise ValueError(f"these SABW weights were trained for mode {trained!r}, not {mode!r}")
+        self.mode = mode
+
+    # -- one block of one member -------------------------------------------------------------------------------
+
+    def _run_block(self, member: nn.Module, block_index: int, h: torch.Tensor, emb: torch.Tensor,
+                   context: torch.Tensor | None) -> torch.Tensor:
+        """Block `block_index` of `member` on h [B x C_in x H x W]; the last block includes the output head."""
+        def run(h, emb, context):
+            n = self.num_input_blocks
+            if block_index < n:
+                return member.input_blocks[block_index](h, emb, context)
+            if block_index == n:
+                return member.middle_block(h, emb, context)
+            h = member.output_blocks[block_index - n - 1](h, emb, context)
+            return member.out(h) if block_index == self.num_blocks - 1 else h
+
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Members are frozen, but gradients flow through them to earlier SABW blocks: recompute their
+            # activations in the backward pass instead of keeping N UNets' worth of them.
+            return torch.utils.checkpoint.checkpoint(run, h, emb, context, use_reentrant=False)
+        return run(h, emb, context)
+
+    def _member_embedding(self, member: nn.Module, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The member's own time embedding (+ label embedding when it takes `y`, as SDXL does)."""
+        # Looked up on the ldm module at call time so the WebUI's patched timestep_embedding (dtype handling) applies.
+        t_emb = openaimodel.timestep_embedding(timesteps, member.model_channels, repeat_only=False)
+        emb = member.time_embed(t_emb.to(_parameter_dtype(member.time_embed)))
+        if getattr(member, "num_classes", None) is not None:
+            if y is None:
+                raise ValueError("these members are class-conditional (they have label_emb): pass y")
+            emb = emb + member.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
+        return emb
+
+    def _forward_blocks(self, members: Sequence[nn.Module], embeddings: Sequence[torch.Tensor], x: torch.Tensor,
+                        context: torch.Tensor | None,
+                        combine: Callable[[int, list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """Runs `members` block by block on a shared input, combining their outputs after every block.
+
+        Output blocks take the combined feature concatenated with the combined output of the matching input block
+        (the skip connection), so skips carry mixed features.
+        """
+        h = x
+        skips = []
+        for block_index in range(self.num_blocks):
+            if block_index > self.num_input_blocks:
+                # openaimodel.th: the WebUI swaps in a torch proxy whose cat() resizes mismatched skips.
+                h = openaimodel.th.cat([h, skips.pop()], dim=1)
+            features = [self._run_block(member, block_index, h, emb, context)
+                        for member, emb in zip(members, embeddings)]
+            h = combine(block_index, features)
+            if block_index < self.num_input_blocks:
+                skips.append(h)
+        return h
+
+    # -- the ensembled forward -----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Ensembled noise (or v) prediction.
+
+        Args:
+            x: [B x C_in x H x W] noisy latents (C_in = 9 for inpainting members).
+            timesteps: [B] diffusion timesteps (may be fractional).
+            context: [B x L x context_dim] text conditioning.
+            y: [B] labels or [B x adm_in_channels] vectors for class-conditional members (SDXL).
+        Returns:
+            [B x C_out x H x W] in x's dtype.
+        """
+        members = list(self.members)
+        dtype = _parameter_dtype(members[0])
+        h = x.to(dtype)
+        context = context.to(dtype) if context is not None and context.is_floating_point() else context
+        embeddings = [self._member_embedding(member, timesteps, y) for member in members]
+        last_block = self.num_blocks - 1
+
+        if self.mode in ("noise-average", "last-block"):
+            predictions = [self._forward_blocks([member], [emb], h, context, lambda _, features: features[0])
+                           for member, emb in zip(members, embeddings)]
+            return self._combine(last_block, predictions, timesteps, context, None).to(x.dtype)
+
+        time_embedding = self.aggregator.embed_timesteps(timesteps) if self.mode == "sabw" else None
+        return self._forward_blocks(
+            members, embeddings, h, context,
+            lambda block_index, features: self._combine(block_index, features, timesteps, context, time_embedding),
+        ).to(x.dtype)
+
+    def _combine(self, block_index: int, features: list[torch.Tensor], timesteps: torch.Tensor,
+                 context: torch.Tensor | None, time_embedding: torch.Tensor | None) -> torch.Tensor:
+        """Mixes N member features of one block with the current mode's weights."""
+        if self.mode in ("average", "noise-average"):
+            reference = features[0]
+            weights = torch.full((reference.shape[0], len(features), 1, 1), 1.0 / len(features),
+                                 dtype=torch.float32, device=reference.device)
+        else:
+            if time_embedding is None and self.aggregator.config.use_timestep:
+                time_embedding = self.aggregator.embed_timesteps(timesteps)
+            weights = self.aggregator(block_index, features, time_embedding, context)
+        if self.observer is not None:
+            height, width = features[0].shape[-2:]
+            self.observer(block_index, weights.detach().expand(-1, -1, height, width))
+        return mix(features, weights)

@@ -1,0 +1,149 @@
+"""SABW weights files: `.safetensors` whose metadata carries what is needed to rebuild and bind the aggregator.
+
+Metadata (all values are strings, as safetensors requires):
+    afa_format_version  "1"
+    afa_config          AggregatorConfig as JSON
+    afa_members         JSON list of {"name", "sha256"}, in the order the aggregator's weights refer to them
+    afa_training        JSON object of training facts (steps, dataset size, date, ...), may be "{}"
+
+Loading is strict: every key and shape is checked against the config, a newer format is refused, and a file trained
+for other members is refused with both member lists in the message. Listing files reads only the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .aggregator import Aggregator, AggregatorConfig
+from .errors import MembersMismatchError, WeightsFileError
+from .members import MemberRef, describe_difference
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class WeightsInfo:
+    """What a weights file says about itself (its metadata), readable without loading tensors."""
+
+    path: Path
+    format_version: int
+    config: AggregatorConfig
+    members: list[MemberRef]
+    training: dict = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "last-block" if self.config.only_last_block else "sabw"
+
+
+def save_weights(path: str | Path, aggregator: Aggregator, members: Sequence[MemberRef],
+                 training: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Writes the aggregator's weights with their metadata; written to a temporary name, then renamed, so an
+    interrupted save never leaves a truncated file. `dtype` (e.g. torch.float16) casts the stored tensors."""
+    path = Path(path)
+    if len(members) != aggregator.config.num_members:
+        raise ValueError(f"{len(members)} member names for an aggregator of {aggregator.config.num_members} members")
+    tensors = {k: (v.detach().to(dtype) if dtype is not None else v.detach()).cpu().contiguous()
+               for k, v in aggregator.state_dict().items()}
+    metadata = {
+        "afa_format_version": str(FORMAT_VERSION),
+        "afa_config": json.dumps(aggregator.config.to_dict()),
+        "afa_members": json.dumps([{"name": m.name, "sha256": m.sha256} for m in members]),
+        "afa_training": json.dumps(training or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+    return path
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise WeightsFileError(f"{path}: weights file not found")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:
+        raise WeightsFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def _parse_metadata(path: Path, metadata: dict | None) -> WeightsInfo:
+    metadata = metadata or {}
+    if "afa_format_version" not in metadata:
+        raise WeightsFileError(f"{path}: not an AFA weights file (no afa_format_version in its metadata)")
+    try:
+        version = int(metadata["afa_format_version"])
+    except ValueError:
+        raise WeightsFileError(f"{path}: bad afa_format_version {metadata['afa_format_version']!r}") from None
+    if version > FORMAT_VERSION:
+        raise WeightsFileError(f"{path}: weights format version {version} is newer than this AFA supports "
+                               f"({FORMAT_VERSION}); update the extension")
+    try:
+        config = AggregatorConfig.from_dict(json.loads(metadata["afa_config"]), source=str(path))
+        members = [MemberRef(str(m["name"]), str(m["sha256"])) for m in json.loads(metadata["afa_members"])]
+        training = json.loads(metadata.get("afa_training", "{}"))
+    except (KeyError, TypeError, ValueError) as error:
+        if isinstance(error, WeightsFileError):
+            raise
+        raise WeightsFileError(f"{path}: damaged AFA metadata ({type(error).__name__}: {error})") from None
+    if len(members) != config.num_members:
+        raise WeightsFileError(f"{path}: lists {len(members)} members for an aggregator of {config.num_members}")
+    return WeightsInfo(path, version, config, members, training)
+
+
+def read_weights_info(path: str | Path) -> WeightsInfo:
+    """The metadata of a weights file (no tensors are read)."""
+    path = Path(path)
+    with _open(path) as handle:
+        return _parse_metadata(path, handle.metadata())
+
+
+def check_members_match(info: WeightsInfo, members: Sequence[MemberRef]) -> None:
+    """Refuses members other than those the file was trained for (compared by sha256, in order)."""
+    expected = [m.sha256 for m in info.members]
+    given = [m.sha256 for m in members]
+    if expected == given:
+        return
+    expected_text = ", ".join(str(m) for m in info.members)
+    given_text = ", ".join(str(m) for m in members)
+    if sorted(expected) == sorted(given):
+        raise MembersMismatchError(f"{info.path}: these weights are for the same members in another order; give them "
+                                   f"as: {expected_text} (given: {given_text})")
+    raise MembersMismatchError(f"{info.path}: these weights were trained for {len(expected)} other members.\n"
+                               f"  expected: {expected_text}\n  given:    {given_text}")
+
+
+def load_weights(path: str | Path, members: Sequence[MemberRef] | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> tuple[Aggregator, WeightsInfo]:
+    """Rebuilds the aggregator of a weights file.
+
+    Args:
+        members: when given, the file must have been trained for exactly these members (by sha256, in order).
+        dtype: cast the aggregator to this dtype (None keeps the stored dtype).
+    Returns:
+        (aggregator in eval mode, its WeightsInfo).
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        info = _parse_metadata(path, handle.metadata())
+        if members is not None:
+            check_members_match(info, members)
+        with torch.device("meta"):
+            aggregator = Aggregator(info.config)
+        expected = {k: tuple(v.shape) for k, v in aggregator.state_dict().items()}
+        found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        describe_difference(expected, found, what=f"{path}: tensors do not match its aggregator config",
+                            expected_label="the config", found_label="the file", error=WeightsFileError)
+        state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+    aggregator.load_state_dict(state_dict, strict=True, assign=True)
+    return aggregator.to(device).eval(), info
