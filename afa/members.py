@@ -114,18 +114,25 @@ def read_unet_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         return {_unet_key(k, bare): get_shape(k) for k in unet_keys}
 
 
+def read_prefixed_tensors(path: str | Path, prefix: str, dtype: torch.dtype | None = None) \
+        -> dict[str, torch.Tensor]:
+    """The tensors whose keys start with `prefix` (e.g. `first_stage_model.` for the VAE), prefix removed, each cast
+    to `dtype` as it is read."""
+    path = Path(path)
+    with _open_tensors(path) as (keys, get_tensor, _):
+        return {key[len(prefix):]: _cast(get_tensor(key), dtype) for key in keys if key.startswith(prefix)}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 def read_unet_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The UNet tensors of a checkpoint (without prefix), each cast to `dtype` as it is read."""
     path = Path(path)
     with _open_tensors(path) as (keys, get_tensor, _):
         unet_keys, bare = _unet_keys(path, keys)
-        state_dict = {}
-        for key in unet_keys:
-            tensor = get_tensor(key)
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            state_dict[_unet_key(key, bare)] = tensor
-        return state_dict
+        return {_unet_key(key, bare): _cast(get_tensor(key), dtype) for key in unet_keys}
 
 
 # -- architecture ---------------------------------------------------------------------------------------------------

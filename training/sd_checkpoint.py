@@ -137,3 +137,92 @@ def write_webui_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor]
     if config is not None:
         path.with_suffix(".yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
+
+
+# -- reading the non-UNet parts of a checkpoint (the trainer takes VAE, text encoder and schedule from member 1) --
+
+# The VAE of every SD 1.x/2.x checkpoint (v1-inference.yaml's first_stage_config).
+SD_VAE_DDCONFIG = dict(
+    double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+    num_res_blocks=2, attn_resolutions=[], dropout=0.0,
+)
+SD1_DEFAULTS = dict(linear_start=0.00085, linear_end=0.012, timesteps=1000, scale_factor=0.18215)
+
+
+def read_sd_config(path: str | Path, config: str | Path | None = None) -> dict:
+    """The ldm config of a checkpoint: `config`, else `<name>.yaml` beside it, else SD1's v1-inference defaults."""
+    from afa.members import config_beside
+
+    config = config or config_beside(path)
+    if config is None:
+        return dict(model=dict(params=dict(SD1_DEFAULTS, first_stage_config=dict(params=dict(
+            embed_dim=4, ddconfig=SD_VAE_DDCONFIG)))))
+    from afa.errors import CheckpointError
+
+    try:
+        loaded = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+        loaded["model"]["params"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{config}: not a readable ldm model config: {error}") from None
+    return loaded
+
+
+class Vae(torch.nn.Module):
+    """ldm's AutoencoderKL without pytorch_lightning; latents are scaled by `scale_factor` as LatentDiffusion does."""
+
+    def __init__(self, ddconfig: dict, embed_dim: int, scale_factor: float):
+        super().__init__()
+        self.parts = build_tiny_vae(ddconfig, embed_dim)
+        self.scale_factor = scale_factor
+        self.downsampling = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        self.latent_channels = embed_dim
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B x 3 x H x W] in [-1, 1] -> latents [B x 4 x H/f x W/f].
+
+        Uses the posterior mean, not a sample: latents are then a deterministic function of the image, so they can
+        be cached and a resumed run sees the same latents."""
+        moments = self.parts["quant_conv"](self.parts["encoder"](images))
+        mean, _ = moments.chunk(2, dim=1)
+        return mean * self.scale_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B x 4 x h x w] -> images [B x 3 x h*f x w*f] in about [-1, 1]."""
+        return self.parts["decoder"](self.parts["post_quant_conv"](latents / self.scale_factor))
+
+
+def load_vae(path: str | Path, config: dict, device: torch.device | str = "cpu",
+             dtype: torch.dtype | None = None) -> Vae:
+    """The checkpoint's VAE (`first_stage_model.*`), frozen."""
+    from afa.errors import CheckpointError
+    from afa.members import describe_difference, read_prefixed_tensors
+
+    params = config["model"]["params"]
+    first_stage = params.get("first_stage_config", {}).get("params", {})
+    vae = Vae(first_stage.get("ddconfig", SD_VAE_DDCONFIG), first_stage.get("embed_dim", 4),
+              float(params.get("scale_factor", SD1_DEFAULTS["scale_factor"])))
+    state_dict = read_prefixed_tensors(path, VAE_PREFIX, dtype)
+    expected = {k: tuple(v.shape) for k, v in vae.parts.state_dict().items()}
+    describe_difference(expected, {k: tuple(v.shape) for k, v in state_dict.items()},
+                        what=f"{path}: the VAE (first_stage_model.*) does not match its config",
+                        expected_label="the config", found_label="the file", error=CheckpointError)
+    vae.parts.load_state_dict(state_dict)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_schedule(path: str | Path, config: dict):
+    """The noise schedule: the checkpoint's `alphas_cumprod` buffer when stored, else rebuilt from the config;
+    parameterization "eps" unless the config says "v" (SD 2.x 768-v models)."""
+    from afa.members import read_prefixed_tensors
+
+    from .diffusion import NoiseSchedule
+
+    params = config["model"]["params"]
+    stored = {k: v for k, v in read_prefixed_tensors(path, "alphas_cumprod").items() if k == ""}
+    if stored:
+        alphas_cumprod = stored[""]
+    else:
+        alphas_cumprod = schedule_buffers(params.get("linear_start", SD1_DEFAULTS["linear_start"]),
+                                          params.get("linear_end", SD1_DEFAULTS["linear_end"]),
+                                          params.get("timesteps", SD1_DEFAULTS["timesteps"]))["alphas_cumprod"]
+    return NoiseSchedule(alphas_cumprod.float(), params.get("parameterization", "eps"))
