@@ -40,6 +40,8 @@ class MemberRef:
     @classmethod
     def from_file(cls, path: str | Path) -> "MemberRef":
         path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file not found")
         return cls(path.stem, file_sha256(path))
 
 

@@ -11,9 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread for the tests and every subprocess they start: the models are tiny, and on a shared 2-core
+# machine oversubscribed OpenMP threads spin and can make a run 10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))

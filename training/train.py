@@ -52,7 +52,7 @@ from afa.members import read_prefixed_tensors  # noqa: E402
 STATE_FORMAT = 1
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("members and data")
@@ -106,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--resume", help="'latest' (the run dir's newest state) or a state file")
     group.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the weights file")
     group.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if not 2 <= len(args.members) <= 6:
