@@ -10,6 +10,7 @@ loop below is ldm's `UNetModel.forward` written out (guided-diffusion's three ph
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -65,6 +66,10 @@ class EnsembleUNet(nn.Module):
         self.aggregator = aggregator
         self.observer = observer
         self.gradient_checkpointing = False
+        self.offload_device: torch.device | None = None
+        """Low-VRAM mode: members stay where they are (the CPU) and each member block, time embedding and output
+        head is moved to this device only while it runs, one at a time (the members' counterpart of the WebUI's
+        --lowvram hooks, which only cover the base model)."""
         self.set_mode(mode)
         first = members[0]
         self.num_input_blocks = len(first.input_blocks)
@@ -91,14 +96,22 @@ class EnsembleUNet(nn.Module):
     def _run_block(self, member: nn.Module, block_index: int, h: torch.Tensor, emb: torch.Tensor,
                    context: torch.Tensor | None) -> torch.Tensor:
         """Block `block_index` of `member` on h [B x C_in x H x W]; the last block includes the output head."""
+        n = self.num_input_blocks
+        head = None
+        if block_index < n:
+            block = member.input_blocks[block_index]
+        elif block_index == n:
+            block = member.middle_block
+        else:
+            block = member.output_blocks[block_index - n - 1]
+            if block_index == self.num_blocks - 1:
+                head = member.out  # the last block ends with the output head, so its output is the prediction
+        modules = [block] if head is None else [block, head]
+
         def run(h, emb, context):
-            n = self.num_input_blocks
-            if block_index < n:
-                return member.input_blocks[block_index](h, emb, context)
-            if block_index == n:
-                return member.middle_block(h, emb, context)
-            h = member.output_blocks[block_index - n - 1](h, emb, context)
-            return member.out(h) if block_index == self.num_blocks - 1 else h
+            with self._visiting(modules):
+                h = block(h, emb, context)
+                return h if head is None else head(h)
 
         if self.gradient_checkpointing and torch.is_grad_enabled():
             # Members are frozen, but gradients flow through them to earlier SABW blocks: recompute their
@@ -110,12 +123,29 @@ class EnsembleUNet(nn.Module):
         """The member's own time embedding (+ label embedding when it takes `y`, as SDXL does)."""
         # Looked up on the ldm module at call time so the WebUI's patched timestep_embedding (dtype handling) applies.
         t_emb = openaimodel.timestep_embedding(timesteps, member.model_channels, repeat_only=False)
-        emb = member.time_embed(t_emb.to(_parameter_dtype(member.time_embed)))
-        if getattr(member, "num_classes", None) is not None:
-            if y is None:
-                raise ValueError("these members are class-conditional (they have label_emb): pass y")
-            emb = emb + member.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
+        class_conditional = getattr(member, "num_classes", None) is not None
+        if class_conditional and y is None:
+            raise ValueError("these members are class-conditional (they have label_emb): pass y")
+        with self._visiting([member.time_embed] + ([member.label_emb] if class_conditional else [])):
+            emb = member.time_embed(t_emb.to(_parameter_dtype(member.time_embed)))
+            if class_conditional:
+                emb = emb + member.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
         return emb
+
+    @contextlib.contextmanager
+    def _visiting(self, modules: list[nn.Module]):
+        """Moves `modules` to `offload_device` for the duration of the block (no-op without offloading)."""
+        if self.offload_device is None:
+            yield
+            return
+        home = next(modules[0].parameters()).device
+        for module in modules:
+            module.to(self.offload_device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to(home)
 
     def _forward_blocks(self, members: Sequence[nn.Module], embeddings: Sequence[torch.Tensor], x: torch.Tensor,
                         context: torch.Tensor | None,

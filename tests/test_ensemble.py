@@ -291,3 +291,30 @@ def test_mode_and_member_count_errors(tiny_params):
         EnsembleUNet(members, make_aggregator(members[0], 3), "sabw")
     with pytest.raises(ValueError, match="trained for mode 'sabw'"):
         EnsembleUNet(members, make_aggregator(members[0], 2), "last-block")
+
+
+def test_offloading_moves_one_member_block_at_a_time(tiny_params, monkeypatch):
+    """Low-VRAM mode: each member block visits the offload device only while it runs, then goes home."""
+    members = [make_unet(tiny_params, seed=s) for s in range(2)]
+    x, timesteps, context = random_inputs()
+    with torch.no_grad():
+        expected = ensemble_for(members, "sabw")(x, timesteps, context)
+    moves = []
+    original_to = torch.nn.Module.to
+
+    def recording_to(module, *args, **kwargs):
+        moves.append((module, str(args[0]) if args else str(kwargs.get("device"))))
+        return original_to(module, *args, **kwargs)
+
+    ensemble = ensemble_for(members, "sabw")
+    ensemble.offload_device = torch.device("cpu")  # stands in for the GPU: the moves are what is checked
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    with torch.no_grad():
+        got = ensemble(x, timesteps, context)
+    assert torch.equal(got, expected)
+    moved = [module for module, _ in moves]
+    for member in members:
+        blocks = [*member.input_blocks, member.middle_block, *member.output_blocks, member.out, member.time_embed]
+        for block in blocks:  # every block moved exactly twice: there and back
+            assert sum(module is block for module in moved) == 2
+    assert len(moves) == 2 * 2 * 27
