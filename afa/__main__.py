@@ -89,12 +89,16 @@ def command_check(args) -> None:
 
 
 def command_bench(args) -> None:
-    from .bench import run_bench
+    from .bench import run_bench, run_train_bench
 
     max_resolution = "default" if args.max_resolution is None else (
         None if args.max_resolution == 0 else args.max_resolution)
-    run_bench(args.arch, args.members, args.latent, args.batch, args.repeats, DTYPES[args.dtype], args.hidden,
-              max_resolution, args.seed)
+    if args.train_step:
+        run_train_bench(args.arch, args.members, args.latent, args.batch, args.repeats, DTYPES[args.dtype],
+                        args.hidden, max_resolution, args.gradient_checkpointing, args.seed)
+    else:
+        run_bench(args.arch, args.members, args.latent, args.batch, args.repeats, DTYPES[args.dtype], args.hidden,
+                  max_resolution, args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-resolution", type=int, help="SABW pooling size (default: the config default; "
                        "0 = full resolution)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    bench.add_argument("--train-step", action="store_true", help="time a SABW training step (forward + backward) "
+                       "against an ensemble forward instead of the modes")
+    bench.add_argument("--gradient-checkpointing", action="store_true", help="with --train-step: recompute member "
+                       "blocks in the backward pass")
     bench.set_defaults(run=command_bench)
     return parser
 

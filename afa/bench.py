@@ -51,10 +51,9 @@ def _time_call(function, repeats: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch: int = 1, repeats: int = 3,
-              dtype: torch.dtype = torch.float32, hidden_channels: int | None = None,
-              max_resolution: int | None | str = "default", seed: int = 0, out=sys.stdout) -> dict:
-    """Times one UNet and the ensemble in each mode; prints a table and returns the figures."""
+def _setup(arch: str, num_members: int, latent: int, batch: int, dtype: torch.dtype, hidden_channels: int | None,
+           max_resolution, seed: int):
+    """Random members, the SABW configs (all blocks / last block) and one batch of inputs."""
     members = _random_members(arch, num_members, dtype, seed)
     params = PRESETS[arch]
     layout = block_layout(unet_shapes(members[0]))
@@ -63,33 +62,49 @@ def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch:
         overrides["hidden_channels"] = hidden_channels
     if max_resolution != "default":
         overrides["max_resolution"] = max_resolution
-    aggregators = {
-        "sabw": _aggregator(AggregatorConfig(num_members, list(layout.channels), context_dim=params["context_dim"],
-                                             **overrides), dtype),
-        "last-block": _aggregator(AggregatorConfig(num_members, list(layout.channels),
-                                                   context_dim=params["context_dim"], only_last_block=True,
-                                                   **overrides), dtype),
-    }
-    ensembles = {mode: EnsembleUNet(members, aggregators.get(mode), mode) for mode in MODES}
+
+    def config(only_last_block: bool) -> AggregatorConfig:
+        return AggregatorConfig(num_members, list(layout.channels), context_dim=params["context_dim"],
+                                only_last_block=only_last_block, **overrides)
+
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, params["in_channels"], latent, latent, generator=generator).to(dtype)
     timesteps = torch.full((batch,), 500.0)
     context = torch.randn(batch, 77, params["context_dim"], generator=generator).to(dtype)
+    return members, config, (x, timesteps, context)
 
-    calls = {"one UNet": lambda: members[0](x, timesteps, context)}
-    calls.update({mode: (lambda e=ensemble: e(x, timesteps, context)) for mode, ensemble in ensembles.items()})
+
+def _interleaved_medians(calls: dict, repeats: int, inference: bool) -> dict[str, float]:
+    """Runs every call once to warm up, then `repeats` rounds of all calls in turn; median seconds per call."""
     seconds = {name: [] for name in calls}
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         for function in calls.values():  # warm-up: allocator, oneDNN kernels
             function()
         for _ in range(repeats):
             for name, function in calls.items():
                 seconds[name].append(_time_call(function))
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
+
+
+def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch: int = 1, repeats: int = 3,
+              dtype: torch.dtype = torch.float32, hidden_channels: int | None = None,
+              max_resolution: int | None | str = "default", seed: int = 0, out=sys.stdout) -> dict:
+    """Times one UNet and the ensemble in each mode; prints a table and returns the figures."""
+    members, config, (x, timesteps, context) = _setup(arch, num_members, latent, batch, dtype, hidden_channels,
+                                                      max_resolution, seed)
+    aggregators = {"sabw": _aggregator(config(False), dtype), "last-block": _aggregator(config(True), dtype)}
+    ensembles = {mode: EnsembleUNet(members, aggregators.get(mode), mode) for mode in MODES}
+    calls = {"one UNet": lambda: members[0](x, timesteps, context)}
+    calls.update({mode: (lambda e=ensemble: e(x, timesteps, context)) for mode, ensemble in ensembles.items()})
+    medians = _interleaved_medians(calls, repeats, inference=True)
+
     one = medians["one UNet"]
     sabw_parameters = sum(p.numel() for p in aggregators["sabw"].parameters())
-    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
+    peak_rss_gib = _peak_rss_gib()
     print(f"arch={arch} members={num_members} latent={latent}x{latent} batch={batch} dtype={str(dtype)[6:]} "
           f"threads={torch.get_num_threads()} repeats={repeats} (medians)", file=out)
     print(f"{'call':<16}{'s/call':>10}{'ratio to N x one':>18}", file=out)
@@ -105,6 +120,44 @@ def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch:
         "seconds": {mode: round(medians[mode], 4) for mode in MODES},
         "ratio_to_n_unets": {mode: round(medians[mode] / (num_members * one), 4) for mode in MODES},
         "sabw_parameters": sabw_parameters, "peak_rss_gib": round(peak_rss_gib, 3),
+    }
+    print(json.dumps(figures), file=out)
+    return figures
+
+
+def run_train_bench(arch: str = "sd15", num_members: int = 2, latent: int = 32, batch: int = 1, repeats: int = 3,
+                    dtype: torch.dtype = torch.float32, hidden_channels: int | None = None,
+                    max_resolution: int | None | str = "default", gradient_checkpointing: bool = False,
+                    seed: int = 0, out=sys.stdout) -> dict:
+    """Times one SABW training step (ensemble forward + backward into SABW) against one ensemble forward without
+    gradients. Peak RSS is the process's, so compare --gradient-checkpointing on and off in separate runs."""
+    members, config, (x, timesteps, context) = _setup(arch, num_members, latent, batch, dtype, hidden_channels,
+                                                      max_resolution, seed)
+    aggregator = _aggregator(config(False), dtype).train().requires_grad_(True)
+    ensemble = EnsembleUNet(members, aggregator, "sabw")
+    ensemble.gradient_checkpointing = gradient_checkpointing
+
+    def forward():
+        with torch.no_grad():
+            ensemble(x, timesteps, context)
+
+    def train_step():
+        ensemble(x, timesteps, context).float().square().mean().backward()
+        aggregator.zero_grad(set_to_none=True)
+
+    medians = _interleaved_medians({"ensemble forward": forward, "train step": train_step}, repeats,
+                                   inference=False)
+    peak_rss_gib = _peak_rss_gib()
+    ratio = medians["train step"] / medians["ensemble forward"]
+    print(f"arch={arch} members={num_members} latent={latent}x{latent} batch={batch} dtype={str(dtype)[6:]} "
+          f"gradient_checkpointing={gradient_checkpointing} threads={torch.get_num_threads()} (medians)", file=out)
+    print(f"ensemble forward {medians['ensemble forward']:.3f} s; train step {medians['train step']:.3f} s "
+          f"({ratio:.2f}x); peak RSS {peak_rss_gib:.2f} GiB", file=out)
+    figures = {
+        "arch": arch, "members": num_members, "latent": latent, "batch": batch, "dtype": str(dtype)[6:],
+        "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads(), "repeats": repeats,
+        "seconds_forward": round(medians["ensemble forward"], 4), "seconds_train_step": round(medians["train step"], 4),
+        "ratio_train_step_to_forward": round(ratio, 3), "peak_rss_gib": round(peak_rss_gib, 3),
     }
     print(json.dumps(figures), file=out)
     return figures

@@ -90,3 +90,12 @@ def test_core_never_imports_the_webui_or_gradio():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             assert not [n for n in names if n.split(".")[0] in ("modules", "launch", "gradio")], path
+
+
+def test_bench_train_step():
+    result = run_afa("bench", "--arch", "tiny", "--latent", "16", "--repeats", "1", "--train-step", "--hidden", "32",
+                     "--gradient-checkpointing")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["gradient_checkpointing"] is True
+    assert figures["seconds_train_step"] > 0 and figures["ratio_train_step_to_forward"] > 1
