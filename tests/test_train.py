@@ -169,3 +169,15 @@ def test_inside_a_webui_it_finds_models_and_ldm(tmp_path):
     webui = find_webui(extension)
     assert webui is not None and webui.models_dir == tmp_path / "webui" / "models"
     assert find_webui(tmp_path) is None
+
+
+def test_checkpointing_matches_and_cpu_precision_flags(baseline, members, dataset, tmp_path):
+    run_in_process(train_args(members, dataset, tmp_path, "checkpointed", "--max-steps", "4",
+                              "--gradient-checkpointing"))
+    expected, got = weights(baseline / "baseline.safetensors"), weights(tmp_path / "checkpointed.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+    run_in_process(train_args(members, dataset, tmp_path, "bf16", "--max-steps", "1", "--mixed-precision", "bf16"))
+    assert read_weights_info(tmp_path / "bf16.safetensors").training["steps"] == 1
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA device"):
+        train.main(train_args(members, dataset, tmp_path, "fp16", "--max-steps", "1", "--mixed-precision", "fp16"))
