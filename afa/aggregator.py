@@ -8,8 +8,9 @@ One `SabwBlock` per UNet block turns the N members' output features of that bloc
       -> bilinear upsampling to H x W -> softmax over members -> weights [B x N x H x W]
 
 Cost: the paper runs this at every block's full resolution. Measured on CPU, a prototype whose transformer
-self-attended over the 4096 tokens of the 64x64 blocks cost 14-26% of N UNets at 512 px. Two choices keep SABW to
-about 1% of an SD 1.5 ensemble step (see README, `python -m afa bench`):
+self-attended over the 4096 tokens of the 64x64 blocks cost 14-26% of N UNets at 512 px. Two choices keep SABW
+within a budget of 3% of N UNets (SD 1.5 at 512 px, N=2, default width 160: SABW adds 2.1% to the members' FLOPs,
+0.8% at 768 px; `python -m afa bench` prints FLOP and time ratios):
   * the Transformer layer has cross-attention to the text only, no self-attention over pixels (the paper's insight is
     that weights can be computed "on each spatial location individually", conditioned on prompt and timestep);
   * weights are computed on features average-pooled to at most `max_resolution` (default 32) per side and the logits
@@ -58,7 +59,7 @@ class AggregatorConfig:
 
     num_members: int
     block_channels: list[int]
-    hidden_channels: int = 192
+    hidden_channels: int = 160
     num_heads: int = 4
     context_dim: int = 768
     max_resolution: int | None = 32

@@ -74,6 +74,29 @@ def _setup(arch: str, num_members: int, latent: int, batch: int, dtype: torch.dt
     return members, config, (x, timesteps, context)
 
 
+def flop_ratios(arch: str, num_members: int, latent: int, batch: int, config) -> dict[str, float]:
+    """FLOPs of the ensemble in each mode / (N x one UNet), counted by torch's FlopCounterMode on meta tensors (no
+    compute, no memory). Unlike seconds, this does not depend on what else the machine is doing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = PRESETS[arch]
+    with torch.device("meta"):
+        members = [build_unet(params) for _ in range(num_members)]
+        aggregators = {"sabw": Aggregator(config(False)), "last-block": Aggregator(config(True))}
+        x = torch.randn(batch, params["in_channels"], latent, latent)
+        timesteps = torch.full((batch,), 500.0)
+        context = torch.randn(batch, 77, params["context_dim"])
+
+        def count(function) -> int:
+            with FlopCounterMode(display=False) as counter:
+                function()
+            return counter.get_total_flops()
+
+        one = count(lambda: members[0](x, timesteps, context))
+        return {mode: count(lambda: EnsembleUNet(members, aggregators.get(mode), mode)(x, timesteps, context))
+                / (num_members * one) for mode in MODES}
+
+
 def _interleaved_medians(calls: dict, repeats: int, inference: bool) -> dict[str, float]:
     """Runs every call once to warm up, then `repeats` rounds of all calls in turn; median seconds per call."""
     seconds = {name: [] for name in calls}
@@ -101,16 +124,18 @@ def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch:
     calls = {"one UNet": lambda: members[0](x, timesteps, context)}
     calls.update({mode: (lambda e=ensemble: e(x, timesteps, context)) for mode, ensemble in ensembles.items()})
     medians = _interleaved_medians(calls, repeats, inference=True)
+    flops = flop_ratios(arch, num_members, latent, batch, config)
 
     one = medians["one UNet"]
     sabw_parameters = sum(p.numel() for p in aggregators["sabw"].parameters())
     peak_rss_gib = _peak_rss_gib()
     print(f"arch={arch} members={num_members} latent={latent}x{latent} batch={batch} dtype={str(dtype)[6:]} "
           f"threads={torch.get_num_threads()} repeats={repeats} (medians)", file=out)
-    print(f"{'call':<16}{'s/call':>10}{'ratio to N x one':>18}", file=out)
+    print(f"{'call':<16}{'s/call':>10}{'time / (N x one)':>18}{'FLOPs / (N x one)':>19}", file=out)
     for name, value in medians.items():
         ratio = "" if name == "one UNet" else f"{value / (num_members * one):.3f}"
-        print(f"{name:<16}{value:>10.3f}{ratio:>18}", file=out)
+        flop_ratio = "" if name == "one UNet" else f"{flops[name]:.4f}"
+        print(f"{name:<16}{value:>10.3f}{ratio:>18}{flop_ratio:>19}", file=out)
     print(f"SABW parameters: {sabw_parameters / 1e6:.2f}M (hidden {aggregators['sabw'].config.hidden_channels}, "
           f"max_resolution {aggregators['sabw'].config.max_resolution}); peak RSS {peak_rss_gib:.2f} GiB", file=out)
     figures = {
@@ -119,6 +144,7 @@ def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch:
         "seconds_one_unet": round(one, 4),
         "seconds": {mode: round(medians[mode], 4) for mode in MODES},
         "ratio_to_n_unets": {mode: round(medians[mode] / (num_members * one), 4) for mode in MODES},
+        "flop_ratio_to_n_unets": {mode: round(flops[mode], 5) for mode in MODES},
         "sabw_parameters": sabw_parameters, "peak_rss_gib": round(peak_rss_gib, 3),
     }
     print(json.dumps(figures), file=out)

@@ -74,6 +74,9 @@ def test_bench_prints_figures_and_a_json_line():
     assert set(figures["ratio_to_n_unets"]) == {"sabw", "average", "noise-average", "last-block"}
     assert figures["members"] == 3 and figures["sabw_parameters"] > 0 and figures["peak_rss_gib"] > 0
     assert all(value > 0 for value in figures["seconds"].values())
+    # FLOPs: averaging modes do exactly the members' work; SABW adds its own
+    assert figures["flop_ratio_to_n_unets"]["average"] == figures["flop_ratio_to_n_unets"]["noise-average"] == 1.0
+    assert figures["flop_ratio_to_n_unets"]["sabw"] > 1.0
 
 
 def test_core_never_imports_the_webui_or_gradio():

@@ -1,0 +1,88 @@
+"""The per-job state: which ensemble the running job asked for, and what happened to it.
+
+`sd_unet`'s `create_unet()` gets no processing object, so the request of the running job has to live somewhere
+explicit: `current`. It is set by the script's `before_process` for a job that enables AFA, cleared at the start of
+every job (enabled or not), in `postprocess`, and when the extension unloads. A job that raises skips
+`postprocess`; its leftover `current` is then replaced by the next job's `before_process`, and in the meantime
+`active()` ignores it once the WebUI has dropped that job's processing object.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from modules import shared
+
+from .infotext import KEY, format_value
+from .request import EnsemblePlan
+
+INFOTEXT_NOT_APPLIED = "AFA not applied"
+"""Infotext key listing why AFA was not applied (to a whole job, or to some sampling pass of it)."""
+
+
+class Job:
+    """One `process_images()` run with AFA enabled (every X/Y/Z plot cell is a job of its own)."""
+
+    def __init__(self, p, plan: EnsemblePlan, maps=None):
+        self.processing = weakref.ref(p)
+        self.plan = plan
+        self.maps = maps  # AggregationMaps when the request shows maps, else None
+        self.map_images: list = []  # one per generated image, appended after every batch
+        self.notes: list[str] = []  # why AFA was not applied to a sampling pass, in order, without repeats
+        self.ensemble_calls = 0  # UNet calls the ensemble answered in the current batch (reset per batch)
+
+    def note(self, text: str) -> None:
+        """Records that AFA was not applied (shown in the infotext, under the gallery and on the console)."""
+        if text in self.notes:
+            return
+        self.notes.append(text)
+        print(f"AFA not applied: {text}")
+        p = self.processing()
+        if p is not None:
+            p.comment(f"AFA not applied: {text}")
+
+    # Infotext values are callables: create_infotext() evaluates them per image after each batch has been sampled,
+    # so they report what actually happened (processing.py v1.10, create_infotext).
+
+    def infotext_value(self, **_) -> str | None:
+        return format_value(self.plan) if self.ensemble_calls > 0 else None
+
+    def not_applied_value(self, **_) -> str | None:
+        return "; ".join(self.notes) or None
+
+
+current: Job | None = None
+
+
+def start(p, plan: EnsemblePlan, maps=None) -> Job:
+    global current
+    current = Job(p, plan, maps)
+    p.extra_generation_params[KEY] = current.infotext_value
+    p.extra_generation_params[INFOTEXT_NOT_APPLIED] = current.not_applied_value
+    return current
+
+
+def clear() -> None:
+    global current
+    current = None
+    shared.state.textinfo = None
+
+
+def active() -> Job | None:
+    """The running job's state, or None when no job enabled AFA (or the job that did has ended)."""
+    if current is not None and current.processing() is None:
+        return None
+    return current
+
+
+def forget_infotext(p) -> None:
+    """Removes AFA's infotext entries from `p` (they belong to the job that wrote them)."""
+    p.extra_generation_params.pop(KEY, None)
+    p.extra_generation_params.pop(INFOTEXT_NOT_APPLIED, None)
+
+
+def refuse(p, message: str) -> None:
+    """A job that enabled AFA runs without it: say so in the infotext, under the gallery and on the console."""
+    print(f"AFA not applied: {message}")
+    p.comment(f"AFA not applied: {message}")
+    p.extra_generation_params[INFOTEXT_NOT_APPLIED] = message

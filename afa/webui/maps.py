@@ -1,0 +1,144 @@
+"""Aggregation maps in the gallery (the paper's Figure 6): one extra image per generated image showing, for a few
+blocks and sampling steps, each member's weight at every pixel in the member's colour, with a legend.
+
+Collection: the ensemble's observer receives every mixed block's weights [B x N x H x W] at every UNet call. Only the
+first UNet call after each `on_cfg_denoiser` callback is recorded — the call that holds the prompts' conditional
+batch, first in the WebUI's cond/uncond batch (sd_samplers_cfg_denoiser.py v1.10) — and in it, entry i is image i
+of the batch. Rendering uses afa.maps (colours, layout, legend); nothing is drawn here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from afa.maps import WeightMapRecorder, colorize_weights, legend_entries, render_grid
+from afa.members import unet_shapes
+from afa.unet import block_layout, block_name
+
+CELL_SIZE = 128
+
+
+@dataclass
+class _Pass:
+    """The maps of one sampling pass (first pass, hires pass, img2img) for the images of one batch."""
+
+    label: str
+    recorders: list[WeightMapRecorder] = field(default_factory=list)  # one per image of the batch
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (step, total) of each recorded call
+
+
+def blocks_to_show(ensemble, core_mode: str) -> list[int]:
+    """Block indices drawn: the last output block at each resolution (for SD 1.x: output_blocks.1, 4, 7 and 11;
+    the last includes the output head, so it is the mixed prediction); modes that mix only the prediction (noise
+    average, last block) have that one block."""
+    last = ensemble.num_blocks - 1
+    if core_mode in ("noise-average", "last-block"):
+        return [last]
+    downsampling = block_layout(unet_shapes(ensemble.members[0])).downsampling
+    first_output = ensemble.num_input_blocks + 1
+    return [index for index in range(first_output, last + 1)
+            if index == last or downsampling[index] != downsampling[index + 1]]
+
+
+class AggregationMaps:
+    """Records a job's weight maps and renders one figure per generated image after each batch.
+
+    Args:
+        member_names: the members' labels, in ensemble order (the legend).
+        title: figure title (mode and weights file).
+        batch_size: images per batch.
+        every: draw every N-th step (and the last); None = the last step only.
+    """
+
+    def __init__(self, member_names: list[str], title: str, batch_size: int, every: int | None):
+        self.member_names = member_names
+        self.title = title
+        self.batch_size = batch_size
+        self.every = every
+        self.blocks: list[int] = []
+        self.num_input_blocks = 0
+        self.first_block = 0  # the first block the observer sees in a UNet call
+        self.passes: list[_Pass] = []
+        self.pending_step: tuple[int, int] | None = None
+        self.recording = False
+
+    def configure(self, ensemble, core_mode: str) -> None:
+        """Called when an ensemble is built (the block layout is the same for every pass of a job)."""
+        self.blocks = blocks_to_show(ensemble, core_mode)
+        self.num_input_blocks = ensemble.num_input_blocks
+        self.first_block = 0 if core_mode in ("sabw", "average") else ensemble.num_blocks - 1
+
+    def begin_pass(self, label: str) -> None:
+        self.passes.append(_Pass(label))
+        self.pending_step = None
+        self.recording = False
+
+    def on_denoiser_step(self, step: int, total: int) -> None:
+        """`on_cfg_denoiser`: the next UNet call is step `step` (0-based) of `total`."""
+        self.pending_step = (step, total)
+
+    def observe(self, block_index: int, weights) -> None:
+        """The EnsembleUNet observer: weights [B x N x H x W] of block `block_index`."""
+        if block_index == self.first_block:  # a UNet call begins
+            self.recording = self.pending_step is not None and bool(self.passes)
+            if self.recording:
+                self._start_step(self.passes[-1], self.pending_step)
+                self.pending_step = None
+        if not self.recording or block_index not in self.blocks:
+            return
+        for recorder in self.passes[-1].recorders[:weights.shape[0]]:
+            recorder(block_index, weights)
+
+    def _start_step(self, current: _Pass, step: tuple[int, int]) -> None:
+        if not current.recorders:
+            current.recorders = [WeightMapRecorder(self.blocks, batch_index=i) for i in range(self.batch_size)]
+        if self.every is None:  # only the last step is drawn: keep one
+            current.steps.clear()
+            for recorder in current.recorders:
+                recorder.clear()
+        current.steps.append(step)
+
+    def _selected(self, steps: list[tuple[int, int]]) -> list[int]:
+        if self.every is None:
+            return [len(steps) - 1]
+        return [index for index, (step, _) in enumerate(steps)
+                if (step + 1) % self.every == 0 or index == len(steps) - 1]
+
+    def render_batch(self) -> list[Image.Image | None]:
+        """One figure per image of the batch just sampled (None where nothing was recorded); then forgets it.
+
+        A figure has a row per pass and block, a column per drawn step; with one drawn step per pass, a row per
+        pass and a column per block."""
+        passes = [current for current in self.passes if current.steps]
+        one_step = all(len(self._selected(current.steps)) == 1 for current in passes)
+        figures = []
+        for image_index in range(self.batch_size):
+            rows = []
+            for current in passes:
+                if image_index >= len(current.recorders):
+                    continue
+                cells = self._cells(current, current.recorders[image_index], several_passes=len(passes) > 1)
+                rows += [[cell for block_cells in cells for cell in block_cells]] if one_step else cells
+            rows = [row for row in rows if row]
+            figures.append(render_grid(rows, legend_entries(self.member_names), CELL_SIZE, 2, self.title)
+                           if rows else None)
+        self.passes.clear()
+        return figures
+
+    def _cells(self, current: _Pass, recorder: WeightMapRecorder, several_passes: bool) -> list[list]:
+        """Per drawn block, the (label, RGB map) cells of the drawn steps."""
+        cells = []
+        for block in self.blocks:
+            recorded = recorder.maps.get(block, [])
+            row = []
+            for index in self._selected(current.steps):
+                if index < len(recorded):
+                    step, total = current.steps[index]
+                    when = f"{current.label}, step {step + 1}/{total}" if several_passes else \
+                        f"step {step + 1}/{total}"
+                    row.append((f"{block_name(block, self.num_input_blocks)}\n{when}",
+                                colorize_weights(recorded[index])))
+            cells.append(row)
+        return cells

@@ -1,0 +1,157 @@
+"""What a job asks AFA for, and its resolution against the installed checkpoints and weights files.
+
+`EnsembleRequest` is the script's arguments as the UI, the API (`alwayson_scripts`, positional, documented order
+`[enabled, members, weights, mode, show_maps]`) or an X/Y/Z plot cell gives them, parsed leniently. `plan()` turns
+an enabled request into an `EnsemblePlan` — resolved checkpoints, weights file, the core's mode — or raises an
+`AfaError` whose message tells the user what to change. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from afa.errors import AfaError
+from afa.members import MemberRef
+from afa.weights import check_members_match, read_weights_info
+
+from . import folders, members
+
+MODE_SABW, MODE_AVERAGE, MODE_NOISE = "SABW", "Block average", "Noise average"
+MODE_LABELS = (MODE_SABW, MODE_AVERAGE, MODE_NOISE)
+"""The accordion's and the API's mode choices."""
+
+MODE_LAST_BLOCK = "SABW (last block)"
+"""Not a choice: "SABW" with a weights file trained for the last block only (the paper's ablation) runs the core's
+`last-block` mode, and the infotext says so with this label. The API also accepts it (and "Last block") as a mode,
+which then requires such a weights file."""
+
+CORE_MODES = {MODE_SABW: "sabw", MODE_LAST_BLOCK: "last-block", MODE_AVERAGE: "average", MODE_NOISE: "noise-average"}
+_ALIASES = {label.lower(): label for label in CORE_MODES} | {core: label for label, core in CORE_MODES.items()} | {
+    "last block": MODE_LAST_BLOCK, "average": MODE_AVERAGE, "noise-average": MODE_NOISE, "noise average": MODE_NOISE}
+
+ARG_NAMES = ("enabled", "members", "weights", "mode", "show_maps")
+"""The order of the script's arguments (`ui()`'s components, the API's `args`). Append only; never reorder."""
+
+
+def mode_label(text) -> str:
+    """The canonical label of a mode name (case-insensitive; core names and aliases accepted)."""
+    label = _ALIASES.get(str(text).strip().lower())
+    if label is None:
+        raise AfaError(f"unknown AFA mode {text!r}; choose one of {', '.join(MODE_LABELS)}")
+    return label
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
+
+
+def _as_names(value) -> tuple[str, ...]:
+    """Member names from a list (UI, API) or a comma-separated string (API convenience, XYZ)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(str(name).strip() for name in value if str(name).strip())
+
+
+@dataclass(frozen=True)
+class EnsembleRequest:
+    enabled: bool = False
+    members: tuple[str, ...] = ()
+    weights: str = ""
+    mode: str = MODE_SABW
+    show_maps: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "EnsembleRequest":
+        """From the script's positional arguments (missing trailing ones take the defaults above)."""
+        values = dict(zip(ARG_NAMES, args))
+        return cls(
+            enabled=_as_bool(values.get("enabled", False)),
+            members=_as_names(values.get("members")),
+            weights="" if folders.is_no_weights(values.get("weights")) else str(values["weights"]).strip(),
+            mode=str(values.get("mode") or MODE_SABW),
+            show_maps=_as_bool(values.get("show_maps", False)),
+        )
+
+    def with_overrides(self, overrides: dict | None) -> "EnsembleRequest":
+        """This request with an X/Y/Z plot cell's values (`p.afa_xyz`, see xyz.py) applied."""
+        if not overrides:
+            return self
+        changes = dict(overrides)
+        if "enabled" in changes:
+            changes["enabled"] = _as_bool(changes["enabled"])
+        if "members" in changes:
+            changes["members"] = _as_names(changes["members"])
+        if "weights" in changes and folders.is_no_weights(changes["weights"]):
+            changes["weights"] = ""
+        return replace(self, **changes)
+
+
+@dataclass
+class EnsemblePlan:
+    """A resolved request: what the SdUnet will build when the job's sampling starts."""
+
+    members: list  # CheckpointInfo of each member, in the ensemble's (and the weights file's) order
+    mode: str  # the core's mode (afa.ensemble.MODES)
+    mode_label: str  # the infotext's label
+    weights_path: Path | None  # only for the SABW modes
+    weights_label: str  # `<name> [<shorthash>]`, or "none"
+    member_refs: list[MemberRef] | None  # the members as the weights file records them (SABW modes)
+    show_maps: bool
+
+    @property
+    def member_labels(self) -> list[str]:
+        return [members.label(info) for info in self.members]
+
+
+def plan(request: EnsembleRequest) -> EnsemblePlan:
+    """Resolves an enabled request; raises AfaError (with a message for the user) if it cannot run."""
+    label = mode_label(request.mode)
+    core_mode = CORE_MODES[label]
+    uses_weights = core_mode in ("sabw", "last-block")
+    weights_path = folders.resolve_weights(request.weights)
+    if uses_weights and weights_path is None:
+        raise AfaError(f"mode {MODE_SABW} needs a SABW weights file: choose one in 'SABW weights' (files in "
+                       f"{folders.weights_dir()}), or use {MODE_AVERAGE} or {MODE_NOISE}, which need none")
+
+    if request.members:
+        infos = members.resolve_members(request.members)
+    elif weights_path is not None:
+        infos = members_of_weights(weights_path)
+    else:
+        raise AfaError("no ensemble members given: choose 2 or more checkpoints in 'Ensemble members' "
+                       "(or a weights file, which brings its own members)")
+    if len(infos) > members.MAX_MEMBERS:
+        raise AfaError(f"AFA ensembles 2 to {members.MAX_MEMBERS} members, got {len(infos)}")
+    for info in infos:
+        members.ensure_hashed(info)  # the infotext names members with their shorthash (cached by the WebUI)
+
+    refs = None
+    if uses_weights:
+        info = read_weights_info(weights_path)
+        refs = [members.member_ref(checkpoint) for checkpoint in infos]
+        check_members_match(info, refs)  # MembersMismatchError naming both lists
+        if label == MODE_LAST_BLOCK and info.mode != "last-block":
+            raise AfaError(f"{weights_path.name} was trained for mode SABW (every block), not for the last block "
+                           f"only; use mode {MODE_SABW}")
+        core_mode = info.mode
+        label = MODE_LAST_BLOCK if core_mode == "last-block" else MODE_SABW
+    else:
+        weights_path = None  # a weights file left selected in a mode that needs none is not used
+
+    weights_label = folders.weights_label(weights_path) if weights_path is not None else "none"
+    return EnsemblePlan(infos, core_mode, label, weights_path, weights_label, refs, request.show_maps)
+
+
+def members_of_weights(weights_path: Path) -> list:
+    """The installed checkpoints a weights file was trained for; AfaError naming those not installed."""
+    info = read_weights_info(weights_path)
+    found, missing = members.checkpoints_for(info.members)
+    if missing:
+        raise AfaError(f"{weights_path.name} was trained for {', '.join(str(ref) for ref in info.members)}; "
+                       f"not installed: {', '.join(str(ref) for ref in missing)}")
+    return found

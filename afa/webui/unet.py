@@ -1,0 +1,243 @@
+"""The `[AFA] Ensemble` UNet: A1111's own UNet-replacement seam (modules/sd_unet.py, v1.10) around the core's
+EnsembleUNet.
+
+`sd_unet.apply_unet()` (called by processing once per job and by every checkpoint reload) resolves the "SD Unet"
+setting, which the script overrides to `AfaUnetOption.label` for AFA jobs; it parks the loaded checkpoint's UNet on
+the CPU, calls `create_unet()` and `activate()`. From then on the class-level `UNetModel.forward` that sd_hijack
+installed routes every UNet call to `AfaUnet.forward`. `deactivate()` is called by the next `apply_unet()` that
+resolves to another option (the end of the job, or a checkpoint reload), or eagerly by `tear_down()`.
+
+A request AFA cannot honour (members incompatible with the loaded checkpoint, a bad weights file, an interrupt
+while loading) never fails the job: the AfaUnet then passes every call to the loaded checkpoint's UNet through the
+WebUI's original forward, and the job's infotext says AFA was not applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from modules import devices, errors, sd_hijack, sd_unet, shared
+
+from afa.ensemble import EnsembleUNet
+from afa.errors import AfaError, IncompatibleMembersError
+from afa.members import check_members, unet_shapes
+
+from . import job as jobs
+from . import members, settings
+
+LABEL = "[AFA] Ensemble"
+
+
+class AfaUnetOption(sd_unet.SdUnetOption):
+    label = LABEL
+    model_name = None  # never chosen by the "Automatic" SD Unet setting: only the accordion enables AFA
+
+    def create_unet(self) -> "AfaUnet":
+        return AfaUnet(jobs.active())
+
+
+def list_unets(options: list) -> None:
+    """`on_list_unets` callback."""
+    options.append(AfaUnetOption())
+
+
+def loaded_unet():
+    """The loaded checkpoint's UNet (`shared.sd_model.model.diffusion_model`)."""
+    return shared.sd_model.model.diffusion_model
+
+
+def original_forward(unet):
+    """The UNet class's forward from before sd_hijack routed it through sd_unet (ldm, or sgm for SDXL)."""
+    if type(unet).__module__.startswith("sgm.") and getattr(sd_hijack, "sgm_original_forward", None) is not None:
+        return sd_hijack.sgm_original_forward
+    return sd_hijack.ldm_original_forward
+
+
+def restore_loaded_unet() -> None:
+    """Moves the loaded checkpoint's UNet back to the device that `apply_unet()` took it from (sd_unet.py v1.10
+    does the same when it deactivates an SdUnet), unless --medvram/--lowvram manage it."""
+    model = members.loaded_base()
+    if model is not None and not getattr(model, "lowvram", False):
+        unet = model.model.diffusion_model
+        if not next(unet.parameters()).is_meta:
+            unet.to(devices.device)
+
+
+class AfaUnet(sd_unet.SdUnet):
+    """The SdUnet of one job: the ensemble the job's plan describes, built against the loaded checkpoint.
+
+    Attributes:
+        job: the job it serves (None when `create_unet()` ran outside an AFA job: then it only passes through).
+        ensemble: the EnsembleUNet while active, else None.
+        refusal: why the ensemble could not be built (then every call passes through to the loaded UNet).
+    """
+
+    def __init__(self, job):
+        super().__init__()
+        self.job = job
+        self.ensemble: EnsembleUNet | None = None
+        self.member_dtype: torch.dtype | None = None
+        self.refusal: str | None = None
+
+    def activate(self) -> None:
+        if self.job is None:
+            self.refusal = ("the SD Unet setting is '[AFA] Ensemble' but no job enabled the AFA ensemble accordion; "
+                            "set SD Unet back to Automatic")
+            print(f"AFA: {self.refusal}")
+            restore_loaded_unet()
+            return
+        try:
+            self.ensemble = build_ensemble(self.job)
+            self.member_dtype = next(self.ensemble.members[0].parameters()).dtype
+        except AfaError as error:
+            self.refuse(str(error))
+        except Exception as error:  # out of memory, a damaged file the core did not recognise, ...
+            errors.report(f"AFA: building the ensemble failed: {error}", exc_info=True)
+            self.refuse(f"building the ensemble failed ({type(error).__name__}: {error}); see the console")
+        finally:
+            shared.state.textinfo = None
+
+    def refuse(self, reason: str) -> None:
+        self.ensemble = None
+        self.refusal = reason
+        base = shared.sd_model.sd_checkpoint_info
+        self.job.note(f"{reason} (loaded checkpoint: {base.short_title})" if base is not None else reason)
+        restore_loaded_unet()
+
+    def forward(self, x, timesteps, context, *args, **kwargs):
+        """x [B x C x H x W], timesteps [B], context [B x L x D] (SDXL: y [B x adm] in kwargs) -> [B x C x H x W]."""
+        if self.ensemble is None:
+            unet = loaded_unet()
+            return original_forward(unet)(unet, x, timesteps, context, *args, **kwargs)
+        self.job.ensemble_calls += 1
+        with member_autocast(self.member_dtype):
+            return self.ensemble(x, timesteps, context, y=kwargs.get("y"))
+
+    def deactivate(self) -> None:
+        """Drops the ensemble; members go back to the cache, off the GPU unless it keeps them in VRAM."""
+        if self.ensemble is not None:
+            self.ensemble = None
+            members.cache.park(settings.cache_policy())
+            devices.torch_gc()
+
+
+def member_autocast(dtype: torch.dtype):
+    """CUDA autocast for members in half precision. ldm's GroupNorm32 normalises in float32 (`x.float()`), which
+    only works with half-precision weights under CUDA autocast (it runs group_norm in float32). The WebUI autocasts
+    only when its own dtype is half (devices.autocast, v1.10), so fp16/bf16 members under --no-half need their own."""
+    if dtype not in (torch.float16, torch.bfloat16) or devices.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def tear_down() -> bool:
+    """Deactivates the AFA SdUnet now, if it is the active one, and gives the loaded checkpoint its UNet back.
+
+    Used at the end of a job (`postprocess`), before a job (left over by a job that raised), when another
+    extension bypasses the SdUnet (ControlNet), when a model is loaded and when the extension unloads. After it,
+    the WebUI is in the state of a job that never used AFA. Returns whether something was torn down."""
+    active = sd_unet.current_unet
+    if not isinstance(active, AfaUnet):
+        return False
+    try:
+        active.deactivate()
+    except Exception:
+        errors.report("AFA: deactivating the ensemble failed", exc_info=True)
+    sd_unet.current_unet = None
+    sd_unet.current_unet_option = None
+    restore_loaded_unet()
+    return True
+
+
+# -- building the ensemble -------------------------------------------------------------------------------------------
+
+IN_CHANNELS_KEY = "input_blocks.0.0.weight"
+
+
+def check_compatible(base_name: str, base_shapes: dict, member_shapes: list[tuple[str, dict]]) -> None:
+    """Refuses members that cannot run with the loaded checkpoint's text encoder, VAE and sampler: every member
+    must have the loaded UNet's architecture. Inpainting (9-channel) members only go with an inpainting checkpoint
+    loaded and all members inpainting, since the WebUI feeds the UNet what the loaded model expects."""
+    base_channels = base_shapes.get(IN_CHANNELS_KEY, (0, 0))[1]
+    for name, shapes in member_shapes:
+        channels = shapes.get(IN_CHANNELS_KEY, (0, 0))[1]
+        if channels != base_channels and 9 in (channels, base_channels):
+            inpainting, other = (name, base_name) if channels == 9 else (base_name, name)
+            raise IncompatibleMembersError(
+                f"{inpainting} is an inpainting model (9 input channels) and {other} is not: an ensemble of "
+                f"inpainting models needs an inpainting checkpoint loaded and every member an inpainting model")
+    check_members([(f"the loaded checkpoint {base_name}", base_shapes)] + member_shapes)
+
+
+def name_layers_for_lora(unet: torch.nn.Module) -> None:
+    """Gives a member's layers the names the built-in Lora extension gave the loaded UNet's layers
+    (extensions-builtin/Lora/networks.py v1.10: assign_network_names_to_compvis_modules), so prompt LoRAs are merged
+    into every member too (Lora merges into any layer carrying `network_layer_name`, keeping its own backup)."""
+    for name, module in unet.named_modules():
+        module.network_layer_name = "diffusion_model" + ("_" + name.replace(".", "_") if name else "")
+
+
+def set_tiling(unet: torch.nn.Module, enabled: bool) -> None:
+    """The "Tiling" option for a member: sd_hijack's apply_circular (sd_hijack.py v1.10) only switches the Conv2d
+    layers of the loaded model, captured when it was hijacked."""
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.padding_mode = "circular" if enabled else "zeros"
+
+
+def build_ensemble(job) -> EnsembleUNet:
+    """The EnsembleUNet of a job's plan against the loaded checkpoint (raises AfaError if it cannot be built)."""
+    plan = job.plan
+    sd_model = shared.sd_model
+    base = sd_model.model.diffusion_model
+    base_info = sd_model.sd_checkpoint_info
+    check_compatible(base_info.short_title, unet_shapes(base),
+                     [(members.label(info), members.unet_shapes_of(info)) for info in plan.members])
+
+    dtype = settings.member_dtype()
+    if dtype != torch.float32 and devices.device.type == "cpu":
+        # ldm's GroupNorm32 normalises in float32, which half-precision weights only allow under CUDA autocast
+        raise AfaError(f"{str(dtype).replace('torch.', '')} members cannot run on the CPU; set Settings > AFA "
+                       f"Ensemble > Member precision to fp32 or Same as WebUI")
+    offload = settings.offload_members(sd_model)
+    home = devices.cpu if offload else devices.device
+    lora = hasattr(sd_model, "network_layer_mapping")
+    tiling = bool(getattr(sd_hijack.model_hijack, "circular_enabled", False))
+    base_dtype = next(base.parameters()).dtype
+    reuse_base = [members.is_loaded_checkpoint(info, base_info) and base_dtype == dtype for info in plan.members]
+    members.cache.keep_only(members.cache.key(info, dtype) for info, reused in zip(plan.members, reuse_base)
+                            if not reused)
+
+    unets = []
+    for index, (info, reused) in enumerate(zip(plan.members, reuse_base)):
+        if shared.state.interrupted:
+            raise members.LoadingInterrupted("interrupted while loading members")
+        shared.state.textinfo = f"AFA: loading member {index + 1}/{len(plan.members)}: {info.name_for_extra}"
+        if reused:
+            # apply_unet() just parked it on the CPU; under --medvram/--lowvram the WebUI's hooks move it
+            if not offload and not getattr(sd_model, "lowvram", False):
+                base.to(devices.device)
+            unets.append(base)
+            continue
+        unet = members.cache.get(info, dtype, home)
+        if lora:
+            name_layers_for_lora(unet)
+        set_tiling(unet, tiling)
+        unets.append(unet)
+
+    aggregator = None
+    if plan.weights_path is not None:
+        shared.state.textinfo = f"AFA: loading {plan.weights_path.name}"
+        aggregator, _ = members.cache.get_aggregator(plan.weights_path, plan.member_refs, devices.device)
+
+    observer = None
+    if job.maps is not None:
+        observer = job.maps.observe
+    ensemble = EnsembleUNet(unets, aggregator, mode=plan.mode, observer=observer)
+    if offload:
+        ensemble.offload_device = devices.device
+    if job.maps is not None:
+        job.maps.configure(ensemble, plan.mode)
+    return ensemble
