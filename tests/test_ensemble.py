@@ -318,3 +318,20 @@ def test_offloading_moves_one_member_block_at_a_time(tiny_params, monkeypatch):
         for block in blocks:  # every block moved exactly twice: there and back
             assert sum(module is block for module in moved) == 2
     assert len(moves) == 2 * 2 * 27
+
+
+def test_default_sabw_stays_within_3_percent_of_the_members_flops():
+    """The cost budget: SD 1.5, 512 px (64x64 latents), 2 members, default config. FLOPs are counted on meta
+    tensors, so this is exact and independent of machine load."""
+    from afa.bench import flop_ratios
+
+    def config(only_last_block):
+        return AggregatorConfig(2, list(SD15_CHANNELS), context_dim=768, only_last_block=only_last_block)
+
+    ratios = flop_ratios("sd15", 2, 64, 1, config)
+    assert ratios["average"] == ratios["noise-average"] == 1.0
+    assert 1.0 < ratios["sabw"] <= 1.03
+
+
+SD15_CHANNELS = (320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280,
+                 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 4)
