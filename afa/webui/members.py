@@ -176,7 +176,7 @@ class MemberCache:
         for other in [k for k in self.aggregators if k != key]:
             del self.aggregators[other]  # one weights file at a time
         if key not in self.aggregators:
-            # SABW is ~1% of the members' compute and trained in fp32: it stays fp32 whatever the member precision
+            # SABW is ~2% of the members' compute and trained in fp32: it stays fp32 whatever the member precision
             self.aggregators[key] = load_weights(path, members=refs, device="cpu", dtype=torch.float32)
         aggregator, info = self.aggregators[key]
         return aggregator.to(device), info

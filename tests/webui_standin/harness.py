@@ -225,6 +225,7 @@ def reset(data_dir: str | os.PathLike | None = None, argv: Sequence[str] = DEFAU
     k_diffusion.sampling.torch = torch
 
     cache.caches.clear()
+    cache.on_disk.clear()
     errors.exception_records.clear()
     errors.already_displayed.clear()
     launch_utils.pip_calls.clear()

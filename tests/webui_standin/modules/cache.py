@@ -10,6 +10,12 @@ import threading
 caches = {}
 cache_lock = threading.Lock()
 
+on_disk: dict[str, dict] = {}
+"""What the real module's diskcache directories hold, per subsection. The real `cache()` below replaces a cache
+object that is empty (falsy: diskcache.Cache has __len__) with a new one; the real new object opens the same
+directory, so nothing written is lost. The stand-in's caches share this store to behave the same way (a plain new
+dict would drop every write made to the previous, empty one). The harness clears it between tests."""
+
 
 def dump_cache():
     """old function for dumping cache to disk; does nothing since diskcache (and in the stand-in)."""
@@ -17,7 +23,8 @@ def dump_cache():
 
 
 def make_cache(subsection: str) -> dict:
-    return {}
+    # modules/cache.py (v1.10): diskcache.Cache(os.path.join(cache_dir, subsection), ...) — same directory, same data
+    return on_disk.setdefault(subsection, {})
 
 
 # modules/cache.py (v1.10): cache
