@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from afa.unet import PRESETS, UNET_KEY_PREFIX, UNET_TARGET, build_unet
+from afa.members import MemberRef, check_members, load_member, read_prefixed_tensors, unet_shapes
+from afa.unet import PRESETS, UNET_KEY_PREFIX, UNET_TARGET, BlockLayout, build_unet
+
+from .diffusion import NoiseSchedule
 
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
@@ -195,7 +199,7 @@ def load_vae(path: str | Path, config: dict, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None) -> Vae:
     """The checkpoint's VAE (`first_stage_model.*`), frozen."""
     from afa.errors import CheckpointError
-    from afa.members import describe_difference, read_prefixed_tensors
+    from afa.members import describe_difference
 
     params = config["model"]["params"]
     first_stage = params.get("first_stage_config", {}).get("params", {})
@@ -210,13 +214,9 @@ def load_vae(path: str | Path, config: dict, device: torch.device | str = "cpu",
     return vae.to(device).eval().requires_grad_(False)
 
 
-def load_schedule(path: str | Path, config: dict):
+def load_schedule(path: str | Path, config: dict) -> NoiseSchedule:
     """The noise schedule: the checkpoint's `alphas_cumprod` buffer when stored, else rebuilt from the config;
     parameterization "eps" unless the config says "v" (SD 2.x 768-v models)."""
-    from afa.members import read_prefixed_tensors
-
-    from .diffusion import NoiseSchedule
-
     params = config["model"]["params"]
     stored = {k: v for k, v in read_prefixed_tensors(path, "alphas_cumprod").items() if k == ""}
     if stored:
@@ -226,3 +226,44 @@ def load_schedule(path: str | Path, config: dict):
                                           params.get("linear_end", SD1_DEFAULTS["linear_end"]),
                                           params.get("timesteps", SD1_DEFAULTS["timesteps"]))["alphas_cumprod"]
     return NoiseSchedule(alphas_cumprod.float(), params.get("parameterization", "eps"))
+
+
+@dataclass
+class FrozenModels:
+    """Everything the trainer and the evaluator read from the member checkpoints, frozen and in eval mode.
+
+    Attributes:
+        member_refs: name and sha256 of each member, in the given order (what a weights file is bound to).
+        members: the members' ldm UNets.
+        layout: their shared block layout.
+        vae, text_encoder, schedule: the first member's VAE, SD1 text encoder and noise schedule.
+    """
+
+    member_refs: list[MemberRef]
+    members: list[torch.nn.Module]
+    layout: BlockLayout
+    vae: Vae
+    text_encoder: torch.nn.Module  # transformers' CLIPTextModel
+    schedule: NoiseSchedule
+
+
+def load_frozen_models(member_paths: list[str | Path], config: str | Path | None = None,
+                       device: torch.device | str = "cpu", member_dtype: torch.dtype | None = None) -> FrozenModels:
+    """Loads the members (cast to `member_dtype`) and the first member's VAE, text encoder and schedule: what
+    training/train.py trains with and training/evaluate.py evaluates with. The VAE and text encoder stay float32.
+
+    Raises:
+        AfaError: a checkpoint is unreadable, or the members cannot be ensembled (the message names the file).
+    """
+    from .text_encoder import load_text_encoder  # imports transformers: only when needed
+
+    member_refs = [MemberRef.from_file(path) for path in member_paths]
+    members = [load_member(path, member_dtype, device, config) for path in member_paths]
+    layout = check_members([(ref.name, unet_shapes(member)) for ref, member in zip(member_refs, members)])
+    first = member_paths[0]
+    sd_config = read_sd_config(first, config)
+    vae = load_vae(first, sd_config, device)
+    text_encoder = load_text_encoder({f"cond_stage_model.{k}": v for k, v in
+                                      read_prefixed_tensors(first, "cond_stage_model.").items()},
+                                     sd_config, checkpoint_name=str(first)).to(device)
+    return FrozenModels(member_refs, members, layout, vae, text_encoder, load_schedule(first, sd_config))

@@ -40,14 +40,12 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from afa import (AfaError, Aggregator, AggregatorConfig, EnsembleUNet, MemberRef, check_members, default_config,  # noqa: E402
-                 load_member, save_weights, unet_shapes)
+from afa import AfaError, Aggregator, AggregatorConfig, EnsembleUNet, MemberRef, default_config, save_weights  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.diffusion import draw_for_samples  # noqa: E402
 from training.metrics import denoising_errors  # noqa: E402
-from training.sd_checkpoint import load_schedule, load_vae, read_sd_config  # noqa: E402
-from training.text_encoder import encode, load_text_encoder, tokenize  # noqa: E402
-from afa.members import read_prefixed_tensors  # noqa: E402
+from training.sd_checkpoint import load_frozen_models  # noqa: E402
+from training.text_encoder import encode, tokenize  # noqa: E402
 
 STATE_FORMAT = 1
 
@@ -308,15 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Members (frozen), and VAE, text encoder and schedule of the first member.
     log(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
-    member_refs = [MemberRef.from_file(path) for path in args.members]
-    members = [load_member(path, member_dtype, device, args.config) for path in args.members]
-    layout = check_members([(ref.name, unet_shapes(member)) for ref, member in zip(member_refs, members)])
-    sd_config = read_sd_config(args.members[0], args.config)
-    vae = load_vae(args.members[0], sd_config, device)
-    text_encoder = load_text_encoder({f"cond_stage_model.{k}": v for k, v in
-                                      read_prefixed_tensors(args.members[0], "cond_stage_model.").items()},
-                                     sd_config, checkpoint_name=args.members[0]).to(device)
-    schedule = load_schedule(args.members[0], sd_config)
+    frozen = load_frozen_models(args.members, args.config, device, member_dtype)
+    member_refs, members, layout = frozen.member_refs, frozen.members, frozen.layout
+    vae, text_encoder, schedule = frozen.vae, frozen.text_encoder, frozen.schedule
     context_dim = text_encoder.config.hidden_size
 
     train_set, val_set, skip_report = build_datasets(args, distributed, vae, member_refs[0])

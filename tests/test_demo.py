@@ -1,0 +1,113 @@
+"""training/demo.py: the reduced demo end to end, and the paper's central claim at small scale.
+
+The end-to-end test runs `python training/demo.py --quick` as a user runs it (a few minutes on two CPU cores) and
+fails unless AFA's held-out denoising error is below the best member's and below block averaging's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from afa import read_weights_info
+from afa.unet import PRESETS, build_unet
+from training import demo
+from training.data import SkipReport, index_captioned_images
+
+REPO = Path(__file__).resolve().parent.parent
+MARGIN = 0.05  # AFA must be at least 5% below each reference, not merely below it
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    output = tmp_path_factory.mktemp("demo") / "demo-output"
+    result = subprocess.run([sys.executable, "training/demo.py", "--output", str(output), "--quick"], cwd=REPO,
+                            capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output, result
+
+
+def test_afa_denoises_held_out_images_better_than_every_member_and_block_averaging(quick_demo):
+    output, result = quick_demo
+    results = json.loads((output / "evaluation" / "evaluation.json").read_text())
+    errors = {name: row["all"] for name, row in results["models"].items()}
+    members = [member["name"] for member in results["members"]]
+    assert members == ["warm-expert", "cool-expert"]
+    best_member = min(errors[name] for name in members)
+    summary = ", ".join(f"{name} {value:.5f}" for name, value in errors.items())
+    assert errors["AFA"] < (1 - MARGIN) * best_member, summary
+    assert errors["AFA"] < (1 - MARGIN) * errors["block average"], summary
+    assert results["weights"]["mode"] == "sabw"
+    # The printed table shows every row.
+    for name in (*members, "block average", "noise average", "AFA"):
+        assert f"\n{name} " in result.stdout
+
+
+def test_demo_writes_kohya_data_webui_checkpoints_weights_and_figures(quick_demo):
+    output, result = quick_demo
+    for name in ("warm", "cool", "two-shapes", "held-out"):
+        report = SkipReport()
+        records = index_captioned_images(output / "data" / name, report)
+        assert records and not report.total, name
+        assert Image.open(records[0].image_path).size == (32, 32)
+    members = [output / "checkpoints" / f"{name}.safetensors" for name in ("warm-expert", "cool-expert")]
+    assert all(path.is_file() and path.with_suffix(".yaml").is_file() for path in members)
+    info = read_weights_info(output / "afa-warm-cool.safetensors")
+    assert [member.name for member in info.members] == ["warm-expert", "cool-expert"]
+    for figure in ("denoising-capability.png", "aggregation-maps.png"):
+        assert Image.open(output / "evaluation" / figure).size[0] > 300
+    for stage in ("data", "VAE", "members", "SABW", "results"):  # each stage reports its time
+        assert f"{stage} " in result.stdout.split("Timings:")[-1]
+
+
+def test_rerunning_replaces_only_a_demo_folder(tmp_path):
+    foreign = tmp_path / "my-files"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not written by the demo"):
+        demo.prepare_output(foreign)
+    assert (foreign / "keep.txt").is_file()
+    earlier = tmp_path / "earlier-demo"
+    demo.prepare_output(earlier)
+    (earlier / "stale.txt").write_text("from an earlier run")
+    demo.prepare_output(earlier)
+    assert not (earlier / "stale.txt").exists() and (earlier / demo.MARKER).is_file()
+
+
+def test_data_is_seeded_and_captions_match_the_shapes(tmp_path):
+    settings = dataclasses.replace(demo.QUICK, expert_images=6, mixed_images=6, held_out_images=6)
+    first = demo.make_datasets(tmp_path / "a", settings, seed=3)
+    second = demo.make_datasets(tmp_path / "b", settings, seed=3)
+    for name in first:
+        for path in sorted(first[name].iterdir()):
+            assert path.read_bytes() == (second[name] / path.name).read_bytes()
+    warm_captions = [path.read_text() for path in first["warm"].glob("*.txt")]
+    assert all(any(colour in text for colour in demo.WARM) and not any(colour in text for colour in demo.COOL)
+               for text in warm_captions)
+    # The figures' first held-out images hold one shape of each expert's colours.
+    for index in range(4):
+        text = (first["held-out"] / f"{index:05d}.txt").read_text()
+        assert any(colour in text for colour in demo.WARM) and any(colour in text for colour in demo.COOL)
+    assert demo.caption([("circle", "orange", "top left")]) == "an orange circle at the top left"
+
+
+def test_unet_training_is_deterministic():
+    generator = torch.Generator().manual_seed(0)
+    data = demo.DenoisingSet(torch.randn(8, 4, 16, 16, generator=generator),
+                             torch.randn(8, 77, 32, generator=generator), torch.zeros(1, 77, 32))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        unet = build_unet(PRESETS["tiny"])
+        runs.append(demo.train_unet(unet, data, steps=2, batch_size=4, learning_rate=1e-3, seed=5, threads=1))
+    (state_a, losses_a), (state_b, losses_b) = runs
+    assert losses_a == losses_b
+    assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)

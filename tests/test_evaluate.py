@@ -1,0 +1,182 @@
+"""training/evaluate.py on tiny checkpoints: identical draws for every model, ties in Figure 1, the weights binding,
+and what it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from afa import Aggregator, MemberRef, MembersMismatchError, default_config, load_member, save_weights, unet_shapes
+from afa.maps import TIE, TIE_COLOR, grid_layout, legend_entries
+from afa.unet import block_layout
+from training import evaluate
+from training.metrics import TIMESTEP_RANGES, range_label
+from training.sd_checkpoint import load_schedule, read_sd_config
+
+REPO = Path(__file__).resolve().parent.parent
+CELL = 40
+TIMESTEPS = ["900", "500", "100"]
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """Six 32 px captioned images (kohya style: PNG + .txt)."""
+    folder = tmp_path_factory.mktemp("held-out")
+    generator = np.random.default_rng(0)
+    for index in range(6):
+        pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+        top, left = generator.integers(0, 20, size=2)
+        pixels[top:top + 12, left:left + 12] = generator.integers(60, 255, size=3)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(f"a square number {index}", encoding="utf-8")
+    return folder
+
+
+def run_evaluate(members, data: Path, output_dir: Path, *extra: str) -> dict:
+    code = evaluate.main(["--members", *map(str, members), "--data", str(data), "--resolution", "32",
+                          "--draws", "4", "--batch-size", "8", "--figure-images", "2", "--timesteps", *TIMESTEPS,
+                          "--figure-draws", "3", "--cell-size", str(CELL), "--output-dir", str(output_dir), *extra])
+    assert code == 0
+    return json.loads((output_dir / evaluate.RESULTS_FILE).read_text())
+
+
+def weights_for(members, path: Path) -> Path:
+    """An untrained but non-trivial aggregator bound to `members` (its output layer is re-drawn, so the weights are
+    not all 1/N)."""
+    layout = block_layout(unet_shapes(load_member(members[0])))
+    torch.manual_seed(0)
+    aggregator = Aggregator(default_config(layout, len(members), 32, hidden_channels=32))
+    with torch.no_grad():
+        for block in [aggregator.block(index) for index in aggregator.config.aggregated_blocks]:
+            block.out[-1].weight.normal_(0, 0.5)
+    return save_weights(path, aggregator, [MemberRef.from_file(member) for member in members])
+
+
+def test_identical_members_have_equal_errors_and_identical_figure_columns(checkpoint_factory, held_out, tmp_path):
+    members = [checkpoint_factory(1, name="twin-a"), checkpoint_factory(1, name="twin-b")]
+    results = run_evaluate(members, held_out, tmp_path)
+    rows = results["models"]
+    assert set(rows) == {"twin-a", "twin-b", "block average", "noise average"}
+    # Identical members on identical draws: the members, and both averages of them, are exactly equal.
+    assert rows["twin-a"] == rows["twin-b"] == rows["block average"] == rows["noise average"]
+
+    # Figure 1's data: equal per-member error maps, so every pixel is a tie (not a winner picked by order) and
+    # every timestep column is the same.
+    unets = [load_member(member) for member in members]
+    schedule = load_schedule(members[0], read_sd_config(members[0]))
+    generator = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    noise = evaluate.figure_noise(0, 0, 3, (4, 16, 16))
+    errors = evaluate.per_pixel_errors(unets, latents, context, [900, 500, 100], noise, schedule, batch_size=4)
+    assert errors.shape == (2, 3, 16, 16) and errors.min() > 0
+    assert torch.equal(errors[0], errors[1])
+    winners = evaluate.winner_maps(errors)
+    assert (winners == TIE).all()
+    assert all(torch.equal(winners[0], column) for column in winners)
+
+    # The PNG: the map cells of every row are pixel-identical, all in the tie colour.
+    figure = np.asarray(Image.open(tmp_path / evaluate.CAPABILITY_FIGURE))
+    legend = legend_entries(["twin-a", "twin-b"]) + [("tie (equal error)", TIE_COLOR)]
+    layout = grid_layout(2, 1 + len(TIMESTEPS), CELL, evaluate.FIGURE_LABEL_LINES, legend,
+                         evaluate.CAPABILITY_TITLE.format(draws=3))
+    assert figure.shape[:2] == layout.size[::-1]
+    for row in range(2):
+        cells = []
+        for column in range(1, 1 + len(TIMESTEPS)):
+            left, top = layout.cell_origin(row, column)
+            cells.append(figure[top:top + CELL, left:left + CELL])
+        assert all(np.array_equal(cells[0], cell) for cell in cells)
+        assert (cells[0] == TIE_COLOR).all()
+
+
+def test_per_pixel_errors_tell_different_members_apart(checkpoint_factory):
+    unets = [load_member(checkpoint_factory(seed)) for seed in (1, 2)]
+    schedule = load_schedule(checkpoint_factory(1), read_sd_config(checkpoint_factory(1)))
+    generator = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    noise = torch.randn(2, 4, 16, 16, generator=generator)
+    errors = evaluate.per_pixel_errors(unets, latents, context, [500, 100], noise, schedule, batch_size=1)
+    assert set(evaluate.winner_maps(errors).unique().tolist()) == {0, 1}
+    # Batching changes nothing but rounding.
+    torch.testing.assert_close(errors, evaluate.per_pixel_errors(unets, latents, context, [500, 100], noise,
+                                                                 schedule, batch_size=3))
+
+
+def test_results_json_has_every_model_and_range_and_the_pngs_their_size(checkpoint_factory, held_out, tmp_path):
+    members = [checkpoint_factory(1), checkpoint_factory(2)]
+    weights = weights_for(members, tmp_path / "afa.safetensors")
+    results = run_evaluate(members, held_out, tmp_path / "out", "--weights", str(weights), "--map-blocks",
+                           "input_blocks.0", "middle_block", "output_blocks.10")
+    names = [member["name"] for member in results["members"]]
+    assert set(results["models"]) == {*names, "block average", "noise average", "AFA"}
+    ranges = ["all"] + [range_label(low, high) for low, high in TIMESTEP_RANGES]
+    for name, row in results["models"].items():
+        assert list(row) == ranges, name
+        assert all(value > 0 for value in row.values())
+    assert results["models"]["AFA"] != results["models"]["block average"]  # the weights are not uniform
+    assert results["weights"]["mode"] == "sabw" and results["images"] == 6 and results["draws_per_image"] == 4
+
+    capability = Image.open(tmp_path / "out" / evaluate.CAPABILITY_FIGURE)
+    legend = legend_entries(names) + [("tie (equal error)", TIE_COLOR)]
+    assert capability.size == grid_layout(2, 1 + len(TIMESTEPS), CELL, evaluate.FIGURE_LABEL_LINES, legend,
+                                          evaluate.CAPABILITY_TITLE.format(draws=3)).size
+    maps = Image.open(tmp_path / "out" / evaluate.MAPS_FIGURE)
+    assert maps.size == grid_layout(2, 1 + 3 * len(TIMESTEPS), CELL, evaluate.FIGURE_LABEL_LINES,
+                                    legend_entries(names), evaluate.MAPS_TITLE).size
+
+
+def test_last_block_weights_evaluate_in_their_mode(checkpoint_factory, held_out, tmp_path):
+    members = [checkpoint_factory(1), checkpoint_factory(2)]
+    layout = block_layout(unet_shapes(load_member(members[0])))
+    aggregator = Aggregator(default_config(layout, 2, 32, hidden_channels=32, only_last_block=True))
+    weights = save_weights(tmp_path / "last.safetensors", aggregator, [MemberRef.from_file(m) for m in members])
+    results = run_evaluate(members, held_out, tmp_path / "out", "--weights", str(weights), "--figure-images", "1")
+    assert results["weights"]["mode"] == "last-block"
+    # Zero-initialised SABW gives 1/2 each: the last-block ensemble then equals noise averaging.
+    assert results["models"]["AFA"] == pytest.approx(results["models"]["noise average"], rel=1e-5)
+    maps = Image.open(tmp_path / "out" / evaluate.MAPS_FIGURE)  # only the last block has maps
+    assert maps.size == grid_layout(1, 1 + len(TIMESTEPS), CELL, evaluate.FIGURE_LABEL_LINES,
+                                    legend_entries([m["name"] for m in results["members"]]), evaluate.MAPS_TITLE).size
+
+
+def test_weights_of_another_member_set_are_refused(checkpoint_factory, held_out, tmp_path):
+    weights = weights_for([checkpoint_factory(1), checkpoint_factory(2)], tmp_path / "afa.safetensors")
+    others = [checkpoint_factory(1), checkpoint_factory(3)]
+    with pytest.raises(MembersMismatchError, match="trained for 2 other members"):
+        run_evaluate(others, held_out, tmp_path / "out", "--weights", str(weights))
+
+    # From the command line: the core's message, no traceback, exit status 2.
+    result = subprocess.run([sys.executable, "training/evaluate.py", "--members", *map(str, others),
+                             "--weights", str(weights), "--data", str(held_out), "--output-dir", str(tmp_path / "cli")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "trained for 2 other members" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_user_errors_in_flags_are_reported_clearly(checkpoint_factory, held_out, tmp_path):
+    members = [str(checkpoint_factory(1)), str(checkpoint_factory(2))]
+    weights = weights_for([checkpoint_factory(1), checkpoint_factory(2)], tmp_path / "afa.safetensors")
+    with pytest.raises(SystemExit, match="output_blocks.12"):
+        run_evaluate(members, held_out, tmp_path / "out", "--weights", str(weights), "--map-blocks", "output_blocks.12")
+    with pytest.raises(SystemExit, match="timesteps 0 to 999"):
+        run_evaluate(members, held_out, tmp_path / "out", "--timesteps", "1000")
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, "training/evaluate.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0
+    for flag in ("--members", "--weights", "--data", "--resolution", "--samples", "--seed", "--output-dir",
+                 "--draws", "--timesteps", "--figure-images", "--figure-draws", "--map-blocks", "--cell-size"):
+        assert flag in result.stdout
+    assert "(default: 256)" in result.stdout  # ArgumentDefaultsHelpFormatter

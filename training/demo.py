@@ -1,0 +1,460 @@
+#!/usr/bin/env python
+"""AFA end to end on a CPU in minutes, offline: two expert checkpoints, SABW trained on them, and the evaluation.
+
+    python training/demo.py --output demo-output           # `make demo`
+    python training/demo.py --output demo-quick --quick    # the reduced run the tests use
+
+Stages, each timed:
+  1. data     synthetic 32 px images of circles and squares in warm (red, orange, yellow) and cool (blue, cyan, green)
+              colours, with captions naming colour, shape and position, written as PNG + .txt (kohya style): a
+              warm-only set, a cool-only set, and two-shape images (often one warm and one cool shape) for SABW
+              training and for the held-out evaluation.
+  2. VAE      a tiny autoencoder (SD1's VAE architecture, 32 px images -> 4 x 16 x 16 latents), trained briefly so
+              latents carry the images (colours included); its latent scale factor is measured as SD's 0.18215 was.
+  3. members  a base UNet (the tiny SD1-style preset) trained on both palettes, then two fine-tunes of it, like
+              CivitAI fine-tunes of SD 1.5: an expert on warm-coloured shapes and an expert on cool-coloured ones (all
+              UNet weights, the ordinary denoising loss, 10% caption dropout). Each is written as a WebUI checkpoint
+              with the same VAE and the same random but fixed tiny text encoder.
+  4. SABW     training/train.py, run as a user runs it, on the two-shape images.
+  5. results  training/evaluate.py on held-out two-shape images: the table of denoising errors (each member, block
+              averaging, noise averaging, AFA) and the figures (per-pixel winners, aggregation maps). Each expert is
+              better on its own colours, so an image holding both is best denoised by different members in different
+              regions: what SABW's per-pixel weights learn.
+
+Everything is seeded. Each process computes with `--threads` threads (default 1), so the numbers do not depend on
+the machine's core count; the two experts train in parallel processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXTENSION_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(EXTENSION_ROOT))
+
+from training.webui import find_webui, use_webui_ldm  # noqa: E402
+
+use_webui_ldm(find_webui(EXTENSION_ROOT))  # before anything imports ldm, as the trainer does
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from afa.unet import PRESETS, UNET_KEY_PREFIX, build_unet  # noqa: E402
+from training import data as datasets  # noqa: E402
+from training.diffusion import NoiseSchedule, draw_for_samples  # noqa: E402
+from training.sd_checkpoint import (TEXT_ENCODER_PREFIX, TINY_VAE_DDCONFIG, VAE_PREFIX, Vae,  # noqa: E402
+                                    build_tiny_text_encoder, schedule_buffers, tiny_sd_config, write_webui_checkpoint)
+from training.text_encoder import encode, tokenize  # noqa: E402
+
+TRAINING_DIR = Path(__file__).resolve().parent
+MARKER = ".afa-demo"  # marks a folder this demo wrote, so a rerun may replace it
+RESOLUTION = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sizes of one demo run (steps are optimizer steps; batches are images per step)."""
+
+    expert_images: int  # images in each expert's set (warm, cool); the base UNet trains on both sets
+    mixed_images: int  # two-shape images SABW trains on
+    held_out_images: int  # two-shape images of the evaluation, seen by no model
+    vae_steps: int
+    vae_batch: int  # small: for a few hundred steps, more updates beat bigger batches
+    base_steps: int  # base UNet on both palettes
+    expert_steps: int  # each fine-tune of the base
+    unet_batch: int  # base and experts
+    unet_learning_rate: float  # AdamW, base and experts
+    sabw_steps: int  # training/train.py --max-steps
+    sabw_batch: int  # training/train.py --batch-size
+    sabw_learning_rate: float  # AdamW; 10x the paper's 1e-4, for a run of a few hundred steps
+    sabw_hidden: int  # training/train.py --hidden-channels (the tiny UNet's widest block has 64 channels)
+    evaluation_draws: int  # timestep/noise draws per held-out image in the table
+    figure_draws: int  # Monte-Carlo noise draws per pixel in the denoising-capability figure
+
+
+# Sized for a fresh CPU machine: the full run in about 10 minutes, the quick one in about 3 (2 cores, 1 thread each).
+FULL = Settings(expert_images=768, mixed_images=768, held_out_images=128, vae_steps=400, vae_batch=8, base_steps=300,
+                expert_steps=400, unet_batch=16, unet_learning_rate=1e-3, sabw_steps=250, sabw_batch=16,
+                sabw_learning_rate=1e-3, sabw_hidden=32, evaluation_draws=8, figure_draws=32)
+QUICK = Settings(expert_images=256, mixed_images=256, held_out_images=32, vae_steps=100, vae_batch=8, base_steps=40,
+                 expert_steps=80, unet_batch=16, unet_learning_rate=1e-3, sabw_steps=40, sabw_batch=16,
+                 sabw_learning_rate=1e-3, sabw_hidden=32, evaluation_draws=4, figure_draws=8)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", default="demo-output", help="folder for everything the demo writes (replaced "
+                        "if an earlier demo run wrote it)")
+    parser.add_argument("--quick", action="store_true", help="the reduced run the tests use (a few minutes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, of every model and of every draw")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process; 1 keeps the numbers "
+                        "identical on every machine")
+    group = parser.add_argument_group("sizes (each overrides the preset --quick chooses)")
+    names = [field.name for field in dataclasses.fields(Settings)]
+    for field in dataclasses.fields(Settings):
+        # SUPPRESS: an option not given stays out of the namespace, so the preset's value applies.
+        group.add_argument("--" + field.name.replace("_", "-"), type={"int": int, "float": float}[field.type],
+                           default=argparse.SUPPRESS, help=f"{field.name.replace('_', ' ')} (full run: "
+                           f"{getattr(FULL, field.name)}, quick run: {getattr(QUICK, field.name)})")
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    args.settings = dataclasses.replace(preset, **{name: value for name, value in vars(args).items() if name in names})
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+# -- 1. data -------------------------------------------------------------------------------------------------------
+
+# The experts split the data by colour: one is fine-tuned on warm-coloured shapes, the other on cool-coloured ones.
+# Colour survives into every latent pixel of a shape, so which expert is better differs from region to region of
+# an image that holds both kinds -- what SABW's per-pixel weights are for (paper Figure 1).
+WARM = {"red": (220, 50, 40), "orange": (245, 140, 30), "yellow": (235, 215, 50)}
+COOL = {"blue": (50, 90, 235), "cyan": (40, 200, 220), "green": (40, 190, 70)}
+COLOURS = {**WARM, **COOL}
+KINDS = ("circle", "square")
+QUADRANTS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+SUPERSAMPLING = 4  # shapes are drawn at 4x and downsampled, for anti-aliased edges
+
+Shape = tuple[str, str, str]  # (kind, colour, quadrant)
+
+
+def draw_shapes(shapes: list[Shape], rng: np.random.Generator) -> Image.Image:
+    """A 32 px image of shapes on black, one per quadrant; sizes and offsets jitter."""
+    scale = SUPERSAMPLING
+    image = Image.new("RGB", (RESOLUTION * scale, RESOLUTION * scale), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    half = RESOLUTION // 2
+    for kind, colour, quadrant in shapes:
+        size = rng.uniform(9, 13)
+        column, row = QUADRANTS[quadrant]
+        centre_x = column * half + half / 2 + rng.uniform(-1.5, 1.5)
+        centre_y = row * half + half / 2 + rng.uniform(-1.5, 1.5)
+        box = [scale * (centre_x - size / 2), scale * (centre_y - size / 2),
+               scale * (centre_x + size / 2), scale * (centre_y + size / 2)]
+        (draw.ellipse if kind == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    return image.resize((RESOLUTION, RESOLUTION), Image.Resampling.LANCZOS)
+
+
+def caption(shapes: list[Shape]) -> str:
+    """E.g. "an orange circle at the top left and a blue square at the bottom right"."""
+    return " and ".join(f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {kind} at the {quadrant}"
+                        for kind, colour, quadrant in shapes)
+
+
+def random_shapes(palettes: list[dict], rng: np.random.Generator) -> list[Shape]:
+    """One shape per palette, of a random kind and a random colour of that palette, in distinct quadrants."""
+    quadrants = rng.choice(list(QUADRANTS), size=len(palettes), replace=False)
+    return [(str(rng.choice(KINDS)), str(rng.choice(list(palette))), str(quadrant))
+            for palette, quadrant in zip(palettes, quadrants)]
+
+
+def write_image_set(folder: Path, count: int, palettes_of_image, rng: np.random.Generator) -> Path:
+    """Writes `count` PNG + .txt pairs; palettes_of_image(index) gives the palette of each shape of image `index`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        shapes = random_shapes(palettes_of_image(index), rng)
+        draw_shapes(shapes, rng).save(folder / f"{index:05d}.png")
+        (folder / f"{index:05d}.txt").write_text(caption(shapes) + "\n", encoding="utf-8")
+    return folder
+
+
+def make_datasets(root: Path, settings: Settings, seed: int) -> dict[str, Path]:
+    """The four image sets. An expert's set holds one or two shapes of its colours; the two-shape sets (SABW
+    training, held-out evaluation) hold a warm and a cool shape in half of the images and two shapes of one
+    temperature in the rest, so SABW has to pick experts per region and per prompt."""
+    rng = np.random.default_rng(seed)
+
+    def one_palette(palette):
+        return lambda index: [palette] * int(rng.integers(1, 3))
+
+    def two_shapes(index):
+        pairs = [[WARM, COOL], [COOL, WARM], [WARM, WARM], [COOL, COOL]]
+        # The first images (the figures' rows) always hold one shape of each expert's colours.
+        return pairs[index % 2] if index < 4 else pairs[int(rng.integers(0, 4))]
+
+    return {
+        "warm": write_image_set(root / "warm", settings.expert_images, one_palette(WARM), rng),
+        "cool": write_image_set(root / "cool", settings.expert_images, one_palette(COOL), rng),
+        "two-shapes": write_image_set(root / "two-shapes", settings.mixed_images, two_shapes, rng),
+        "held-out": write_image_set(root / "held-out", settings.held_out_images, two_shapes, rng),
+    }
+
+
+def load_image_set(folder: Path) -> tuple[torch.Tensor, list[str]]:
+    """Reads a set back through the trainer's data code: (images [N x 3 x 32 x 32] in [-1, 1], captions)."""
+    report = datasets.SkipReport()
+    dataset = datasets.ImageCaptionDataset(datasets.index_captioned_images(folder, report), RESOLUTION)
+    items = [dataset[index] for index in range(len(dataset))]
+    if report.total or any(isinstance(item, datasets.SkippedItem) for item in items):
+        raise RuntimeError(f"{folder}: the demo's own images did not load:\n{report.summary()}")
+    return torch.stack([item["pixel_values"] for item in items]), [item["caption"] for item in items]
+
+
+# -- 2. VAE --------------------------------------------------------------------------------------------------------
+
+# The tiny SD1 VAE at one width (32 channels at both levels): trains twice as fast as the tests' tiny VAE and still
+# turns 32 px images into 4 x 16 x 16 latents.
+DEMO_VAE_DDCONFIG = {**TINY_VAE_DDCONFIG, "ch_mult": [1, 1]}
+
+
+def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int) -> Vae:
+    """The demo's VAE trained on images [N x 3 x 32 x 32] in [-1, 1]; returns it with `scale_factor` set so that
+    latents have unit standard deviation (how SD's 0.18215 was chosen).
+
+    It is trained as a plain autoencoder of the posterior mean, which is what `Vae.encode` returns: with a few hundred
+    steps, the KL-VAE's sampling noise (std 1 at initialisation) would drown the latents the decoder learns from.
+    """
+    torch.manual_seed(seed)
+    vae = Vae(DEMO_VAE_DDCONFIG, embed_dim=4, scale_factor=1.0)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = images[torch.randint(0, images.shape[0], (batch_size,), generator=generator)]
+        loss = (vae.decode(vae.encode(batch)) - batch).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vae.eval().requires_grad_(False)
+    vae.scale_factor = 1.0 / encode_images(vae, images).std().item()
+    return vae
+
+
+@torch.no_grad()
+def encode_images(vae: Vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([vae.encode(images[start:start + batch_size]) for start in range(0, len(images), batch_size)])
+
+
+# -- 3. members ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class DenoisingSet:
+    """What a UNet trains on: latents [N x 4 x 16 x 16], text contexts [N x 77 x 32], the empty prompt's context
+    [1 x 77 x 32] (caption dropout)."""
+
+    latents: torch.Tensor
+    contexts: torch.Tensor
+    empty_context: torch.Tensor
+
+
+def train_unet(unet: torch.nn.Module, data: DenoisingSet, steps: int, batch_size: int, learning_rate: float,
+               seed: int, threads: int, caption_dropout: float = 0.1) -> tuple[dict, list[float]]:
+    """Trains all weights of `unet` on the ordinary denoising loss (eps target, timesteps uniform, 10% of captions
+    dropped); returns (its state dict, the loss of every step). Every sample's draws are seeded by (seed, step,
+    index) with the trainer's `draw_for_samples`."""
+    torch.set_num_threads(threads)
+    schedule = NoiseSchedule(schedule_buffers()["alphas_cumprod"])
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    order, position, losses = torch.randperm(len(data.latents), generator=generator), 0, []
+    unet.train()
+    for step in range(steps):
+        if position + batch_size > len(order):  # a new epoch: a new permutation
+            order, position = torch.randperm(len(data.latents), generator=generator), 0
+        indices = order[position:position + batch_size]
+        position += batch_size
+        draws = draw_for_samples(indices.tolist(), seed, step, tuple(data.latents.shape[1:]),
+                                 schedule.num_timesteps, caption_dropout)
+        latents = data.latents[indices]
+        context = torch.where(draws.drop_caption[:, None, None], data.empty_context, data.contexts[indices])
+        noisy = schedule.add_noise(latents, draws.noise, draws.timesteps)
+        loss = (unet(noisy, draws.timesteps, context) - draws.noise).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return unet.state_dict(), losses
+
+
+def _train_expert(base_state: dict, data: DenoisingSet, settings: Settings, seed: int, threads: int) \
+        -> tuple[dict, list[float]]:
+    """One fine-tune of the base UNet (runs in a worker process)."""
+    unet = build_unet(PRESETS["tiny"])
+    unet.load_state_dict(base_state)
+    return train_unet(unet, data, settings.expert_steps, settings.unet_batch, settings.unet_learning_rate, seed,
+                      threads)
+
+
+def train_experts(base_state: dict, sets: list[DenoisingSet], settings: Settings, seed: int, threads: int) \
+        -> list[tuple[dict, list[float]]]:
+    """Fine-tunes one copy of the base per set, in parallel processes (the result does not depend on it: each
+    process computes with `threads` threads and its own seeds)."""
+    context = multiprocessing.get_context("spawn")  # fork after torch has started threads is unsafe
+    with concurrent.futures.ProcessPoolExecutor(max_workers=len(sets), mp_context=context) as pool:
+        futures = [pool.submit(_train_expert, base_state, data, settings, seed + 1 + index, threads)
+                   for index, data in enumerate(sets)]
+        return [future.result() for future in futures]
+
+
+def write_member(path: Path, unet_state: dict, vae: Vae, text_encoder: torch.nn.Module) -> Path:
+    """A WebUI checkpoint (UNet, VAE, text encoder, schedule) with its ldm yaml, which records the VAE's scale."""
+    state_dict = {UNET_KEY_PREFIX + key: value for key, value in unet_state.items()}
+    state_dict.update({VAE_PREFIX + key: value for key, value in vae.parts.state_dict().items()})
+    state_dict.update({TEXT_ENCODER_PREFIX + key: value for key, value in text_encoder.state_dict().items()})
+    state_dict.update(schedule_buffers())
+    config = tiny_sd_config()
+    config["model"]["params"]["scale_factor"] = vae.scale_factor
+    config["model"]["params"]["first_stage_config"]["params"]["ddconfig"] = dict(DEMO_VAE_DDCONFIG)
+    return write_webui_checkpoint(path, state_dict, config)
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+
+class Stages:
+    """Runs the demo's stages in order, printing each one's number, name and time."""
+
+    count = 5
+
+    def __init__(self):
+        self.started = time.time()
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, description: str, function, *args):
+        title = f"{len(self.times) + 1}/{self.count} {name}: {description}"
+        print(f"\n== {title}", flush=True)
+        started = time.time()
+        result = function(*args)
+        self.times[name] = time.time() - started
+        print(f"== {title}: {self.times[name]:.0f} s", flush=True)
+        return result
+
+
+def prepare_output(folder: Path) -> None:
+    """Empties a folder an earlier demo run wrote; refuses any other non-empty folder."""
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MARKER).is_file():
+            raise SystemExit(f"--output {folder}: the folder exists and was not written by the demo; choose a new "
+                             f"or empty folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("written by training/demo.py; a rerun replaces this folder\n", encoding="utf-8")
+
+
+def run_script(script: str, arguments: list[str], threads: int) -> None:
+    """Runs a training/ script as a user would, with the demo's thread count."""
+    command = [sys.executable, str(TRAINING_DIR / script), *arguments]
+    print("$ " + " ".join(command[1:]), flush=True)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    subprocess.run(command, check=True, env=environment)
+
+
+def build_members(output: Path, loaded: dict[str, tuple[torch.Tensor, list[str]]], vae: Vae, settings: Settings,
+                  seed: int, threads: int) -> list[Path]:
+    """Trains the base UNet on both palettes, fine-tunes the warm and cool experts from it, and writes them as WebUI
+    checkpoints sharing the VAE and a random but fixed tiny text encoder. Returns the checkpoint paths."""
+    torch.manual_seed(seed)
+    text_encoder = build_tiny_text_encoder().eval().requires_grad_(False)
+    empty_context = encode(text_encoder, tokenize([""]))
+
+    def denoising_set(name: str) -> DenoisingSet:
+        images, captions = loaded[name]
+        contexts = torch.cat([encode(text_encoder, tokenize(captions[start:start + 256]))
+                              for start in range(0, len(captions), 256)])
+        return DenoisingSet(encode_images(vae, images), contexts, empty_context)
+
+    expert_sets = [denoising_set("warm"), denoising_set("cool")]
+    both = DenoisingSet(torch.cat([data.latents for data in expert_sets]),
+                        torch.cat([data.contexts for data in expert_sets]), empty_context)
+    started = time.time()
+    torch.manual_seed(seed)
+    base_state, base_losses = train_unet(build_unet(PRESETS["tiny"]), both, settings.base_steps, settings.unet_batch,
+                                         settings.unet_learning_rate, seed, threads)
+    print(f"   base UNet: {settings.base_steps} steps on both palettes, final loss {mean_tail(base_losses):.4f} "
+          f"({time.time() - started:.0f} s)", flush=True)
+
+    started = time.time()
+    paths = []
+    for name, (state, losses) in zip(("warm-expert", "cool-expert"),
+                                      train_experts(base_state, expert_sets, settings, seed, threads)):
+        paths.append(write_member(output / "checkpoints" / f"{name}.safetensors", state, vae, text_encoder))
+        print(f"   {name}: {settings.expert_steps} steps on its palette, final loss {mean_tail(losses):.4f} -> "
+              f"{paths[-1]}")
+    print(f"   both experts fine-tuned (in parallel) in {time.time() - started:.0f} s")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings, seed, threads = args.settings, args.seed, args.threads
+    torch.set_num_threads(threads)
+    output = Path(args.output)
+    prepare_output(output)
+    stages = Stages()
+    print(f"AFA demo ({'quick' if args.quick else 'full'} run) into {output}: "
+          f"{json.dumps(dataclasses.asdict(settings))}")
+
+    folders = stages.run("data", "synthetic captioned images", make_datasets, output / "data", settings, seed)
+    for name, folder in folders.items():
+        print(f"   {folder}: {len(list(folder.glob('*.png')))} images, e.g. "
+              f"\"{(folder / '00000.txt').read_text(encoding='utf-8').strip()}\"")
+
+    loaded = {name: load_image_set(folder) for name, folder in folders.items()}
+    # The held-out images stay unseen by every model, the VAE included.
+    training_images = torch.cat([loaded[name][0] for name in ("warm", "cool", "two-shapes")])
+    vae = stages.run("VAE", "a tiny autoencoder", train_vae, training_images, settings.vae_steps, settings.vae_batch,
+                     seed)
+    held_out = loaded["held-out"][0]
+    error = (vae.decode(encode_images(vae, held_out)) - held_out).abs().mean().item()
+    print(f"   held-out reconstruction error {error:.3f} (mean absolute, pixels in [-1, 1]); latent scale factor "
+          f"{vae.scale_factor:.4f}")
+
+    members = stages.run("members", "a base UNet and two expert fine-tunes", build_members, output, loaded, vae,
+                         settings, seed, threads)
+
+    weights = output / "afa-warm-cool.safetensors"
+    stages.run("SABW", "training/train.py on the two-shape images", run_script, "train.py", [
+        "--members", *map(str, members), "--data", str(folders["two-shapes"]), "--val-split", "0",
+        "--resolution", str(RESOLUTION), "--cache-latents", "--batch-size", str(settings.sabw_batch),
+        "--max-steps", str(settings.sabw_steps), "--learning-rate", str(settings.sabw_learning_rate),
+        "--hidden-channels", str(settings.sabw_hidden), "--num-workers", "0", "--save-every", "1000000",
+        "--save-dtype", "fp32", "--seed", str(seed), "--output", str(weights), "--run-dir", str(output / "sabw-run"),
+        "--device", "cpu",
+    ], threads)
+
+    evaluation = output / "evaluation"
+    stages.run("results", "training/evaluate.py on the held-out images", run_script, "evaluate.py", [
+        "--members", *map(str, members), "--weights", str(weights), "--data", str(folders["held-out"]),
+        "--resolution", str(RESOLUTION), "--samples", "0", "--draws", str(settings.evaluation_draws),
+        "--seed", str(seed), "--batch-size", "32", "--figure-images", "4", "--figure-draws",
+        str(settings.figure_draws), "--cell-size", "96", "--device", "cpu", "--output-dir", str(evaluation),
+    ], threads)
+
+    results = json.loads((evaluation / "evaluation.json").read_text(encoding="utf-8"))
+    errors = {name: row["all"] for name, row in results["models"].items()}
+    best_member = min((member["name"] for member in results["members"]), key=errors.get)
+    print(f"\nAFA's held-out denoising error is {percent_below(errors['AFA'], errors[best_member])} the best member's "
+          f"({best_member}) and {percent_below(errors['AFA'], errors['block average'])} block averaging's.")
+    print("Timings: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.times.items())
+          + f"; total {time.time() - stages.started:.0f} s")
+    print(f"Figures: {evaluation / 'denoising-capability.png'} (paper Figure 1), "
+          f"{evaluation / 'aggregation-maps.png'} (paper Figure 6)")
+    return 0
+
+
+def mean_tail(losses: list[float], fraction: float = 0.2) -> float:
+    """The mean loss of the last `fraction` of the steps (single steps are noisy)."""
+    tail = losses[-max(1, math.ceil(len(losses) * fraction)):]
+    return sum(tail) / len(tail)
+
+
+def percent_below(value: float, reference: float) -> str:
+    change = 100.0 * (1.0 - value / reference)
+    return f"{change:.1f}% below" if change >= 0 else f"{-change:.1f}% ABOVE"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""Held-out denoising error of each member, block averaging, noise averaging and AFA, and the paper's figures.
+
+    python training/evaluate.py --members A.safetensors B.safetensors --weights afa.safetensors --data held-out/
+
+Every model sees identical (x_t, t, noise, caption) for every sample (training/metrics.py), so the differences in the
+table are the models' and not the draws'. Members, VAE, text encoder and schedule are loaded as training/train.py
+loads them; AFA runs in the mode its weights file was trained for (sabw or last-block). `--data` takes the trainer's
+formats (a captioned image folder, or a JSONL/CSV manifest). Writes into --output-dir:
+
+  evaluation.json           the table (mean squared error of the eps/v prediction, overall and per timestep range)
+  denoising-capability.png  the paper's Figure 1: for a few images, at several timesteps, which member has the lowest
+                            denoising error at each latent pixel (squared error averaged over Monte-Carlo noise draws)
+  aggregation-maps.png      with --weights: SABW's weight maps for the same images (the paper's Figure 6)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+EXTENSION_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(EXTENSION_ROOT))
+
+# The trainer first: importing it puts a WebUI's own ldm first on sys.path (when this extension sits in a WebUI)
+# before anything imports ldm, so members are built from the model definitions the trainer and the WebUI use.
+from training.train import IndexedItems, collate  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from afa import AfaError, EnsembleUNet, load_weights  # noqa: E402
+from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights, colorize_winners,  # noqa: E402
+                      legend_entries, render_grid)
+from afa.unet import block_name  # noqa: E402
+from training import data as datasets  # noqa: E402
+from training.diffusion import NoiseSchedule  # noqa: E402
+from training.metrics import TIMESTEP_RANGES, denoising_errors, range_label  # noqa: E402
+from training.sd_checkpoint import load_frozen_models  # noqa: E402
+from training.text_encoder import encode, tokenize  # noqa: E402
+
+BLOCK_AVERAGE, NOISE_AVERAGE, AFA = "block average", "noise average", "AFA"
+RESULTS_FILE = "evaluation.json"
+CAPABILITY_FIGURE = "denoising-capability.png"
+MAPS_FIGURE = "aggregation-maps.png"
+FIGURE_LABEL_LINES = 4
+FIGURE_NOISE_KEY = 1  # keeps the figures' noise apart from the table's per-sample draws
+CAPABILITY_TITLE = ("Which member denoises each latent pixel best: lowest squared error of its prediction, averaged "
+                    "over {draws} noise draws (paper Figure 1)")
+MAPS_TITLE = "SABW aggregation maps: each pixel coloured by the weights the members get there (paper Figure 6)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("models and data")
+    group.add_argument("--members", nargs="+", required=True, help="2 to 6 member checkpoints (.safetensors/.ckpt), "
+                       "in the order the weights were trained for")
+    group.add_argument("--config", help="ldm yaml of the members (default: <name>.yaml beside each, else inferred)")
+    group.add_argument("--weights", help="SABW weights file trained for exactly these members; adds the AFA row and "
+                       "the aggregation maps")
+    group.add_argument("--data", required=True, help="held-out images: a folder of images with .txt captions or "
+                       "WebUI PNGs, or a JSONL/CSV manifest of image path + caption")
+    group.add_argument("--resolution", type=int, default=512, help="images are resized and center-cropped to this")
+    group.add_argument("--samples", type=int, default=256, help="images evaluated, a seeded random subset of --data "
+                       "when it has more (0 = all)")
+    group.add_argument("--draws", type=int, default=4, help="timestep and noise draws per image (more draws, less "
+                       "noise in the table)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the subset, the draws and the figures' noise")
+    group.add_argument("--batch-size", type=int, default=8, help="samples per model call")
+    group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+    group = parser.add_argument_group("figures")
+    group.add_argument("--output-dir", default="evaluation", help=f"where {RESULTS_FILE} and the PNGs go")
+    group.add_argument("--figure-images", type=int, default=4, help="images (rows) in each figure; the first ones "
+                       "of the evaluated subset (0 = no figures)")
+    group.add_argument("--timesteps", type=int, nargs="+", default=[900, 700, 500, 300, 100],
+                       help="timesteps (columns) of the figures")
+    group.add_argument("--figure-draws", type=int, default=16, help="Monte-Carlo noise draws averaged per pixel in "
+                       "the denoising-capability figure")
+    group.add_argument("--map-blocks", nargs="+", default=["input_blocks.0", "output_blocks.10"],
+                       help="UNet blocks whose aggregation maps are drawn (the paper shows the first and the "
+                       "penultimate); blocks without a SABW block (last-block weights) are left out")
+    group.add_argument("--cell-size", type=int, default=112, help="pixels per figure cell")
+    args = parser.parse_args(argv)
+
+    if not 2 <= len(args.members) <= 6:
+        parser.error(f"--members takes 2 to 6 checkpoints, got {len(args.members)}")
+    for flag in ("samples", "figure_images"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    for flag in ("draws", "figure_draws", "batch_size", "resolution", "cell_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+
+def display_names(names: Sequence[str]) -> list[str]:
+    """Member names for the table, made unique ("a", "a (2)") when a checkpoint name repeats."""
+    unique = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in unique or candidate in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA):
+            count += 1
+            candidate = f"{name} ({count})"
+        unique.append(candidate)
+    return unique
+
+
+def comparison_models(members: Sequence[torch.nn.Module], member_names: Sequence[str],
+                      ensemble: EnsembleUNet | None) -> dict[str, Callable]:
+    """The table's rows: each member, block averaging, noise averaging, and the trained ensemble when given."""
+    models: dict[str, Callable] = dict(zip(member_names, members))
+    models[BLOCK_AVERAGE] = EnsembleUNet(list(members), None, "average")
+    models[NOISE_AVERAGE] = EnsembleUNet(list(members), None, "noise-average")
+    if ensemble is not None:
+        models[AFA] = ensemble
+    return models
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+def select_records(records: list, samples: int, seed: int) -> list:
+    """A seeded random subset of `samples` records, kept in their listing order (all when samples is 0 or more than
+    there are)."""
+    if not samples or samples >= len(records):
+        return list(records)
+    chosen = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:samples]
+    return [records[index] for index in sorted(chosen.tolist())]
+
+
+class RepeatedDraws(torch.utils.data.Dataset):
+    """Each image `draws` times in a row: position i is image i // draws, so with `IndexedItems` every repetition
+    has its own draw key (its position) and gets its own timestep and noise."""
+
+    def __init__(self, dataset, draws: int):
+        self.dataset, self.draws = dataset, draws
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.draws
+
+    def __getitem__(self, index: int):
+        return self.dataset[index // self.draws]
+
+
+# -- the table -----------------------------------------------------------------------------------------------------
+
+def format_table(errors: dict[str, dict[str, float]]) -> str:
+    """The errors as a fixed-width text table, with each averaging/AFA row's change against the best member."""
+    columns = ["all"] + [range_label(low, high) for low, high in TIMESTEP_RANGES]
+    columns = [column for column in columns if any(column in row for row in errors.values())]
+    name_width = max(len(name) for name in errors) + 2
+    lines = ["held-out denoising MSE (lower is better)",
+             f"{'model':<{name_width}}" + "".join(f"{column:>12}" for column in columns)]
+    for name, row in errors.items():
+        lines.append(f"{name:<{name_width}}" + "".join(f"{row[column]:>12.5f}" if column in row else f"{'-':>12}"
+                                                       for column in columns))
+    ensembles = [name for name in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA) if name in errors]
+    members = [name for name in errors if name not in ensembles]
+    best = min(members, key=lambda name: errors[name]["all"])
+    for name in ensembles:
+        change = 100.0 * (errors[name]["all"] / errors[best]["all"] - 1.0)
+        lines.append(f"{name}: {change:+.1f}% against the best member ({best})")
+    return "\n".join(lines)
+
+
+# -- the figures: Figure 1 (which member denoises each pixel best) and Figure 6 (aggregation maps) -----------------
+
+class FigureImage(NamedTuple):
+    """One figure row's image: caption, RGB pixels [H x W x 3] uint8, latents [1 x C x h x w], context [1 x L x D]."""
+
+    caption: str
+    pixels: np.ndarray
+    latents: torch.Tensor
+    context: torch.Tensor
+
+
+@torch.no_grad()
+def prepare_figure_image(item: dict, vae, text_encoder, device: torch.device) -> FigureImage:
+    """A dataset item ({"pixel_values": [3 x H x W] in [-1, 1], "caption"}) ready for the figures."""
+    pixel_values = item["pixel_values"]
+    pixels = ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    latents = vae.encode(pixel_values[None].to(device))
+    return FigureImage(item["caption"], pixels, latents, encode(text_encoder, tokenize([item["caption"]])))
+
+
+def figure_noise(seed: int, image_number: int, draws: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    """[draws x C x h x w] Monte-Carlo noise for the figures' image `image_number`, seeded by (seed, image number)."""
+    # SeedSequence, as training/diffusion.py seeds per-sample draws: well-mixed seeds from a tuple of integers.
+    state = np.random.SeedSequence([seed, FIGURE_NOISE_KEY, image_number]).generate_state(1, dtype=np.uint64)
+    generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.randn((draws, *latent_shape), generator=generator)
+
+
+@torch.no_grad()
+def per_pixel_errors(models: Sequence[Callable], latents: torch.Tensor, context: torch.Tensor,
+                     timesteps: Sequence[int], noise: torch.Tensor, schedule: NoiseSchedule,
+                     batch_size: int) -> torch.Tensor:
+    """Each model's squared denoising error at every latent pixel, averaged over channels and noise draws.
+
+    Args:
+        models: callables (x_t [B x C x h x w], timesteps [B], context [B x L x D]) -> prediction (eps or v).
+        latents: [1 x C x h x w], one image; context: [1 x L x D], its caption's.
+        timesteps: T timesteps.
+        noise: [M x C x h x w] Monte-Carlo draws, the same ones at every timestep and for every model.
+    Returns:
+        [num_models x T x h x w] float32 on the CPU. Identical models give bit-identical maps: every model gets the
+        same inputs in the same batches.
+    """
+    num_draws = noise.shape[0]
+    device = latents.device
+    steps = torch.tensor(list(timesteps), dtype=torch.long, device=device).repeat_interleave(num_draws)  # [T*M]
+    noise = noise.to(device).repeat(len(timesteps), 1, 1, 1)  # [T*M x C x h x w], draw index fastest
+    clean = latents.expand(noise.shape[0], -1, -1, -1)
+    noisy, target = schedule.add_noise(clean, noise, steps), schedule.target(clean, noise, steps)
+    maps = []
+    for model in models:
+        squared = []
+        for start in range(0, noisy.shape[0], batch_size):
+            batch = slice(start, start + batch_size)
+            count = noisy[batch].shape[0]
+            prediction = model(noisy[batch], steps[batch], context.expand(count, -1, -1))
+            squared.append((prediction.float() - target[batch].float()).square().mean(dim=1).cpu())
+        per_sample = torch.cat(squared)  # [T*M x h x w]
+        maps.append(per_sample.view(len(timesteps), num_draws, *per_sample.shape[1:]).mean(dim=1))
+    return torch.stack(maps)
+
+
+def winner_maps(errors: torch.Tensor) -> torch.Tensor:
+    """The index of the model with the lowest error at each position, `TIE` where several share the lowest.
+
+    errors [N x ...] -> long [...]. Ties are found by exact equality, so identical members (equal error maps) give
+    `TIE` everywhere rather than a winner that depends on the order they were given in.
+    """
+    best = errors.min(dim=0).values
+    winners = errors.argmin(dim=0)
+    winners[(errors == best).sum(dim=0) > 1] = TIE
+    return winners
+
+
+def win_shares(winners: torch.Tensor, num_members: int) -> str:
+    """"wins 60/40%": the share of pixels each member wins alone (ties count for nobody)."""
+    shares = [100.0 * (winners == member).float().mean().item() for member in range(num_members)]
+    return "wins " + "/".join(f"{share:.0f}" for share in shares) + "%"
+
+
+def render_denoising_capability(members: Sequence[torch.nn.Module], member_names: Sequence[str],
+                                images: Sequence[FigureImage], noises: Sequence[torch.Tensor],
+                                timesteps: Sequence[int], schedule: NoiseSchedule, batch_size: int,
+                                cell_size: int) -> tuple[Image.Image, list[torch.Tensor]]:
+    """The paper's Figure 1: a row per image (the image, then the per-pixel winner at each timestep).
+
+    Returns:
+        (the figure, the winner maps of each image [T x h x w]).
+    """
+    rows, winners_per_image = [], []
+    for image, noise in zip(images, noises):
+        winners = winner_maps(per_pixel_errors(members, image.latents, image.context, timesteps, noise, schedule,
+                                               batch_size))
+        winners_per_image.append(winners)
+        rows.append([(image.caption, image.pixels)] + [
+            (f"t = {step}\n{win_shares(winners[index], len(members))}", colorize_winners(winners[index], len(members)))
+            for index, step in enumerate(timesteps)])
+    legend = legend_entries(member_names) + [("tie (equal error)", TIE_COLOR)]
+    title = CAPABILITY_TITLE.format(draws=noises[0].shape[0] if noises else 0)
+    return render_grid(rows, legend, cell_size, label_lines=FIGURE_LABEL_LINES, title=title), winners_per_image
+
+
+@torch.no_grad()
+def render_aggregation_maps(ensemble: EnsembleUNet, member_names: Sequence[str], images: Sequence[FigureImage],
+                            noises: Sequence[torch.Tensor], timesteps: Sequence[int], blocks: Sequence[int],
+                            schedule: NoiseSchedule, cell_size: int) -> Image.Image:
+    """SABW's weight maps (paper Figure 6): a row per image, a cell per (block, timestep), computed on that image
+    noised to the timestep with its first figure noise draw."""
+    num_input_blocks = ensemble.num_input_blocks
+    recorder = WeightMapRecorder(blocks, batch_index=0)
+    ensemble.observer = recorder
+    rows = []
+    try:
+        for image, noise in zip(images, noises):
+            recorder.clear()
+            for step in timesteps:
+                step_tensor = torch.tensor([step], device=image.latents.device)
+                noisy = schedule.add_noise(image.latents, noise[:1].to(image.latents.device), step_tensor)
+                ensemble(noisy, step_tensor, image.context)
+            rows.append([(image.caption, image.pixels)] + [
+                (f"{block_name(block, num_input_blocks)}\nt = {step}", colorize_weights(recorder.maps[block][index]))
+                for block in blocks for index, step in enumerate(timesteps)])
+    finally:
+        ensemble.observer = None
+    return render_grid(rows, legend_entries(member_names), cell_size, label_lines=FIGURE_LABEL_LINES,
+                       title=MAPS_TITLE)
+
+
+def map_blocks(names: Sequence[str], ensemble: EnsembleUNet) -> list[int]:
+    """The indices of the --map-blocks that have a SABW block (the last block only, for last-block weights)."""
+    config = ensemble.aggregator.config
+    try:
+        blocks = block_indices(names, config.num_input_blocks)
+    except ValueError as error:
+        raise SystemExit(f"--map-blocks: {error}") from None
+    return [block for block in blocks if block in config.aggregated_blocks] or [config.aggregated_blocks[-1]]
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+
+    frozen = load_frozen_models(args.members, args.config, device)
+    member_names = display_names([ref.name for ref in frozen.member_refs])
+    vae, text_encoder, schedule = frozen.vae, frozen.text_encoder, frozen.schedule
+    ensemble, weights_info = None, None
+    if args.weights:
+        aggregator, weights_info = load_weights(args.weights, frozen.member_refs, device)
+        ensemble = EnsembleUNet(frozen.members, aggregator, weights_info.mode)
+    blocks = map_blocks(args.map_blocks, ensemble) if ensemble is not None else []
+    invalid = [step for step in args.timesteps if not 0 <= step < schedule.num_timesteps]
+    if invalid:
+        raise SystemExit(f"--timesteps {invalid}: the members' schedule has timesteps 0 to {schedule.num_timesteps - 1}")
+    models = comparison_models(frozen.members, member_names, ensemble)
+    print(f"loaded {len(frozen.members)} members ({', '.join(map(str, frozen.member_refs))}) on {device}"
+          + (f"; AFA weights {args.weights} (mode {weights_info.mode})" if weights_info else ""))
+
+    report = datasets.SkipReport()
+    records = select_records(datasets.index_captioned_images(args.data, report), args.samples, args.seed)
+    if not records:
+        raise SystemExit(f"no usable images in {args.data}\n{report.summary()}")
+    dataset = datasets.ImageCaptionDataset(records, args.resolution)
+    loader = torch.utils.data.DataLoader(IndexedItems(RepeatedDraws(dataset, args.draws)), batch_size=args.batch_size,
+                                         collate_fn=collate, num_workers=0)
+
+    def batches():
+        for batch in tqdm(loader, desc="evaluating", dynamic_ncols=True):
+            report.add_items(batch["skipped"])
+            yield batch
+
+    errors = denoising_errors(models, batches(), vae, text_encoder, schedule, args.seed, device)
+    print(format_table(errors))
+    if report.total:
+        print(report.summary())
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    if args.figure_images:
+        figure_items = [dataset[index] for index in range(min(args.figure_images, len(dataset)))]
+        images = [prepare_figure_image(item, vae, text_encoder, device) for item in figure_items
+                  if not isinstance(item, datasets.SkippedItem)]
+        noises = [figure_noise(args.seed, number, args.figure_draws, image.latents.shape[1:])
+                  for number, image in enumerate(images)]
+        capability, _ = render_denoising_capability(frozen.members, member_names, images, noises, args.timesteps,
+                                                    schedule, args.batch_size, args.cell_size)
+        capability.save(output_dir / CAPABILITY_FIGURE)
+        figures["denoising_capability"] = CAPABILITY_FIGURE
+        if ensemble is not None:
+            maps = render_aggregation_maps(ensemble, member_names, images, noises, args.timesteps, blocks, schedule,
+                                           args.cell_size)
+            maps.save(output_dir / MAPS_FIGURE)
+            figures["aggregation_maps"] = MAPS_FIGURE
+
+    results = {
+        "models": errors,
+        "members": [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
+                    for name, path, ref in zip(member_names, args.members, frozen.member_refs)],
+        "weights": None if weights_info is None else {"file": str(args.weights), "mode": weights_info.mode,
+                                                      "training": weights_info.training},
+        "data": str(args.data), "images": len(records), "skipped": report.total, "draws_per_image": args.draws, "seed": args.seed, "resolution": args.resolution,
+        "timestep_ranges": [range_label(low, high) for low, high in TIMESTEP_RANGES],
+        "figures": figures,
+    }
+    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {output_dir / RESULTS_FILE}" + "".join(f", {output_dir / name}" for name in figures.values())
+          + f" ({time.time() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except AfaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
