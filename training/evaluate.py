@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                     for name, path, ref in zip(member_names, args.members, frozen.member_refs)],
         "weights": None if weights_info is None else {"file": str(args.weights), "mode": weights_info.mode,
                                                       "training": weights_info.training},
-        "data": str(args.data), "images": len(records), "skipped": report.total, "draws_per_image": args.draws, "seed": args.seed, "resolution": args.resolution,
+        "data": str(args.data), "images": len(records), "skipped": report.total, "draws_per_image": args.draws,
+        "seed": args.seed, "resolution": args.resolution,
         "timestep_ranges": [range_label(low, high) for low, high in TIMESTEP_RANGES],
         "figures": figures,
     }
