@@ -17,19 +17,22 @@ def range_label(low: int, high: int) -> str:
     return f"t {low}-{high - 1}"
 
 
+@torch.no_grad()
 def prepare_batch(batch: dict, vae, text_encoder, schedule: NoiseSchedule, seed: int, device: torch.device,
-                  epoch: int = VALIDATION_EPOCH) -> dict:
-    """The model inputs of a batch ({"latents" or "pixel_values", "captions", "indices"}), with its draws.
+                  epoch: int = VALIDATION_EPOCH, caption_dropout: float = 0.0) -> dict:
+    """The model inputs of a batch ({"latents" or "pixel_values", "captions", "indices"}), with its draws -- the
+    same for training (its epoch, caption dropout) and evaluation (VALIDATION_EPOCH, no dropout).
 
-    Returns {"noisy", "timesteps", "context", "target", "latents", "noise"} on `device`; captions are never dropped.
+    Returns {"noisy", "timesteps", "context", "target", "latents", "noise"} on `device`.
     """
     latents = (batch["latents"].to(device) if "latents" in batch
                else vae.encode(batch["pixel_values"].to(device)))
     draws = draw_for_samples(batch["indices"], seed, epoch, tuple(latents.shape[1:]), schedule.num_timesteps,
-                             caption_dropout=0.0)
+                             caption_dropout)
+    captions = ["" if drop else caption for caption, drop in zip(batch["captions"], draws.drop_caption)]
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
     return {"noisy": schedule.add_noise(latents, noise, timesteps), "timesteps": timesteps,
-            "context": encode(text_encoder, tokenize(batch["captions"])),
+            "context": encode(text_encoder, tokenize(captions)),
             "target": schedule.target(latents, noise, timesteps), "latents": latents, "noise": noise}
 
 

@@ -42,10 +42,8 @@ from tqdm import tqdm  # noqa: E402
 
 from afa import AfaError, Aggregator, AggregatorConfig, EnsembleUNet, MemberRef, default_config, save_weights  # noqa: E402
 from training import data as datasets  # noqa: E402
-from training.diffusion import draw_for_samples  # noqa: E402
-from training.metrics import denoising_errors  # noqa: E402
+from training.metrics import denoising_errors, prepare_batch  # noqa: E402
 from training.sd_checkpoint import load_frozen_models  # noqa: E402
-from training.text_encoder import encode, tokenize  # noqa: E402
 
 STATE_FORMAT = 1
 
@@ -389,19 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         and the accumulation over micro-steps give the mean over the global batch."""
         if not batch["indices"]:
             return None
-        with torch.no_grad():
-            latents = (batch["latents"].to(device) if "latents" in batch
-                       else vae.encode(batch["pixel_values"].to(device)))
-            draws = draw_for_samples(batch["indices"], args.seed, epoch, tuple(latents.shape[1:]),
-                                     schedule.num_timesteps, args.caption_dropout)
-            captions = ["" if drop else caption for caption, drop in zip(batch["captions"], draws.drop_caption)]
-            context = encode(text_encoder, tokenize(captions))
-            timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
-            noisy = schedule.add_noise(latents, noise, timesteps)
-            target = schedule.target(latents, noise, timesteps)
+        inputs = prepare_batch(batch, vae, text_encoder, schedule, args.seed, device, epoch, args.caption_dropout)
         with autocast:
-            prediction = model(noisy, timesteps, context)
-        per_sample = (prediction.float() - target.float()).square().mean(dim=(1, 2, 3))
+            prediction = model(inputs["noisy"], inputs["timesteps"], inputs["context"])
+        per_sample = (prediction.float() - inputs["target"].float()).square().mean(dim=(1, 2, 3))
         return per_sample.sum() * distributed.world_size / args.batch_size
 
     progress = tqdm(total=total_steps, initial=step, disable=not distributed.is_main, desc="training SABW",

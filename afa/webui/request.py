@@ -13,7 +13,7 @@ from pathlib import Path
 
 from afa.errors import AfaError
 from afa.members import MemberRef
-from afa.weights import check_members_match, read_weights_info
+from afa.weights import WeightsInfo, check_members_match, read_weights_info
 
 from . import folders, members
 
@@ -114,14 +114,15 @@ def plan(request: EnsembleRequest) -> EnsemblePlan:
     core_mode = CORE_MODES[label]
     uses_weights = core_mode in ("sabw", "last-block")
     weights_path = folders.resolve_weights(request.weights)
+    weights_info = read_weights_info(weights_path) if weights_path is not None else None  # metadata only, read once
     if uses_weights and weights_path is None:
         raise AfaError(f"mode {MODE_SABW} needs a SABW weights file: choose one in 'SABW weights' (files in "
                        f"{folders.weights_dir()}), or use {MODE_AVERAGE} or {MODE_NOISE}, which need none")
 
     if request.members:
         infos = members.resolve_members(request.members)
-    elif weights_path is not None:
-        infos = members_of_weights(weights_path)
+    elif weights_info is not None:
+        infos = members_of_weights(weights_info)
     else:
         raise AfaError("no ensemble members given: choose 2 or more checkpoints in 'Ensemble members' "
                        "(or a weights file, which brings its own members)")
@@ -132,13 +133,12 @@ def plan(request: EnsembleRequest) -> EnsemblePlan:
 
     refs = None
     if uses_weights:
-        info = read_weights_info(weights_path)
         refs = [members.member_ref(checkpoint) for checkpoint in infos]
-        check_members_match(info, refs)  # MembersMismatchError naming both lists
-        if label == MODE_LAST_BLOCK and info.mode != "last-block":
+        check_members_match(weights_info, refs)  # MembersMismatchError naming both lists
+        if label == MODE_LAST_BLOCK and weights_info.mode != "last-block":
             raise AfaError(f"{weights_path.name} was trained for mode SABW (every block), not for the last block "
                            f"only; use mode {MODE_SABW}")
-        core_mode = info.mode
+        core_mode = weights_info.mode
         label = MODE_LAST_BLOCK if core_mode == "last-block" else MODE_SABW
     else:
         weights_path = None  # a weights file left selected in a mode that needs none is not used
@@ -147,11 +147,10 @@ def plan(request: EnsembleRequest) -> EnsemblePlan:
     return EnsemblePlan(infos, core_mode, label, weights_path, weights_label, refs, request.show_maps)
 
 
-def members_of_weights(weights_path: Path) -> list:
+def members_of_weights(info: WeightsInfo) -> list:
     """The installed checkpoints a weights file was trained for; AfaError naming those not installed."""
-    info = read_weights_info(weights_path)
     found, missing = members.checkpoints_for(info.members)
     if missing:
-        raise AfaError(f"{weights_path.name} was trained for {', '.join(str(ref) for ref in info.members)}; "
+        raise AfaError(f"{info.path.name} was trained for {', '.join(str(ref) for ref in info.members)}; "
                        f"not installed: {', '.join(str(ref) for ref in missing)}")
     return found

@@ -16,6 +16,8 @@ import gradio as gr
 from modules import sd_models, shared
 from modules.ui_components import FormRow, InputAccordion, ToolButton
 
+from afa.weights import read_weights_info
+
 from . import folders, settings
 from .request import MODE_AVERAGE, MODE_LABELS, MODE_SABW, members_of_weights
 
@@ -99,7 +101,7 @@ def weights_chosen(weights_name: str, current_members: list, mode: str):
         return gr.update(), gr.update(value=new_mode), _status("")
     try:
         path = folders.resolve_weights(weights_name)
-        infos = members_of_weights(path)
+        infos = members_of_weights(read_weights_info(path))
     except Exception as error:
         return gr.update(), gr.update(), _status(str(error))
     return gr.update(value=[info.title for info in infos]), gr.update(value=MODE_SABW), _status("")
