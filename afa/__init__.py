@@ -4,6 +4,10 @@ The core library. It imports torch, einops, safetensors, PyYAML and ldm's module
 `launch`) or gradio; the WebUI glue lives in `afa.webui`, which only the extension's script imports.
 """
 
+from .host import use_webui_ldm
+
+use_webui_ldm()  # in a WebUI's extensions/ folder, outside its process: its vendored ldm, before ldm is imported below
+
 from .aggregator import Aggregator, AggregatorConfig
 from .ensemble import MODES, EnsembleUNet, mix
 from .errors import AfaError, CheckpointError, IncompatibleMembersError, MembersMismatchError, WeightsFileError

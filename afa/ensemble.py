@@ -34,11 +34,17 @@ def mix(features: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor
     """sum_i weights[:, i] * features[i]. features: N x [B x C x H x W]; weights [B x N x H x W] or [B x N x 1 x 1].
 
     Written as a fixed-order sum (not einsum) so that uniform weights give bit-identical results whichever mode
-    produced them."""
+    produced them. The result has the memory layout (strides) of `features[0]`: a block's output is often a permuted
+    view (SpatialTransformer's `b (h w) c -> b c h w`), and the next block computes slightly differently on a
+    contiguous copy of the same values, a difference that a strong LoRA amplifies to visible pixels. Keeping the
+    layout makes an ensemble of identical members bit-identical to the member alone."""
     weights = weights.to(features[0].dtype)
     mixed = weights[:, 0:1] * features[0]
     for index in range(1, len(features)):
         mixed = mixed + weights[:, index:index + 1] * features[index]
+    if mixed.stride() != features[0].stride():
+        # empty_like keeps features[0]'s strides (preserve_format); copy_ keeps the gradient for training SABW
+        mixed = torch.empty_like(features[0]).copy_(mixed)
     return mixed
 
 

@@ -1,13 +1,12 @@
 """AFA ensemble for AUTOMATIC1111's WebUI (1.10): registration only. The work is done in `afa.webui`.
 
-Reads top-down: the script (accordion and job hooks), the SD Unet option, settings, callbacks, X/Y/Z axes, API
-routes, the unload handler. Importing this file scans no folder and loads no model.
+Reads top-down: the script (accordion and job hooks), the settings section, the SD Unet option, callbacks, X/Y/Z
+axes, API routes, the unload handler. Importing this file scans no folder and loads no model.
 """
 
 from modules import script_callbacks, scripts
 
 from afa.webui import api, hooks, infotext, settings, ui, unet, xyz
-from afa.webui.infotext import KEY as INFOTEXT_KEY
 
 
 class AfaEnsembleScript(scripts.Script):
@@ -28,7 +27,7 @@ class AfaEnsembleScript(scripts.Script):
         controls = ui.build_accordion(self.elem_id)
         self.infotext_fields = infotext.infotext_fields(controls.enabled, controls.members, controls.weights,
                                                         controls.mode)
-        self.paste_field_names = [INFOTEXT_KEY]
+        self.paste_field_names = infotext.PASTE_FIELD_NAMES
         return controls.args
 
     def before_process(self, p, *args):
@@ -47,8 +46,8 @@ class AfaEnsembleScript(scripts.Script):
         hooks.postprocess(p, processed)
 
 
+settings.register(on_cache_change=hooks.on_cache_setting_changed)
 script_callbacks.on_list_unets(unet.list_unets)
-script_callbacks.on_ui_settings(lambda: settings.register(on_cache_change=hooks.on_cache_setting_changed))
 script_callbacks.on_cfg_denoiser(hooks.on_cfg_denoiser)
 script_callbacks.on_model_loaded(hooks.on_model_loaded)
 script_callbacks.on_before_ui(xyz.add_axes)

@@ -24,7 +24,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from afa.unet import PRESETS  # noqa: E402
-from training.sd_checkpoint import tiny_sd_config, tiny_sd_state_dict, write_webui_checkpoint  # noqa: E402
+from training.sd_checkpoint import (TINY_TEXT_ENCODER_FOLDER_NAME, tiny_sd_config, tiny_sd_state_dict,  # noqa: E402
+                                    write_webui_checkpoint)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -38,7 +39,8 @@ def checkpoint_factory(tmp_path_factory):
     """make(seed, name=None, suffix=".safetensors", dtype=None, unet_params=None, with_yaml=True) -> Path.
 
     Writes a complete tiny SD1-style WebUI checkpoint (UNet, VAE, text encoder, schedule buffers) with its ldm yaml
-    beside it. Files are cached per argument set for the whole session; tests must not modify them.
+    beside it; the yamls name the text encoder folder `tiny-clip-text/` beside the checkpoints. Files are cached per
+    argument set for the whole session; tests must not modify them.
     """
     root = tmp_path_factory.mktemp("checkpoints")
     made: dict[tuple, Path] = {}
@@ -47,7 +49,7 @@ def checkpoint_factory(tmp_path_factory):
              unet_params: dict | None = None, with_yaml: bool = True) -> Path:
         key = (seed, name, suffix, dtype, repr(unet_params), with_yaml)
         if key not in made:
-            config = tiny_sd_config()
+            config = tiny_sd_config(root / TINY_TEXT_ENCODER_FOLDER_NAME)
             if unet_params is not None:
                 config["model"]["params"]["unet_config"]["params"] = copy.deepcopy(unet_params)
             filename = (name or f"member{seed}-{len(made)}") + suffix
@@ -56,6 +58,20 @@ def checkpoint_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder_folder(tmp_path_factory) -> Path:
+    """A folder holding the tiny text encoder's config and SD1's tokenizer files, as tiny_sd_config(folder) writes."""
+    folder = tmp_path_factory.mktemp("text-encoder") / TINY_TEXT_ENCODER_FOLDER_NAME
+    tiny_sd_config(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_config(tiny_text_encoder_folder) -> dict:
+    """tiny_sd_config() naming `tiny_text_encoder_folder`; a fresh dict per test, which the test may modify."""
+    return tiny_sd_config(tiny_text_encoder_folder)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from afa import read_weights_info
@@ -60,6 +61,13 @@ def test_demo_writes_kohya_data_webui_checkpoints_weights_and_figures(quick_demo
         assert Image.open(records[0].image_path).size == (32, 32)
     members = [output / "checkpoints" / f"{name}.safetensors" for name in ("warm-expert", "cool-expert")]
     assert all(path.is_file() and path.with_suffix(".yaml").is_file() for path in members)
+    # The yamls name the text encoder folder beside the checkpoints, so a real WebUI loads them (see tiny_sd_config).
+    text_encoder_folder = output / "checkpoints" / "tiny-clip-text"
+    for path in members:
+        config = yaml.safe_load(path.with_suffix(".yaml").read_text(encoding="utf-8"))
+        cond_stage_params = config["model"]["params"]["cond_stage_config"]["params"]
+        assert cond_stage_params == {"version": str(text_encoder_folder.resolve())}
+    assert (text_encoder_folder / "config.json").is_file() and (text_encoder_folder / "vocab.json").is_file()
     info = read_weights_info(output / "afa-warm-cool.safetensors")
     assert [member.name for member in info.members] == ["warm-expert", "cool-expert"]
     for figure in ("denoising-capability.png", "aggregation-maps.png"):

@@ -9,7 +9,7 @@ import torch
 from conftest import randomize_, random_inputs
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from afa import MODES, Aggregator, AggregatorConfig, EnsembleUNet, block_layout, build_unet, unet_shapes
+from afa import MODES, Aggregator, AggregatorConfig, EnsembleUNet, block_layout, build_unet, mix, unet_shapes
 from afa.errors import IncompatibleMembersError
 
 
@@ -335,3 +335,17 @@ def test_default_sabw_stays_within_3_percent_of_the_members_flops():
 
 SD15_CHANNELS = (320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280,
                  1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 4)
+
+
+def test_mix_keeps_the_memory_layout_of_the_features():
+    # A block's output may be a permuted view (channels-last strides, as the WebUI's attention on the CPU returns);
+    # the next block computes slightly differently on a contiguous copy, which a strong prompt LoRA made visible as
+    # block averaging of identical members drifting from the member alone in a real A1111.
+    features = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    weights = torch.full((2, 2, 1, 1), 0.5, requires_grad=True)
+    mixed = mix([features, features.clone()], weights)
+    assert mixed.stride() == features.stride() and torch.equal(mixed, features)
+    mixed.sum().backward()  # SABW's weights still get their gradient
+    assert weights.grad is not None and torch.isfinite(weights.grad).all()
+    plain = torch.randn(2, 8, 4, 4)
+    assert mix([plain, plain], weights.detach()).stride() == plain.stride()

@@ -1,10 +1,13 @@
 """The trainer's SD1 text encoder: the offline tokenizer's ids, SD1 padding/truncation, and loading the text model
-out of a WebUI checkpoint (key variants, dtype, shape errors, unsupported families)."""
+out of a WebUI checkpoint (key variants, dtype, shape errors, unsupported families, the text config read from the
+folder the yaml's `version` names)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +17,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from afa.errors import AfaError, CheckpointError
 from training import text_encoder as text_encoder_module
-from training.sd_checkpoint import TEXT_ENCODER_PREFIX, TINY_CLIP_TEXT_CONFIG, tiny_sd_config, tiny_sd_state_dict
+from training.sd_checkpoint import TEXT_ENCODER_PREFIX, TINY_CLIP_TEXT_CONFIG, tiny_sd_state_dict
 from training.text_encoder import (END_OF_TEXT_ID, START_OF_TEXT_ID, UnsupportedTextEncoderError, encode,
-                                   load_text_encoder, sd1_tokenizer, tokenize)
+                                   load_text_encoder, sd1_text_config, sd1_tokenizer, tokenize,
+                                   write_text_encoder_folder)
 
 BOS, EOS = START_OF_TEXT_ID, END_OF_TEXT_ID
 
@@ -95,8 +99,8 @@ def test_missing_open_clip_is_a_clear_error(monkeypatch):
 
 # -- text model ----------------------------------------------------------------------------------------------------
 
-def test_loads_tiny_text_encoder_frozen_with_sd1_context_shape(tiny_state_dict):
-    text_encoder = load_text_encoder(tiny_state_dict, tiny_sd_config())
+def test_loads_tiny_text_encoder_frozen_with_sd1_context_shape(tiny_state_dict, tiny_config):
+    text_encoder = load_text_encoder(tiny_state_dict, tiny_config)
     assert not text_encoder.training
     assert not any(parameter.requires_grad for parameter in text_encoder.parameters())
     context = encode(text_encoder, tokenize(["a photo of a cat", ""]))
@@ -104,16 +108,16 @@ def test_loads_tiny_text_encoder_frozen_with_sd1_context_shape(tiny_state_dict):
     assert not context.requires_grad
 
 
-def test_matches_clip_text_model_loaded_directly(tiny_state_dict):
+def test_matches_clip_text_model_loaded_directly(tiny_state_dict, tiny_config):
     reference = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT_CONFIG)).eval()
     reference.load_state_dict(text_encoder_tensors(tiny_state_dict))
     token_ids = tokenize(["a photo of a cat, by greg rutkowski", "a dog"])
     with torch.no_grad():
         expected = reference(input_ids=token_ids).last_hidden_state
-    assert torch.equal(encode(load_text_encoder(tiny_state_dict, tiny_sd_config()), token_ids), expected)
+    assert torch.equal(encode(load_text_encoder(tiny_state_dict, tiny_config), token_ids), expected)
 
 
-def test_accepts_old_keys_without_text_model_and_without_position_ids(tiny_state_dict):
+def test_accepts_old_keys_without_text_model_and_without_position_ids(tiny_state_dict, tiny_config):
     old_style = {}
     for key, value in tiny_state_dict.items():
         if key.endswith("position_ids"):
@@ -121,22 +125,22 @@ def test_accepts_old_keys_without_text_model_and_without_position_ids(tiny_state
         old_style[key.replace(TEXT_ENCODER_PREFIX + "text_model.", TEXT_ENCODER_PREFIX)] = value
     assert not any(".text_model." in key for key in old_style)
     token_ids = tokenize(["a photo of a cat"])
-    expected = encode(load_text_encoder(tiny_state_dict, tiny_sd_config()), token_ids)
-    assert torch.equal(encode(load_text_encoder(old_style, tiny_sd_config()), token_ids), expected)
+    expected = encode(load_text_encoder(tiny_state_dict, tiny_config), token_ids)
+    assert torch.equal(encode(load_text_encoder(old_style, tiny_config), token_ids), expected)
 
 
-def test_fp16_checkpoint_file_with_yaml(checkpoint_factory, tiny_state_dict):
+def test_fp16_checkpoint_file_with_yaml(checkpoint_factory, tiny_state_dict, tiny_config):
     path = checkpoint_factory(0, dtype=torch.float16)
     config = yaml.safe_load(path.with_suffix(".yaml").read_text())
     text_encoder = load_text_encoder(load_file(str(path)), config, checkpoint_name=path.name)
     assert all(parameter.dtype == torch.float32 for parameter in text_encoder.parameters())
     token_ids = tokenize(["a photo of a cat"])
-    expected = encode(load_text_encoder(tiny_state_dict, tiny_sd_config()), token_ids)
+    expected = encode(load_text_encoder(tiny_state_dict, tiny_config), token_ids)
     torch.testing.assert_close(encode(text_encoder, token_ids), expected, atol=5e-3, rtol=5e-3)
 
 
-def test_clip_skip_takes_an_earlier_layer_through_the_final_layer_norm(tiny_state_dict):
-    text_encoder = load_text_encoder(tiny_state_dict, tiny_sd_config())
+def test_clip_skip_takes_an_earlier_layer_through_the_final_layer_norm(tiny_state_dict, tiny_config):
+    text_encoder = load_text_encoder(tiny_state_dict, tiny_config)
     token_ids = tokenize(["a photo of a cat"])
     with torch.no_grad():
         hidden_states = text_encoder(input_ids=token_ids, output_hidden_states=True).hidden_states
@@ -145,11 +149,62 @@ def test_clip_skip_takes_an_earlier_layer_through_the_final_layer_norm(tiny_stat
     assert not torch.equal(encode(text_encoder, token_ids, clip_skip=1), expected)
 
 
-def test_shape_mismatch_names_checkpoint_key_and_shapes(tiny_state_dict):
-    config = tiny_sd_config()
-    config["model"]["params"]["cond_stage_config"]["params"]["clip_text_config"]["intermediate_size"] = 128
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*fc1\.weight.*\(64, 32\).*\(128, 32\)"):
+def test_shape_mismatch_names_checkpoint_key_shapes_and_the_config_file(tiny_state_dict, tmp_path):
+    wider = write_text_encoder_folder(tmp_path / "wider-clip-text", {**TINY_CLIP_TEXT_CONFIG, "intermediate_size": 128})
+    config = config_naming(wider)
+    expected_message = (r"model\.safetensors.*fc1\.weight.*\(64, 32\).*" + re.escape(str(wider / "config.json"))
+                        + r".*\(128, 32\)")
+    with pytest.raises(CheckpointError, match=expected_message):
         load_text_encoder(tiny_state_dict, config, checkpoint_name="model.safetensors")
+
+
+def config_naming(version: str | Path) -> dict:
+    """An ldm config whose FrozenCLIPEmbedder has this `version`."""
+    return {"model": {"params": {"cond_stage_config": {
+        "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"version": str(version)}}}}}
+
+
+def test_text_config_is_read_from_the_folder_the_yaml_names(tmp_path):
+    narrower_config = {**TINY_CLIP_TEXT_CONFIG, "hidden_size": 16, "intermediate_size": 48, "num_hidden_layers": 3}
+    narrower = write_text_encoder_folder(tmp_path / "narrower-clip-text", narrower_config)
+    torch.manual_seed(0)
+    narrower_model = CLIPTextModel(CLIPTextConfig(**narrower_config)).eval()
+    state_dict = {TEXT_ENCODER_PREFIX + key: value for key, value in narrower_model.state_dict().items()}
+
+    text_encoder = load_text_encoder(state_dict, config_naming(narrower))
+    assert (text_encoder.config.hidden_size, text_encoder.config.num_hidden_layers) == (16, 3)
+    token_ids = tokenize(["a photo of a cat"])
+    with torch.no_grad():
+        assert torch.equal(encode(text_encoder, token_ids), narrower_model(input_ids=token_ids).last_hidden_state)
+    with pytest.raises(CheckpointError, match=re.escape(str(narrower / "config.json")) + r".*hidden size 16"):
+        load_text_encoder(tiny_sd_state_dict(0), config_naming(narrower))
+
+
+def test_a_hub_name_means_sd1_vit_l_without_reading_anything():
+    config, source = sd1_text_config(config_naming("openai/clip-vit-large-patch14"))
+    assert (config.hidden_size, config.num_hidden_layers, source) == (768, 12, "SD1's CLIP ViT-L/14 text config")
+    assert sd1_text_config(config_naming("openai/clip-vit-large-patch14"))[0].to_dict() == \
+        sd1_text_config(None)[0].to_dict()
+
+
+def test_a_missing_or_empty_text_encoder_folder_is_named(tmp_path):
+    missing = tmp_path / "moved-away"
+    with pytest.raises(CheckpointError, match=re.escape(str(missing)) + ".*does not exist"):
+        sd1_text_config(config_naming(missing))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "empty")) + ".*holds no config.json"):
+        sd1_text_config(config_naming(tmp_path / "empty"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "broken" / "config.json")) + ": not a readable"):
+        sd1_text_config(config_naming(tmp_path / "broken"))
+
+
+def test_yamls_with_the_inline_text_config_of_earlier_versions_are_still_read(tiny_state_dict):
+    earlier = {"model": {"params": {"cond_stage_config": {
+        "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+        "params": {"clip_text_config": dict(TINY_CLIP_TEXT_CONFIG)}}}}}
+    assert load_text_encoder(tiny_state_dict, earlier).config.hidden_size == 32
 
 
 def test_without_yaml_expects_sd1_vit_l_shapes(tiny_state_dict):
@@ -158,10 +213,10 @@ def test_without_yaml_expects_sd1_vit_l_shapes(tiny_state_dict):
         load_text_encoder(tiny_state_dict, None, checkpoint_name="tiny.ckpt")
 
 
-def test_missing_layer_is_reported(tiny_state_dict):
+def test_missing_layer_is_reported(tiny_state_dict, tiny_config):
     truncated = {key: value for key, value in tiny_state_dict.items() if ".layers.1." not in key}
     with pytest.raises(CheckpointError, match=r"missing \d+ keys.*layers\.1\."):
-        load_text_encoder(truncated, tiny_sd_config())
+        load_text_encoder(truncated, tiny_config)
 
 
 def test_checkpoint_without_text_encoder(tiny_state_dict):
@@ -183,11 +238,11 @@ def test_sd2_checkpoints_are_not_supported_yet(tiny_state_dict):
         load_text_encoder(tiny_state_dict, sd2_config)
 
 
-def test_unusual_position_ids_are_loaded_with_a_warning(tiny_state_dict, caplog):
+def test_unusual_position_ids_are_loaded_with_a_warning(tiny_state_dict, caplog, tiny_config):
     shifted = dict(tiny_state_dict)
     key = TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"
     shifted[key] = torch.arange(77, dtype=torch.float32).expand(1, -1) - 0.01  # truncates to -0, 0, 1, ..., 75
     with caplog.at_level(logging.WARNING):
-        text_encoder = load_text_encoder(shifted, tiny_sd_config(), checkpoint_name="merged.safetensors")
+        text_encoder = load_text_encoder(shifted, tiny_config, checkpoint_name="merged.safetensors")
     assert "merged.safetensors" in caplog.text and "position_ids" in caplog.text
     assert text_encoder.text_model.embeddings.position_ids[0, :3].tolist() == [0, 0, 1]

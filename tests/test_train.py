@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from afa import MemberRef, read_weights_info
 from training import train
-from training.webui import find_webui
+from afa.host import find_webui
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -34,7 +34,6 @@ from afa.ensemble import EnsembleUNet  # noqa: E402
 from afa.members import read_unet_shapes  # noqa: E402
 from afa.unet import PRESETS, block_layout  # noqa: E402
 from afa.webui import job, members, unet as afa_unet, xyz  # noqa: E402
-from afa.webui.infotext import parse_value  # noqa: E402
 from conftest import randomize_  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +86,13 @@ def write_weights(instance, name: str, member_names, seed: int = 0, only_last_bl
 
 def write_checkpoint(instance, name: str, seed: int, unet_params: dict) -> Path:
     """Another tiny checkpoint (with its yaml) in the checkpoint folder, listed like after a refresh."""
-    from training.sd_checkpoint import tiny_sd_config, tiny_sd_state_dict, write_webui_checkpoint
+    from training.sd_checkpoint import (TINY_TEXT_ENCODER_FOLDER_NAME, tiny_sd_config, tiny_sd_state_dict,
+                                        write_webui_checkpoint)
 
     state_dict = tiny_sd_state_dict(seed, unet_params)
     bias = "cond_stage_model.transformer.text_model.final_layer_norm.bias"
     state_dict[bias] = torch.full(state_dict[bias].shape, 0.5)  # as harness.tiny_checkpoint_file (emphasis)
-    config = tiny_sd_config()
+    config = tiny_sd_config(instance.models_dir / TINY_TEXT_ENCODER_FOLDER_NAME)
     config["model"]["params"]["unet_config"]["params"] = copy.deepcopy(unet_params)
     path = write_webui_checkpoint(instance.models_dir / f"{name}.safetensors", state_dict, config)
     sd_models.list_models()
@@ -146,8 +146,9 @@ def test_enabled_job_runs_the_ensemble_in_the_sd_unet_and_differs_from_the_base(
 
     params = infotext_params(processed.infotexts[0])
     a, b = (sd_models.get_closet_checkpoint_match(name) for name in ("tiny-a", "tiny-b"))
-    assert params["AFA"] == (f"members=tiny-a [{a.sha256[:10]}], tiny-b [{b.sha256[:10]}]; weights=none; "
-                             f"mode=Block average")
+    assert params["AFA mode"] == "Block average"
+    assert params["AFA members"] == f"tiny-a [{a.sha256[:10]}], tiny-b [{b.sha256[:10]}]"
+    assert "AFA weights" not in params
     assert "AFA not applied" not in params
     assert_clean()  # torn down eagerly in postprocess
 
@@ -184,7 +185,7 @@ def test_exception_during_sampling_leaves_the_next_job_clean(tmp_path, monkeypat
 
         after = instance.txt2img()
         assert pixels(after.images[0]) == pixels(reference.images[0])
-        assert "AFA" not in after.infotexts[0]
+        assert "AFA mode" not in after.infotexts[0]
         assert_clean()
 
         again = instance.txt2img(script_args=afa())  # a new AfaUnet, not the failed job's
@@ -228,13 +229,13 @@ def test_sabw_weights_file_runs_with_its_own_members(webui):
     sabw = webui.txt2img(script_args=afa(members=(), weights="pair.safetensors", mode="SABW"))
 
     params = infotext_params(sabw.infotexts[0])
-    assert params["AFA"].endswith(f"; weights=pair [{file_sha256(path)[:10]}]; mode=SABW")
+    assert params["AFA weights"] == f"pair [{file_sha256(path)[:10]}]" and params["AFA mode"] == "SABW"
     assert pixels(sabw.images[0]) != pixels(average.images[0])
     assert members.cache.stats().tensors > 0  # the aggregator is cached with the members
 
     write_weights(webui, "last.safetensors", ["tiny-a", "tiny-b"], only_last_block=True)
     last = webui.txt2img(script_args=afa(weights="last", mode="SABW"))
-    assert parse_value(infotext_params(last.infotexts[0])["AFA"])["mode"] == "SABW (last block)"
+    assert infotext_params(last.infotexts[0])["AFA mode"] == "SABW (last block)"
     refused = webui.txt2img(script_args=afa(weights="pair", mode="Last block"))
     assert "trained for mode SABW" in infotext_params(refused.infotexts[0])["AFA not applied"]
 
@@ -247,10 +248,15 @@ def test_weights_for_other_members_are_refused_naming_both_lists(webui):
 
     params = infotext_params(processed.infotexts[0])
     message = params["AFA not applied"]
-    assert "AFA" not in params  # never a non-ensemble image labelled AFA
-    assert "expected: tiny-a [" in message and "tiny-b [" in message and "given:    tiny-a [" in message
+    assert "AFA mode" not in params and "AFA members" not in params  # never a non-ensemble image labelled AFA
+    assert "expected: tiny-a [" in message and "tiny-b [" in message and "given: tiny-a [" in message
     assert "tiny-c [" in message
     assert f"AFA not applied: {message}" in processed.comments
+    # the infotext travels in shared PNGs: the weights file by its name in the weights folder, one line, no server
+    # paths (the console keeps the full message)
+    assert message.startswith("pair.safetensors: these weights were trained for 2 other members")
+    assert "\n" not in message and "\\n" not in processed.infotexts[0]
+    assert str(webui.data_dir) not in processed.infotexts[0] + processed.comments
     assert pixels(processed.images[0]) == pixels(reference.images[0])  # the job ran, without AFA
     assert_clean()
 
@@ -306,7 +312,7 @@ def test_infotext_round_trip_restores_the_accordion(webui):
     # an image made without AFA (or where it was refused) pastes as "off"
     refused = webui.txt2img(script_args=afa(members=("tiny-a", "tiny-nope")))
     assert paste(refused.infotexts[0])[[f[0] for f in fields].index(enabled)]["value"] is False
-    assert webui.script(TITLE).paste_field_names == ["AFA"]
+    assert webui.script(TITLE).paste_field_names == ["AFA enabled", "AFA members", "AFA weights", "AFA mode"]
 
 
 def test_xyz_axes_apply_to_cells(webui):
@@ -323,9 +329,10 @@ def test_xyz_axes_apply_to_cells(webui):
     axes[xyz.AXIS_ENABLED].apply(p, "True", [])
     axes[xyz.AXIS_MODE].apply(p, "noise average", [])
     axes[xyz.AXIS_WEIGHTS].apply(p, "pair.safetensors", [])
-    assert p.afa_xyz == {"enabled": True, "mode": "Noise average", "weights": "pair.safetensors", "members": []}
+    assert p.afa_xyz == {"enabled": True, "mode": "Noise average", "weights": "pair.safetensors", "members": [],
+                         "implied_mode": "SABW"}
     axes[xyz.AXIS_WEIGHTS].apply(p, "None", [])
-    assert p.afa_xyz["weights"] == ""
+    assert p.afa_xyz["weights"] == "" and p.afa_xyz["implied_mode"] == "Block average"
     assert axes[xyz.AXIS_MODE].choices() == ["SABW", "Block average", "Noise average"]
     assert axes[xyz.AXIS_WEIGHTS].choices() == ["None", "pair.safetensors"]
     with pytest.raises(RuntimeError, match="unknown AFA mode"):
@@ -346,11 +353,13 @@ def test_xyz_axes_apply_to_cells(webui):
     args[start + 10] = True  # include lone images
     processed = webui.txt2img(steps=2, script_args=args)
     cells = [infotext_params(text) for text in processed.infotexts[1:]]  # (x, y): (F, None) (T, None) (F, pair) ...
-    assert [("AFA" in cell, "AFA not applied" in cell) for cell in cells] == [
-        (False, False), (False, True), (False, False), (True, False)]  # no cell inherits another's entries
-    assert "needs a SABW weights file" in cells[1]["AFA not applied"]
-    assert cells[3]["AFA"].startswith("members=tiny-b [")  # the weights file's members, not the accordion's
-    assert "weights=pair [" in cells[3]["AFA"] and cells[3]["AFA"].endswith("mode=SABW")
+    assert [("AFA mode" in cell, "AFA not applied" in cell) for cell in cells] == [
+        (False, False), (True, False), (False, False), (True, False)]  # no cell inherits another's entries
+    # what choosing in the accordion does: None = Block average of the accordion's members (which is in mode SABW),
+    # a weights file = SABW with the file's own members
+    assert cells[1]["AFA mode"] == "Block average" and cells[1]["AFA members"].startswith("tiny-a [")
+    assert cells[3]["AFA mode"] == "SABW" and cells[3]["AFA members"].startswith("tiny-b [")
+    assert cells[3]["AFA weights"].startswith("pair [")
     assert_clean()
 
 
@@ -396,7 +405,7 @@ def test_api_alwayson_args_in_documented_order(webui):
     body = response.json()
     infotexts = json.loads(body["info"])["infotexts"]
     assert len(body["images"]) == len(infotexts) == 2  # the image and its aggregation maps
-    assert 'AFA: "members=tiny-a [' in infotexts[0] and infotexts[1] == infotexts[0]
+    assert 'AFA mode: Block average, AFA members: "tiny-a [' in infotexts[0] and infotexts[1] == infotexts[0]
     assert body["images"][0] != plain["images"][0]
 
     payload["alwayson_scripts"] = {"AFA ensemble": {"args": [True]}}  # the rest from ui(): no default members
@@ -412,7 +421,7 @@ def test_samplers_unbatched_cond_uncond_batch_count_and_img2img(webui, sampler):
     processed = webui.txt2img(sampler_name=sampler, steps=3, batch_size=2, n_iter=2,
                               script_args=afa(mode="Noise average", show_maps=True))
     assert len(processed.images) == len(processed.infotexts) == 1 + 4 + 4
-    assert all("AFA" in infotext_params(text) for text in processed.infotexts)
+    assert all("AFA mode" in infotext_params(text) for text in processed.infotexts)
 
     from modules.api.api import encode_pil_to_base64
     client = webui.client()
@@ -423,7 +432,7 @@ def test_samplers_unbatched_cond_uncond_batch_count_and_img2img(webui, sampler):
     response = client.post("/sdapi/v1/img2img", json=payload)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert 'AFA: "members=tiny-a [' in json.loads(body["info"])["infotexts"][0]
+    assert 'AFA mode: Block average, AFA members: "tiny-a [' in json.loads(body["info"])["infotexts"][0]
     assert decoded(body["images"][0]) != decoded(plain["images"][0])
     assert_clean()
 
@@ -436,7 +445,7 @@ def test_member_precision_setting(webui):
         shared.opts.set("afa_member_precision", precision)
         assert settings.member_dtype() == dtype
     fp32 = webui.txt2img(steps=1, script_args=afa())
-    assert "AFA" in infotext_params(fp32.infotexts[0])
+    assert "AFA mode" in infotext_params(fp32.infotexts[0])
     # half-precision members need CUDA autocast (ldm's GroupNorm32 normalises in fp32): refused on the CPU
     for precision in ("fp16", "bf16"):
         shared.opts.set("afa_member_precision", precision)
@@ -515,7 +524,7 @@ def test_controlnet_style_instance_forward_is_detected_and_reported(tmp_path):
         processed = instance.txt2img(script_args=afa())
 
         params = infotext_params(processed.infotexts[0])
-        assert "AFA" not in params
+        assert "AFA mode" not in params
         assert "replaced the UNet's forward" in params["AFA not applied"]
         assert "ControlNet" in processed.comments
         assert pixels(processed.images[0]) == pixels(reference.images[0])
@@ -546,7 +555,7 @@ def test_hires_checkpoint_switch_recreates_the_ensemble(tmp_path, with_yaml):
         assert hires["members"][1] is hires["base"]  # tiny-b is now the loaded checkpoint: its UNet is reused
         assert not any(p.is_meta for m in hires["members"] for p in m.parameters())
         params = infotext_params(processed.infotexts[0])
-        assert "AFA" in params and "AFA not applied" not in params
+        assert "AFA mode" in params and "AFA not applied" not in params
         assert (shared.sd_model is not first_model) == with_yaml
         assert_clean()
     assert harness.leaked_patches() == []
@@ -563,7 +572,7 @@ def test_refiner_switch_during_sampling_recreates_the_ensemble(tmp_path, with_ya
         assert all(step["afa"] and step["ensemble"] is not None for step in probe.steps)
         assert probe.steps[-1]["members"][1] is probe.steps[-1]["base"]  # tiny-c, now loaded, is reused
         params = infotext_params(processed.infotexts[0])
-        assert "AFA" in params and "AFA not applied" not in params and params["Refiner"].startswith("tiny-c")
+        assert "AFA mode" in params and "AFA not applied" not in params and params["Refiner"].startswith("tiny-c")
         assert_clean()
     assert harness.leaked_patches() == []
 
@@ -579,7 +588,7 @@ def test_checkpoint_override_in_the_request(webui):
     assert {step["checkpoint"] for step in probe.steps} == {"tiny-b"}
     assert all(step["members"][1] is step["base"] for step in probe.steps)
     assert "Model: tiny-b" in json.loads(body["info"])["infotexts"][0]
-    assert 'AFA: "members=tiny-a [' in json.loads(body["info"])["infotexts"][0]
+    assert 'AFA mode: Block average, AFA members: "tiny-a [' in json.loads(body["info"])["infotexts"][0]
     assert_clean()
 
 
@@ -591,7 +600,7 @@ def test_hires_checkpoint_of_another_architecture_is_refused_for_that_pass(webui
 
     assert [step["ensemble"] is not None for step in probe.steps] == [True, True, False]
     params = infotext_params(processed.infotexts[0])
-    assert params["AFA"].startswith("members=tiny-a [")  # the first pass was ensembled ...
+    assert params["AFA members"].startswith("tiny-a [")  # the first pass was ensembled ...
     message = params["AFA not applied"]  # ... the hires pass was not, and the infotext says why
     assert "cannot be ensembled with the loaded checkpoint tiny-wide" in message
     assert "loaded checkpoint: tiny-wide" in message
@@ -633,7 +642,7 @@ def test_prompt_lora_changes_every_member(tmp_path):
         plain = instance.txt2img(prompt="a cat", script_args=args)
         styled = instance.txt2img(prompt="a cat <lora:style:1>", script_args=args)
         assert pixels(plain.images[0]) != pixels(styled.images[0])
-        assert "AFA" in infotext_params(styled.infotexts[0])
+        assert "AFA mode" in infotext_params(styled.infotexts[0])
 
         cached = list(members.cache.unets.values())
         assert len(cached) == 2
@@ -665,7 +674,7 @@ def test_low_vram_flags_offload_member_blocks(tmp_path, flag):
         resident = instance.txt2img(script_args=afa(members=("tiny-a", "tiny-b", "tiny-c")))
         assert probe.steps[0]["ensemble"].offload_device is None
         assert pixels(offloaded.images[0]) == pixels(resident.images[0])
-        assert "AFA" in infotext_params(offloaded.infotexts[0])
+        assert "AFA mode" in infotext_params(offloaded.infotexts[0])
     assert harness.leaked_patches() == []
 
 
@@ -749,7 +758,7 @@ def test_stale_sd_unet_setting_is_set_back(webui):
     stale = dict(payload, override_settings={"sd_unet": afa_unet.LABEL}, override_settings_restore_afterwards=False)
     body = client.post("/sdapi/v1/txt2img", json=stale).json()
     assert decoded(body["images"][0]) == decoded(reference["images"][0])  # the setting alone does not enable AFA
-    assert "AFA" not in json.loads(body["info"])["infotexts"][0]
+    assert "AFA mode" not in json.loads(body["info"])["infotexts"][0]
     assert shared.opts.sd_unet == "Automatic"
     assert_clean()
 
@@ -768,7 +777,7 @@ def test_extension_loaded_after_the_model_works(tmp_path):
     with harness.webui(tmp_path) as instance:
         instance.load_extension(EXTENSION_ROOT)
         processed = instance.txt2img(script_args=afa())
-        assert "AFA" in infotext_params(processed.infotexts[0])
+        assert "AFA mode" in infotext_params(processed.infotexts[0])
         assert_clean()
     assert harness.leaked_patches() == []
 
@@ -797,7 +806,7 @@ def test_preload_flag_sets_the_weights_folder(tmp_path):
         assert not (instance.data_dir / "models" / "AFA").exists()
         assert instance.client().get("/afa/v1/weights").json()[0]["name"] == "pair.safetensors"
         processed = instance.txt2img(script_args=afa(members=(), weights="pair", mode="SABW"))
-        assert "weights=pair [" in processed.infotexts[0]
+        assert "AFA weights: pair [" in processed.infotexts[0]
 
 
 def test_install_py_installs_only_what_is_missing_and_never_torch(tmp_path, monkeypatch):
@@ -832,3 +841,161 @@ def test_core_never_imports_the_webui_and_only_the_script_imports_the_glue():
                  and p.parent.name != "webui" and imports_glue.search(p.read_text(encoding="utf-8"))]
     assert [p.relative_to(EXTENSION_ROOT).as_posix() for p in importers] == ["scripts/afa_script.py"]
 
+
+
+# -- what the real WebUI showed (issue: real-WebUI correctness) ----------------------------------------------------
+
+def test_a_stale_weights_name_does_not_refuse_modes_that_need_none(webui):
+    for mode in ("Block average", "Noise average"):
+        processed = webui.txt2img(script_args=afa(weights="deleted.safetensors", mode=mode))
+        params = infotext_params(processed.infotexts[0])
+        assert params["AFA mode"] == mode and "AFA not applied" not in params and "AFA weights" not in params
+    # SABW does need it: refused, the file named by its name in the weights folder, never by a server path
+    processed = webui.txt2img(script_args=afa(weights="deleted.safetensors", mode="SABW"))
+    message = infotext_params(processed.infotexts[0])["AFA not applied"]
+    assert "weights 'deleted.safetensors' not found in the weights folder (models/AFA" in message
+    assert str(webui.data_dir) not in processed.infotexts[0] + processed.comments
+
+
+def test_switch_to_an_already_loaded_checkpoint_rebuilds_the_ensemble(tmp_path):
+    # With "Maximum number of checkpoints loaded at the same time" = 2, switching to a checkpoint already in memory
+    # swaps shared.sd_model without model_loaded callbacks or apply_unet() (reuse_model_from_already_loaded), and
+    # "Only keep one model on device" moves the previous one to the CPU.
+    config = {"sd_checkpoints_limit": 2, "sd_checkpoints_keep_in_cpu": True}
+    with harness.webui(tmp_path, extensions=[EXTENSION_ROOT], config=config) as instance:
+        tiny_a, tiny_b = (sd_models.get_closet_checkpoint_match(name) for name in ("tiny-a", "tiny-b"))
+        sd_models.reload_model_weights(info=tiny_b)
+        sd_models.reload_model_weights(info=tiny_a)  # both in memory now, tiny-a loaded
+        assert len(sd_models.model_data.loaded_sd_models) == 2
+        model_a = shared.sd_model
+
+        probe = Probe()
+        processed = instance.txt2img(steps=2, enable_hr=True, hr_scale=2.0, hr_second_pass_steps=2,
+                                     hr_checkpoint_name="tiny-b", denoising_strength=0.5,
+                                     script_args=afa(members=("tiny-a", "tiny-b")))
+        assert [step["checkpoint"] for step in probe.steps] == ["tiny-a", "tiny-a", "tiny-b", "tiny-b"]
+        hires = probe.steps[-1]  # the ensemble as rebuilt by the first hires-pass call
+        assert hires["base"] is not model_a.model.diffusion_model
+        assert hires["members"][1] is hires["base"]  # tiny-b's loaded UNet is member 2, not a copy
+        assert hires["members"][0] is not model_a.model.diffusion_model  # not the UNet of the model parked on the CPU
+        params = infotext_params(processed.infotexts[0])
+        assert "AFA mode" in params and "AFA not applied" not in params
+        assert_clean()
+    assert harness.leaked_patches() == []
+
+
+def test_aggregation_maps_follow_each_images_rows_with_and_prompts(webui, monkeypatch):
+    from afa.webui.maps import AggregationMaps
+
+    maps = AggregationMaps(["a", "b"], "title", batch_size=2, every=None)
+    maps.blocks, maps.first_block, maps.num_input_blocks = [0], 0, 12
+    # image 0's prompt has 2 AND parts, image 1's one: rows 0-1 are image 0, row 2 image 1, rows 3-4 the uncond
+    rows = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 2, 2, 2) / 10
+    for calls in ([rows], [rows[0:2], rows[2:4], rows[4:5]]):  # batched, and "batch cond/uncond" off
+        maps.begin_pass("first pass")
+        maps.on_denoiser_step(0, 1, [2, 1])
+        for call in calls:
+            maps.observe(0, call)
+        recorded = [recorder.maps[0] for recorder in maps.passes[-1].recorders]
+        assert [len(maps_of_image) for maps_of_image in recorded] == [1, 1]
+        assert [float(maps_of_image[0][0, 0, 0]) for maps_of_image in recorded] == [0.0, pytest.approx(0.2)]
+
+    # the job tells the maps each image's number of AND parts, from the conditioning being sampled
+    seen = []
+    original = AggregationMaps.on_denoiser_step
+    monkeypatch.setattr(AggregationMaps, "on_denoiser_step",
+                        lambda self, step, total, parts=None: (seen.append(parts), original(self, step, total, parts)))
+    processed = webui.txt2img(prompt=["a cat AND a dog", "a cat"], batch_size=2, steps=2,
+                              script_args=afa(show_maps=True))
+    assert seen and all(parts == [2, 1] for parts in seen)
+    assert len(processed.images) - processed.index_of_first_image == 4  # two images and their maps
+
+
+def test_routes_need_the_api_and_its_auth(tmp_path):
+    without_api = tuple(flag for flag in harness.DEFAULT_ARGV if flag != "--api")
+    with harness.webui(tmp_path / "no-api", extensions=[EXTENSION_ROOT], argv=without_api) as instance:
+        assert instance.client().get("/afa/v1/weights").status_code == 404
+        assert instance.client().post("/afa/v1/unload").status_code == 404
+    with harness.webui(tmp_path / "auth", extensions=[EXTENSION_ROOT],
+                       argv=harness.DEFAULT_ARGV + ("--api-auth", "alice:secret,bob:hunter2")) as instance:
+        client = instance.client()
+        for method, route in (("get", "/afa/v1/weights"), ("post", "/afa/v1/unload")):
+            assert getattr(client, method)(route).status_code == 401
+            assert getattr(client, method)(route, auth=("alice", "wrong")).status_code == 401
+            assert getattr(client, method)(route, auth=("bob", "hunter2")).status_code == 200
+        assert client.get("/sdapi/v1/options").status_code == 401  # the WebUI's own routes alike
+    assert harness.leaked_patches() == []
+
+
+def test_unload_waits_for_the_running_job(webui):
+    import threading
+
+    from modules import call_queue
+
+    webui.txt2img(script_args=afa(members=("tiny-b", "tiny-c")))
+    assert members.cache.stats().members == 2
+    result = {}
+    client = webui.client()
+    with call_queue.queue_lock:  # what a generation holds while it runs
+        thread = threading.Thread(target=lambda: result.update(client.post("/afa/v1/unload").json()))
+        thread.start()
+        thread.join(timeout=3)
+        assert thread.is_alive() and members.cache.stats().members == 2
+    thread.join(timeout=60)
+    assert result["freed_members"] == 2 and members.cache.stats().members == 0
+
+
+def test_identical_members_with_a_prompt_lora_give_the_base_image(tmp_path):
+    # tiny-a2 is a copy of tiny-a. A strong LoRA on every attention layer makes the model sensitive to the memory
+    # layout of the features a block receives; block averaging must hand each block what the UNet itself would.
+    checkpoints = (("tiny-a", 1), ("tiny-a2", 1), ("tiny-b", 2))
+    with harness.webui(tmp_path, extensions=[EXTENSION_ROOT], checkpoints=checkpoints, builtin_lora=True) as w:
+        layers = [name for name in harness.lora_network_layer_names() if name.startswith("diffusion_model_")
+                  and any(part in name for part in ("_attn1_", "_attn2_", "_ff_", "_proj_"))
+                  and isinstance(harness.lora_network_layer_names()[name], (torch.nn.Linear, torch.nn.Conv2d))]
+        harness.write_lora(w.data_dir / "models" / "Lora" / "strong.safetensors", layers, scale=0.5)
+        prompt = "a cat <lora:strong:1>"
+        base = w.txt2img(prompt="a cat")
+        base_lora = w.txt2img(prompt=prompt)
+        assert max(abs(a - b) for a, b in zip(pixels(base.images[0]), pixels(base_lora.images[0]))) > 30
+        for mode in ("Block average", "Noise average"):
+            for text, reference in (("a cat", base), (prompt, base_lora)):
+                processed = w.txt2img(prompt=text, script_args=afa(members=("tiny-a", "tiny-a2"), mode=mode))
+                assert "AFA mode" in infotext_params(processed.infotexts[0])
+                assert pixels(processed.images[0]) == pixels(reference.images[0]), (mode, text)
+    assert harness.leaked_patches() == []
+
+
+def test_xyz_cells_with_afa_off_print_nothing_about_the_override(webui, capsys):
+    xyz_script = next(s for s in scripts.scripts_txt2img.selectable_scripts if s.title() == "X/Y/Z plot")
+    args = harness.ui_script_args(scripts.scripts_txt2img, afa(enabled=False))
+    args[0] = scripts.scripts_txt2img.selectable_scripts.index(xyz_script) + 1
+    start = xyz_script.args_from
+    current = [axis.label for axis in xyz_script.current_axis_options]
+    args[start:start + 3] = [current.index(xyz.AXIS_ENABLED), "", ["True", "False", "True", "False"]]
+    processed = webui.txt2img(steps=1, script_args=args)
+    cells = [infotext_params(text) for text in processed.infotexts[1:]]
+    assert [("AFA mode" in cell) for cell in cells] == [True, False, True, False]
+    assert "ignoring the SD Unet override" not in capsys.readouterr().out
+    # someone else's override (an API request naming the label) is dropped, with a word on the console
+    webui.txt2img(override_settings={"sd_unet": afa_unet.LABEL})
+    assert "ignoring the SD Unet override" in capsys.readouterr().out
+    assert_clean()
+
+
+def test_interrupt_while_loading_members_is_reported_through_the_api(webui, monkeypatch):
+    original_get = members.MemberCache.get
+
+    def get_then_interrupt(self, info, dtype, device):
+        unet = original_get(self, info, dtype, device)
+        shared.state.interrupt()
+        return unet
+
+    monkeypatch.setattr(members.MemberCache, "get", get_then_interrupt)
+    body = webui.client().post("/sdapi/v1/txt2img", json={
+        "prompt": "a cat", "steps": 2, "width": 64, "height": 64,
+        "alwayson_scripts": {TITLE: {"args": [True, ["tiny-b", "tiny-c"], "", "Block average"]}}}).json()
+    info = json.loads(body["info"])
+    # no image was made, so no infotext carries the note: the job's generation parameters do
+    assert "interrupted while loading members" in info["extra_generation_params"]["AFA not applied"]
+    assert_clean()

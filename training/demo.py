@@ -44,9 +44,7 @@ from pathlib import Path
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(EXTENSION_ROOT))
 
-from training.webui import find_webui, use_webui_ldm  # noqa: E402
-
-use_webui_ldm(find_webui(EXTENSION_ROOT))  # before anything imports ldm, as the trainer does
+import afa  # noqa: E402,F401  (first: in a WebUI's extensions/ folder it puts the WebUI's vendored ldm on the path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -55,8 +53,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 from afa.unet import PRESETS, UNET_KEY_PREFIX, build_unet  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.diffusion import NoiseSchedule, draw_for_samples  # noqa: E402
-from training.sd_checkpoint import (TEXT_ENCODER_PREFIX, TINY_VAE_DDCONFIG, VAE_PREFIX, Vae,  # noqa: E402
-                                    build_tiny_text_encoder, schedule_buffers, tiny_sd_config, write_webui_checkpoint)
+from training.sd_checkpoint import (TEXT_ENCODER_PREFIX, TINY_TEXT_ENCODER_FOLDER_NAME, TINY_VAE_DDCONFIG,  # noqa: E402
+                                    VAE_PREFIX, Vae, build_tiny_text_encoder, schedule_buffers, tiny_sd_config,
+                                    write_webui_checkpoint)
 from training.text_encoder import encode, tokenize  # noqa: E402
 
 TRAINING_DIR = Path(__file__).resolve().parent
@@ -301,12 +300,13 @@ def train_experts(base_state: dict, sets: list[DenoisingSet], settings: Settings
 
 
 def write_member(path: Path, unet_state: dict, vae: Vae, text_encoder: torch.nn.Module) -> Path:
-    """A WebUI checkpoint (UNet, VAE, text encoder, schedule) with its ldm yaml, which records the VAE's scale."""
+    """A WebUI checkpoint (UNet, VAE, text encoder, schedule) with its ldm yaml, which records the VAE's scale and
+    names the tiny text encoder folder beside the checkpoint (`tiny-clip-text/`), so a real WebUI loads it."""
     state_dict = {UNET_KEY_PREFIX + key: value for key, value in unet_state.items()}
     state_dict.update({VAE_PREFIX + key: value for key, value in vae.parts.state_dict().items()})
     state_dict.update({TEXT_ENCODER_PREFIX + key: value for key, value in text_encoder.state_dict().items()})
     state_dict.update(schedule_buffers())
-    config = tiny_sd_config()
+    config = tiny_sd_config(path.parent / TINY_TEXT_ENCODER_FOLDER_NAME)
     config["model"]["params"]["scale_factor"] = vae.scale_factor
     config["model"]["params"]["first_stage_config"]["params"]["ddconfig"] = dict(DEMO_VAE_DDCONFIG)
     return write_webui_checkpoint(path, state_dict, config)

@@ -26,8 +26,6 @@ from typing import Callable, NamedTuple, Sequence
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(EXTENSION_ROOT))
 
-# The trainer first: importing it puts a WebUI's own ldm first on sys.path (when this extension sits in a WebUI)
-# before anything imports ldm, so members are built from the model definitions the trainer and the WebUI use.
 from training.train import IndexedItems, collate  # noqa: E402
 
 import numpy as np  # noqa: E402

@@ -5,7 +5,9 @@ A WebUI (ldm `LatentDiffusion`) checkpoint is one flat state dict:
     first_stage_model.{encoder,decoder,quant_conv,post_quant_conv}.*   the VAE (AutoencoderKL)
     cond_stage_model.transformer.text_model.*     the SD1 text encoder (transformers' CLIPTextModel)
     betas, alphas_cumprod, ...                    the noise schedule buffers of LatentDiffusion
-with an ldm config yaml beside it (`<name>.yaml`), as the WebUI expects for non-standard architectures.
+with an ldm config yaml beside it (`<name>.yaml`), as the WebUI expects for non-standard architectures. The tiny
+model's yaml names its text encoder by the absolute path of a folder beside the checkpoints (`tiny-clip-text/`: the
+text config and SD1's tokenizer files), which the WebUI and the trainer build it from offline.
 """
 
 from __future__ import annotations
@@ -40,9 +42,23 @@ TINY_CLIP_TEXT_CONFIG = dict(
 )
 
 
-def tiny_sd_config(parameterization: str = "eps") -> dict:
-    """The ldm config (yaml content) of the tiny SD1-style LatentDiffusion. `clip_text_config` is ours: it lets
-    the text encoder be built offline (SD1 checkpoints name a hub model instead)."""
+# The folder holding the tiny text encoder's config and tokenizer, beside the checkpoints whose yamls name it.
+TINY_TEXT_ENCODER_FOLDER_NAME = "tiny-clip-text"
+
+
+def tiny_sd_config(text_encoder_folder: str | Path, *, parameterization: str = "eps") -> dict:
+    """The ldm config (yaml content) of the tiny SD1-style LatentDiffusion, in the form the WebUI loads.
+
+    Its text encoder is ldm's `FrozenCLIPEmbedder` with `version` = the absolute path of `text_encoder_folder`,
+    written here (idempotently) with the tiny CLIP text config and SD1's tokenizer: the WebUI builds the text model
+    from that folder's config.json and the tokenizer from its files, offline (see
+    `training.text_encoder.write_text_encoder_folder`). Callers that write checkpoints pass a folder beside them
+    (`<folder of the checkpoints>/tiny-clip-text`, TINY_TEXT_ENCODER_FOLDER_NAME), so the checkpoints and the folder
+    their yamls name live and go together.
+    """
+    from .text_encoder import write_text_encoder_folder  # imports transformers: only when needed
+
+    folder = write_text_encoder_folder(text_encoder_folder, TINY_CLIP_TEXT_CONFIG)
     params = dict(
         linear_start=0.00085, linear_end=0.012, timesteps=1000, first_stage_key="jpg", cond_stage_key="txt",
         image_size=16, channels=4, cond_stage_trainable=False, conditioning_key="crossattn", scale_factor=1.0,
@@ -54,7 +70,7 @@ def tiny_sd_config(parameterization: str = "eps") -> dict:
         ),
         cond_stage_config=dict(
             target="ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-            params=dict(clip_text_config=copy.deepcopy(TINY_CLIP_TEXT_CONFIG)),
+            params=dict(version=str(folder)),
         ),
     )
     if parameterization != "eps":

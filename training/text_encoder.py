@@ -2,8 +2,9 @@
 
 Everything here is built offline. The WebUI's SD1 `FrozenCLIPEmbedder` downloads `openai/clip-vit-large-patch14`
 from the hub; the trainer instead builds the same tokenizer from the BPE vocabulary open_clip_torch ships, and the
-same text model (transformers' `CLIPTextModel`) from a config written out here or carried in the checkpoint's yaml,
-with the weights taken from the checkpoint itself (`cond_stage_model.transformer.*`).
+same text model (transformers' `CLIPTextModel`) from a config written out here or read from the local folder the
+checkpoint's yaml names, with the weights taken from the checkpoint itself (`cond_stage_model.transformer.*`).
+`write_text_encoder_folder` writes such a folder (a text config and SD1's tokenizer files) for AFA's tiny models.
 
 Conditioning matches the WebUI's for plain prompts (no emphasis syntax, at most 75 tokens) at CLIP skip 1, its
 default. Two WebUI behaviours are not reproduced: `(word:1.2)` emphasis, and prompts longer than 75 tokens, which
@@ -18,6 +19,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -124,6 +126,62 @@ def tokenize(prompts: list[str]) -> torch.Tensor:
     return encoded["input_ids"]
 
 
+# -- a text encoder folder, as an ldm yaml's `version` names one -----------------------------------------------------
+
+TEXT_CONFIG_FILE = "config.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _sd1_tokenizer_files() -> tuple[tuple[str, bytes], ...]:
+    """The SD1 tokenizer's files (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) as
+    `CLIPTokenizer.save_pretrained` writes them: what `CLIPTokenizer.from_pretrained(folder)` reads back as the same
+    tokenizer (pad token <|endoftext|>, model_max_length 77)."""
+    with tempfile.TemporaryDirectory(prefix="afa-clip-tokenizer-") as folder:
+        sd1_tokenizer().save_pretrained(folder)
+        return tuple((path.name, path.read_bytes()) for path in sorted(Path(folder).iterdir()))
+
+
+def text_encoder_folder_files(text_config: Mapping) -> dict[str, bytes]:
+    """The files of a text encoder folder (see `write_text_encoder_folder`), by name."""
+    config = CLIPTextConfig(**{"architectures": ["CLIPTextModel"], **dict(text_config)})
+    files = dict(_sd1_tokenizer_files())
+    files[TEXT_CONFIG_FILE] = config.to_json_string().encode("utf-8")
+    return files
+
+
+def write_text_encoder_folder(folder: str | Path, text_config: Mapping) -> Path:
+    """Writes a folder that transformers reads as a CLIP text model with SD1's tokenizer, and returns its absolute
+    path: `config.json` (the `CLIPTextConfig` of `text_config`, CLIPTextConfig arguments) and the tokenizer files.
+
+    This is what an ldm yaml's `cond_stage_config.params.version` names for a text encoder that is not on the hub
+    (AFA's tiny models): ldm's `FrozenCLIPEmbedder` calls `CLIPTokenizer.from_pretrained(version)` and
+    `CLIPTextModel.from_pretrained(version)`, and the WebUI, while it builds a model, turns the latter into
+    `from_pretrained(None, config=version, state_dict={})` (a model from config.json alone) and then loads the
+    checkpoint's own tensors. So the folder holds no weights, and `sd1_text_config` reads the same config.json.
+
+    Idempotent, and safe with parallel writers and readers: a file that is missing or differs is written under a
+    temporary name in the folder and renamed over the old one, so nobody reads part of a file; a call returns once
+    every file is complete. Writing another `text_config` into the same folder changes what every yaml naming the
+    folder means, so use one folder per text config.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in text_encoder_folder_files(text_config).items():
+        target = folder / name
+        if target.is_file() and target.read_bytes() == content:
+            continue
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(content)
+            os.chmod(temporary, 0o644)  # mkstemp makes it private; the WebUI may run as another user
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    return folder
+
+
 # -- text model ----------------------------------------------------------------------------------------------------
 
 def _cond_stage_config(config_yaml: Mapping | None) -> Mapping:
@@ -137,18 +195,45 @@ def _cond_stage_config(config_yaml: Mapping | None) -> Mapping:
 def sd1_text_config(config_yaml: Mapping | None) -> tuple[CLIPTextConfig, str]:
     """The text model config for a checkpoint and where it came from (for error messages).
 
-    The yaml's `cond_stage_config.params.clip_text_config` (AFA's tiny test models carry one) wins; otherwise SD1's
-    CLIP ViT-L/14 text config, which is what every SD1 yaml means by naming `openai/clip-vit-large-patch14`.
+    The yaml's `cond_stage_config.params.version` is what ldm's `FrozenCLIPEmbedder` hands to `from_pretrained`.
+    When it names a local folder, that folder's config.json is the text config (AFA's tiny models name one, see
+    `write_text_encoder_folder`; a local copy of openai/clip-vit-large-patch14 works too). A hub name (every SD1 yaml
+    says openai/clip-vit-large-patch14), or no version or no yaml at all, means SD1's CLIP ViT-L/14 text config,
+    written out in this module: nothing is ever read from the hub. Yamls AFA wrote before carry the text config
+    inline as `clip_text_config` (the WebUI cannot build those); they are still read.
+
+    :raises CheckpointError: `version` is a path (absolute, or starting with ".") that is not a folder, or its
+        folder holds no readable config.json.
+    :raises UnsupportedTextEncoderError: the yaml's text encoder is SD2's OpenCLIP.
     """
     cond_stage = _cond_stage_config(config_yaml)
     if "OpenCLIP" in str(cond_stage.get("target", "")):
         raise UnsupportedTextEncoderError(
             f"the config's text encoder is {cond_stage['target']} (SD2); SD2 text encoders are not supported by "
             "the trainer yet")
-    text_config = (cond_stage.get("params") or {}).get("clip_text_config")
-    if text_config:
-        return CLIPTextConfig(**dict(text_config)), "the yaml's cond_stage_config.params.clip_text_config"
+    params = cond_stage.get("params") or {}
+    inline_text_config = params.get("clip_text_config")
+    if inline_text_config:
+        return CLIPTextConfig(**dict(inline_text_config)), "the yaml's cond_stage_config.params.clip_text_config"
+    version = params.get("version")
+    if version is not None and (os.path.isdir(str(version)) or os.path.isabs(str(version))
+                                or str(version).startswith(".")):
+        return _text_config_from_folder(Path(str(version)))
     return CLIPTextConfig(**SD1_CLIP_TEXT_CONFIG), "SD1's CLIP ViT-L/14 text config"
+
+
+def _text_config_from_folder(folder: Path) -> tuple[CLIPTextConfig, str]:
+    """The text config in `folder`/config.json (the folder a yaml's `version` names), read without the hub."""
+    config_file = folder / TEXT_CONFIG_FILE
+    source = f"the text config {config_file} (the yaml's cond_stage_config.params.version)"
+    if not config_file.is_file():
+        what = "holds no config.json" if folder.is_dir() else "does not exist"
+        raise CheckpointError(f"the yaml's cond_stage_config.params.version names the text encoder folder {folder}, "
+                              f"which {what}")
+    try:
+        return CLIPTextConfig.from_pretrained(str(folder), local_files_only=True), source
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_file}: not a readable CLIP text config: {error}") from None
 
 
 def text_encoder_state_dict(state_dict: Mapping[str, torch.Tensor], checkpoint_name: str = "checkpoint") \

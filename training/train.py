@@ -30,10 +30,9 @@ from pathlib import Path
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(EXTENSION_ROOT))
 
-from training.webui import find_webui, use_webui_ldm  # noqa: E402
+from afa.host import find_webui  # noqa: E402  (importing afa puts a WebUI's vendored ldm on the path)
 
 WEBUI = find_webui(EXTENSION_ROOT)
-use_webui_ldm(WEBUI)  # before anything imports ldm: train on the WebUI's own model definitions when installed
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -1,7 +1,9 @@
-"""HTTP routes (registered from `on_app_started`, like the built-in Lora extension's /sdapi/v1/loras):
+"""HTTP routes, registered from `on_app_started` the way A1111 registers its own API routes (modules/api/api.py v1.10,
+`Api.add_api_route`): only when the API is on (`--api`, or `--nowebui`), and behind the same HTTP basic auth when
+`--api-auth` is set.
 
     GET  /afa/v1/weights   the weights files in the weights folder with their members (metadata only, no tensors)
-    POST /afa/v1/unload    frees the cached member UNets and SABW weights (a running job keeps what it uses)
+    POST /afa/v1/unload    frees the cached member UNets and SABW weights; waits for the running job (queue lock)
 
 Generation itself goes through the WebUI's /sdapi/v1/txt2img and /img2img with
 `"alwayson_scripts": {"AFA ensemble": {"args": [enabled, members, weights, mode, show_maps]}}`.
@@ -9,9 +11,18 @@ Generation itself goes through the WebUI's /sdapi/v1/txt2img and /img2img with
 
 from __future__ import annotations
 
+from secrets import compare_digest
+
+from fastapi import Depends, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from modules import call_queue, shared
+
+from afa.errors import AfaError
 from afa.weights import read_weights_info
 
 from . import folders, members
+from .infotext import public_text
 from .request import MODE_LAST_BLOCK, MODE_SABW
 
 
@@ -20,8 +31,8 @@ def weights_entry(name: str) -> dict:
     entry = {"name": name, "mode": None, "members": [], "training": {}, "error": None}
     try:
         info = read_weights_info(folders.weights_dir() / name)
-    except Exception as error:  # a damaged file is listed with its error, never fails the listing
-        entry["error"] = str(error)
+    except AfaError as error:  # a damaged file is listed with its error, never fails the listing
+        entry["error"] = public_text(str(error))
         return entry
     found, _ = members.checkpoints_for(info.members)
     installed = {checkpoint.sha256: checkpoint.title for checkpoint in found}
@@ -37,10 +48,30 @@ def list_weights() -> list[dict]:
 
 
 def unload() -> dict:
-    freed = members.cache.clear()
+    # the queue lock is what every generation holds: a running job keeps its members until it ends
+    with call_queue.queue_lock:
+        freed = members.cache.clear()
     return {"freed_members": freed.members, "freed_tensors": freed.tensors, "freed_bytes": freed.bytes}
 
 
+def basic_auth(api_auth: str):
+    """The `--api-auth "user:password,user2:password2"` check of A1111's API (modules/api/api.py v1.10, Api.auth)."""
+    credentials = dict(pair.split(":", 1) for pair in api_auth.split(","))
+
+    def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:
+        expected = credentials.get(given.username)
+        if expected is not None and compare_digest(given.password, expected):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
 def add_routes(app) -> None:
-    app.add_api_route("/afa/v1/weights", list_weights, methods=["GET"])
-    app.add_api_route("/afa/v1/unload", unload, methods=["POST"])
+    cmd_opts = shared.cmd_opts
+    if not (cmd_opts.api or cmd_opts.nowebui):
+        return
+    dependencies = [Depends(basic_auth(cmd_opts.api_auth))] if cmd_opts.api_auth else []
+    app.add_api_route("/afa/v1/weights", list_weights, methods=["GET"], dependencies=dependencies)
+    app.add_api_route("/afa/v1/unload", unload, methods=["POST"], dependencies=dependencies)

@@ -73,7 +73,8 @@ def resolve_weights(name) -> Path | None:
         if candidate in listed:
             return weights_dir() / candidate
     available = ", ".join(listed) or "none"
-    raise WeightsFileError(f"weights {text!r} not found in {weights_dir()} (available: {available})")
+    raise WeightsFileError(f"weights {text!r} not found in the weights folder ({describe_weights_dir()}; "
+                           f"available: {available})")
 
 
 def weights_name(path: Path) -> str:

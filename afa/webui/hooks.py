@@ -83,16 +83,19 @@ def claim_sd_unet_setting(p) -> None:
     # in opts.data; on a first start without config.json opts.data is empty and the override would outlive the job.
     # Storing the current (default) value there changes nothing but lets the WebUI restore it.
     if "sd_unet" not in shared.opts.data:
-        shared.opts.data["sd_unet"] = shared.opts.sd_unet
+        shared.opts.set("sd_unet", shared.opts.sd_unet, run_callbacks=False)
     p.override_settings["sd_unet"] = LABEL
+    jobs.claimed_overrides = p.override_settings
 
 
 def release_sd_unet_setting(p) -> None:
-    """For a job without AFA: no `[AFA] Ensemble` override (an X/Y/Z cell shares the previous cell's
-    override_settings dict; an API request may name the label itself) and no stale setting."""
+    """For a job without AFA: no `[AFA] Ensemble` override and no stale setting. The override is AFA's own when an
+    earlier X/Y/Z cell set it (cells share one override_settings dict); anyone else's (an API request naming the
+    label) is dropped with a word on the console."""
     if p.override_settings.get("sd_unet") == LABEL:
         del p.override_settings["sd_unet"]
-        print("AFA: ignoring the SD Unet override '[AFA] Ensemble': enable the AFA ensemble script instead")
+        if p.override_settings is not jobs.claimed_overrides:
+            print("AFA: ignoring the SD Unet override '[AFA] Ensemble': enable the AFA ensemble script instead")
     release_stale_setting()
 
 
@@ -146,6 +149,7 @@ def postprocess(p, processed) -> None:
     tear_down()
     if job is not None:
         append_maps(processed, job.map_images)
+        job.settle_infotext(p)
     jobs.clear()
     members.cache.trim(settings.cache_policy())
 
@@ -175,7 +179,10 @@ def on_cfg_denoiser(params) -> None:
     denoiser = getattr(params, "denoiser", None)
     step = getattr(denoiser, "step", params.sampling_step)
     total = getattr(denoiser, "total_steps", None) or params.total_sampling_steps
-    job.maps.on_denoiser_step(step, total)
+    # the conditioning being sampled (the refiner's or hires pass's when they run): one list of AND parts per image
+    extra_args = getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", None) or {}
+    batch = getattr(extra_args.get("cond"), "batch", None)
+    job.maps.on_denoiser_step(step, total, [len(parts) for parts in batch] if batch else None)
 
 
 def on_model_loaded(sd_model) -> None:

@@ -1,51 +1,90 @@
-"""The `AFA` infotext entry and pasting it back into the accordion.
+"""AFA's infotext entries and pasting them back into the accordion.
 
-Format (one `p.extra_generation_params` entry; the WebUI quotes it because it contains commas and colons):
+Entries (in `p.extra_generation_params`; the WebUI quotes a value that contains commas or colons):
 
-    AFA: "members=tiny-a [0123456789], tiny-b [abcdef0123]; weights=pair [4567890abc]; mode=SABW"
+    AFA mode: SABW, AFA members: "tiny-a [0123456789], tiny-b [abcdef0123]", AFA weights: pair [4567890abc]
 
-Members and weights are `<name> [<shorthash>]` (the WebUI's short title; `weights=none` without a weights file);
-`mode` is one of SABW, SABW (last block), Block average, Noise average. The entry is written only for images the
-ensemble actually produced. When AFA was requested but not applied (to the whole job or to one sampling pass), a
-second entry says why: `AFA not applied: "<reason>"`.
+`AFA mode` is one of SABW, SABW (last block), Block average, Noise average; members and weights are
+`<name> [<shorthash>]` (the WebUI's short title); `AFA weights` is left out without a weights file. They are written
+only for images the ensemble actually produced, so `AFA mode` present means "made by AFA". When AFA was requested
+but not applied (to the whole job or to one sampling pass), `AFA not applied: "<reason>"` says why; reasons name
+files by their name in their folder, never by a path of the server.
 
-Pasting (PNG Info, "Send to", the paste button) restores the accordion: enabled iff the `AFA` entry is present,
-members and weights resolved against what is installed now, the mode.
+Pasting (PNG Info, the paste button, the API's `infotext`) and "Send to img2img/inpaint" restore the accordion:
+enabled iff `AFA mode` is present, members and weights resolved against what is installed now, the mode. Each
+accordion component is bound under a label (`InfotextKey`): "Send to" copies the components whose label is in the
+script's `paste_field_names` (infotext_utils.connect_paste_params_buttons, v1.10), and the paste paths call the label
+to read its value from the parsed infotext.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from typing import Callable
 
 import gradio as gr
+
+from modules import paths, sd_models, shared
+
+from afa.errors import AfaError
 
 from . import folders
 from .request import MODE_LAST_BLOCK, MODE_SABW, EnsemblePlan, mode_label
 from .ui import current_title
 
-KEY = "AFA"
+MODE_KEY = "AFA mode"
+MEMBERS_KEY = "AFA members"
+WEIGHTS_KEY = "AFA weights"
+ENABLED_KEY = "AFA enabled"
+"""The enabled checkbox's label for "Send to"; the infotext itself has no such entry (MODE_KEY says it)."""
+NOT_APPLIED_KEY = "AFA not applied"
+
 _HASHED = re.compile(r"\[[0-9a-fA-F]{6,64}\]$")
 
 
-def format_value(plan: EnsemblePlan) -> str:
-    return f"members={', '.join(plan.member_labels)}; weights={plan.weights_label}; mode={plan.mode_label}"
+class InfotextKey(str):
+    """A paste label that also reads its value: a `str` for A1111's name-based bindings ("Send to" compares names
+    with `paste_field_names`), callable for its paste paths (connect_paste and the API's apply_infotext call a
+    callable key with the parsed infotext before they would look the label up)."""
+
+    def __new__(cls, label: str, read: Callable[[dict], object]):
+        key = super().__new__(cls, label)
+        key.read = read
+        return key
+
+    def __call__(self, params: dict):
+        return self.read(params)
 
 
-def parse_value(text: str) -> dict:
-    """{"members": [names], "weights": name or "", "mode": label} from an `AFA` infotext value."""
-    fields = {}
-    for part in str(text).split(";"):
-        key, _, value = part.partition("=")
-        fields[key.strip().lower()] = value.strip()
-    members = split_members(fields.get("members", ""))
-    weights = fields.get("weights", "")
-    return {"members": members, "weights": "" if folders.is_no_weights(weights) else weights,
-            "mode": fields.get("mode", MODE_SABW)}
+# -- writing ---------------------------------------------------------------------------------------------------------
 
+def entries(plan: EnsemblePlan) -> dict[str, str]:
+    """The infotext entries of an image the plan's ensemble produced."""
+    values = {MODE_KEY: plan.mode_label, MEMBERS_KEY: ", ".join(plan.member_labels)}
+    if plan.weights_path is not None:
+        values[WEIGHTS_KEY] = plan.weights_label
+    return values
+
+
+def public_text(message: str) -> str:
+    """A message as it may travel inside a shared PNG: one line, files named relative to their WebUI folder (the
+    weights folder, the checkpoint folders, the models and data folders) instead of by the server's paths."""
+    roots = [folders.weights_dir(), sd_models.model_path, getattr(shared.cmd_opts, "ckpt_dir", None),
+             paths.models_path, paths.data_path, paths.script_path]
+    text = str(message)
+    for root in sorted({os.path.abspath(str(root)) for root in roots if root}, key=len, reverse=True):
+        for separator in {os.sep, "/"}:
+            text = text.replace(root + separator, "")
+        text = text.replace(root, os.path.basename(root))
+    return " ".join(text.split())
+
+
+# -- pasting ---------------------------------------------------------------------------------------------------------
 
 def split_members(text: str) -> list[str]:
     """Member names from `a [hash], b [hash]`; a name may itself contain ", " when every name ends in a hash."""
-    pieces = [piece.strip() for piece in text.split(",")]
+    pieces = [piece.strip() for piece in str(text).split(",")]
     if not any(_HASHED.search(piece) for piece in pieces):
         return [piece for piece in pieces if piece]
     names, pending = [], []
@@ -57,49 +96,45 @@ def split_members(text: str) -> list[str]:
     return names + [piece for piece in pending if piece]
 
 
-# -- paste ---------------------------------------------------------------------------------------------------------
-
-def _parsed(params: dict) -> dict | None:
-    return parse_value(params[KEY]) if KEY in params else None
-
-
 def paste_enabled(params: dict) -> bool:
-    return KEY in params
+    return MODE_KEY in params
 
 
 def paste_members(params: dict):
-    parsed = _parsed(params)
-    if parsed is None:
+    if MODE_KEY not in params or MEMBERS_KEY not in params:
         return gr.update()
     # the installed checkpoints' current titles, as the dropdown lists them; an unknown name is kept, and the job
     # then says that it is not installed
-    return gr.update(value=[current_title(name) for name in parsed["members"]])
+    return gr.update(value=[current_title(name) for name in split_members(params[MEMBERS_KEY])])
 
 
 def paste_weights(params: dict):
-    parsed = _parsed(params)
-    if parsed is None:
+    if MODE_KEY not in params:
         return gr.update()
-    if not parsed["weights"]:
+    name = params.get(WEIGHTS_KEY, "")
+    if folders.is_no_weights(name):
         return gr.update(value=folders.NO_WEIGHTS)
     try:
-        path = folders.resolve_weights(parsed["weights"])
-        return gr.update(value=folders.weights_name(path))
-    except Exception:  # not installed here: keep the name, the job will say so
-        return gr.update(value=parsed["weights"])
+        return gr.update(value=folders.weights_name(folders.resolve_weights(name)))
+    except AfaError:  # not installed here: keep the name, the job will say so
+        return gr.update(value=str(name))
 
 
 def paste_mode(params: dict):
-    parsed = _parsed(params)
-    if parsed is None:
+    if MODE_KEY not in params:
         return gr.update()
     try:
-        label = mode_label(parsed["mode"])
-    except Exception:
+        label = mode_label(params[MODE_KEY])
+    except AfaError:
         return gr.update()
     return gr.update(value=MODE_SABW if label == MODE_LAST_BLOCK else label)
 
 
+PASTE_FIELD_NAMES = [ENABLED_KEY, MEMBERS_KEY, WEIGHTS_KEY, MODE_KEY]
+"""`Script.paste_field_names`: what "Send to img2img/inpaint" carries over."""
+
+
 def infotext_fields(enabled, members, weights, mode) -> list:
     """`Script.infotext_fields` for the accordion's components."""
-    return [(enabled, paste_enabled), (members, paste_members), (weights, paste_weights), (mode, paste_mode)]
+    return [(enabled, InfotextKey(ENABLED_KEY, paste_enabled)), (members, InfotextKey(MEMBERS_KEY, paste_members)),
+            (weights, InfotextKey(WEIGHTS_KEY, paste_weights)), (mode, InfotextKey(MODE_KEY, paste_mode))]

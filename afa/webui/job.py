@@ -13,11 +13,8 @@ import weakref
 
 from modules import shared
 
-from .infotext import KEY, format_value
+from . import infotext
 from .request import EnsemblePlan
-
-INFOTEXT_NOT_APPLIED = "AFA not applied"
-"""Infotext key listing why AFA was not applied (to a whole job, or to some sampling pass of it)."""
 
 
 class Job:
@@ -32,33 +29,48 @@ class Job:
         self.ensemble_calls = 0  # UNet calls the ensemble answered in the current batch (reset per batch)
 
     def note(self, text: str) -> None:
-        """Records that AFA was not applied (shown in the infotext, under the gallery and on the console)."""
+        """Records that AFA was not applied: the console gets the message as it is, the infotext and the note under
+        the gallery get its public form (`infotext.public_text`)."""
+        print(f"AFA not applied: {text}")
+        text = infotext.public_text(text)
         if text in self.notes:
             return
         self.notes.append(text)
-        print(f"AFA not applied: {text}")
         p = self.processing()
         if p is not None:
-            p.comment(f"AFA not applied: {text}")
+            p.comment(f"{infotext.NOT_APPLIED_KEY}: {text}")
 
     # Infotext values are callables: create_infotext() evaluates them per image after each batch has been sampled,
     # so they report what actually happened (processing.py v1.10, create_infotext).
 
-    def infotext_value(self, **_) -> str | None:
-        return format_value(self.plan) if self.ensemble_calls > 0 else None
+    def entry_value(self, key: str):
+        def value(**_) -> str | None:
+            return infotext.entries(self.plan).get(key) if self.ensemble_calls > 0 else None
+        return value
 
     def not_applied_value(self, **_) -> str | None:
         return "; ".join(self.notes) or None
 
+    def settle_infotext(self, p) -> None:
+        """At the end of the job: the notes as a plain value. The API returns `extra_generation_params` as JSON, in
+        which a callable reads null, so a job that made no image (interrupted while members loaded) would otherwise
+        carry no word of why AFA did not run."""
+        if self.notes:
+            p.extra_generation_params[infotext.NOT_APPLIED_KEY] = self.not_applied_value()
+
 
 current: Job | None = None
+
+claimed_overrides: dict | None = None
+"""The `override_settings` dict in which AFA last set the SD Unet override (X/Y/Z plot cells share one)."""
 
 
 def start(p, plan: EnsemblePlan, maps=None) -> Job:
     global current
     current = Job(p, plan, maps)
-    p.extra_generation_params[KEY] = current.infotext_value
-    p.extra_generation_params[INFOTEXT_NOT_APPLIED] = current.not_applied_value
+    for key in (infotext.MODE_KEY, infotext.MEMBERS_KEY, infotext.WEIGHTS_KEY):
+        p.extra_generation_params[key] = current.entry_value(key)
+    p.extra_generation_params[infotext.NOT_APPLIED_KEY] = current.not_applied_value
     return current
 
 
@@ -77,12 +89,13 @@ def active() -> Job | None:
 
 def forget_infotext(p) -> None:
     """Removes AFA's infotext entries from `p` (they belong to the job that wrote them)."""
-    p.extra_generation_params.pop(KEY, None)
-    p.extra_generation_params.pop(INFOTEXT_NOT_APPLIED, None)
+    for key in (infotext.MODE_KEY, infotext.MEMBERS_KEY, infotext.WEIGHTS_KEY, infotext.NOT_APPLIED_KEY):
+        p.extra_generation_params.pop(key, None)
 
 
 def refuse(p, message: str) -> None:
     """A job that enabled AFA runs without it: say so in the infotext, under the gallery and on the console."""
     print(f"AFA not applied: {message}")
-    p.comment(f"AFA not applied: {message}")
-    p.extra_generation_params[INFOTEXT_NOT_APPLIED] = message
+    message = infotext.public_text(message)
+    p.comment(f"{infotext.NOT_APPLIED_KEY}: {message}")
+    p.extra_generation_params[infotext.NOT_APPLIED_KEY] = message

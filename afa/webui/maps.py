@@ -1,10 +1,12 @@
 """Aggregation maps in the gallery (the paper's Figure 6): one extra image per generated image showing, for a few
 blocks and sampling steps, each member's weight at every pixel in the member's colour, with a legend.
 
-Collection: the ensemble's observer receives every mixed block's weights [B x N x H x W] at every UNet call. Only the
-first UNet call after each `on_cfg_denoiser` callback is recorded — the call that holds the prompts' conditional
-batch, first in the WebUI's cond/uncond batch (sd_samplers_cfg_denoiser.py v1.10) — and in it, entry i is image i
-of the batch. Rendering uses afa.maps (colours, layout, legend); nothing is drawn here.
+Collection: the ensemble's observer receives every mixed block's weights [B x N x H x W] at every UNet call. The
+WebUI's denoiser (sd_samplers_cfg_denoiser.py v1.10) stacks, for each image, one row per `AND` part of its prompt,
+then the unconditional rows, and runs them in one UNet call or, without "batch cond/uncond", in several in that
+order. So after each `on_cfg_denoiser` callback the maps follow the rows across the step's UNet calls and record,
+for image i, the row of its first prompt part (`image_rows`). Rendering uses afa.maps (colours, layout, legend);
+nothing is drawn here.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class AggregationMaps:
         self.first_block = 0  # the first block the observer sees in a UNet call
         self.passes: list[_Pass] = []
         self.pending_step: tuple[int, int] | None = None
+        self.pending_rows: list[int] = list(range(batch_size))
+        self.image_rows: list[int] = []  # the recorded step's row of each image, over the step's UNet calls
+        self.call_offset = 0  # the first row of the current UNet call within the step's rows
+        self.call_rows = 0  # rows of the current UNet call
         self.recording = False
 
     def configure(self, ensemble, core_mode: str) -> None:
@@ -75,25 +81,35 @@ class AggregationMaps:
         self.pending_step = None
         self.recording = False
 
-    def on_denoiser_step(self, step: int, total: int) -> None:
-        """`on_cfg_denoiser`: the next UNet call is step `step` (0-based) of `total`."""
+    def on_denoiser_step(self, step: int, total: int, prompt_parts: list[int] | None = None) -> None:
+        """`on_cfg_denoiser`: the next UNet call starts step `step` (0-based) of `total`; image i's prompt has
+        `prompt_parts[i]` `AND` parts (default: one each), so its first row is the sum of those before it."""
         self.pending_step = (step, total)
+        parts = prompt_parts or [1] * self.batch_size
+        self.pending_rows = [sum(parts[:index]) for index in range(len(parts))]
 
     def observe(self, block_index: int, weights) -> None:
         """The EnsembleUNet observer: weights [B x N x H x W] of block `block_index`."""
         if block_index == self.first_block:  # a UNet call begins
-            self.recording = self.pending_step is not None and bool(self.passes)
-            if self.recording:
+            if self.pending_step is not None and self.passes:
                 self._start_step(self.passes[-1], self.pending_step)
                 self.pending_step = None
+                self.image_rows = self.pending_rows
+                self.call_offset, self.recording = 0, True
+            elif self.recording:
+                self.call_offset += self.call_rows
+            self.call_rows = weights.shape[0]
+            if self.recording and self.call_offset > max(self.image_rows, default=-1):
+                self.recording = False  # the step's remaining calls hold other prompt parts and the uncond rows
         if not self.recording or block_index not in self.blocks:
             return
-        for recorder in self.passes[-1].recorders[:weights.shape[0]]:
-            recorder(block_index, weights)
+        for recorder, row in zip(self.passes[-1].recorders, self.image_rows):
+            if self.call_offset <= row < self.call_offset + weights.shape[0]:
+                recorder(block_index, weights[row - self.call_offset:row - self.call_offset + 1])
 
     def _start_step(self, current: _Pass, step: tuple[int, int]) -> None:
         if not current.recorders:
-            current.recorders = [WeightMapRecorder(self.blocks, batch_index=i) for i in range(self.batch_size)]
+            current.recorders = [WeightMapRecorder(self.blocks, batch_index=0) for _ in range(self.batch_size)]
         if self.every is None:  # only the last step is drawn: keep one
             current.steps.clear()
             for recorder in current.recorders:

@@ -88,6 +88,10 @@ class EnsembleRequest:
             changes["members"] = _as_names(changes["members"])
         if "weights" in changes and folders.is_no_weights(changes["weights"]):
             changes["weights"] = ""
+        # a weights cell implies its mode (xyz.apply_weights) unless a mode axis chose one
+        implied_mode = changes.pop("implied_mode", None)
+        if implied_mode is not None and "mode" not in changes:
+            changes["mode"] = implied_mode
         return replace(self, **changes)
 
 
@@ -109,15 +113,20 @@ class EnsemblePlan:
 
 
 def plan(request: EnsembleRequest) -> EnsemblePlan:
-    """Resolves an enabled request; raises AfaError (with a message for the user) if it cannot run."""
+    """Resolves an enabled request; raises AfaError (with a message for the user) if it cannot run.
+
+    The weights file is only looked at when the job needs it: for the SABW modes, or for its members when none are
+    given. A weights name left in the accordion from an earlier choice never refuses a mode that needs no weights."""
     label = mode_label(request.mode)
     core_mode = CORE_MODES[label]
     uses_weights = core_mode in ("sabw", "last-block")
-    weights_path = folders.resolve_weights(request.weights)
+    weights_path = None
+    if uses_weights or not request.members:
+        weights_path = folders.resolve_weights(request.weights)
     weights_info = read_weights_info(weights_path) if weights_path is not None else None  # metadata only, read once
     if uses_weights and weights_path is None:
         raise AfaError(f"mode {MODE_SABW} needs a SABW weights file: choose one in 'SABW weights' (files in "
-                       f"{folders.weights_dir()}), or use {MODE_AVERAGE} or {MODE_NOISE}, which need none")
+                       f"{folders.describe_weights_dir()}), or use {MODE_AVERAGE} or {MODE_NOISE}, which need none")
 
     if request.members:
         infos = members.resolve_members(request.members)

@@ -40,11 +40,11 @@ class AccordionControls:
 
 def default_values() -> dict:
     """The accordion's initial values, from the "AFA Ensemble" settings."""
-    weights = settings.value("afa_default_weights")
+    weights = shared.opts.afa_default_weights
     if folders.is_no_weights(weights) or weights not in folders.list_weights():
         weights = folders.NO_WEIGHTS
     return {
-        "members": [current_title(name) for name in settings.value("afa_default_members") or []],
+        "members": [current_title(name) for name in shared.opts.afa_default_members or []],
         "weights": weights,
         "mode": MODE_AVERAGE if weights == folders.NO_WEIGHTS else MODE_SABW,
         "show_maps": settings.maps_default(),

@@ -80,8 +80,10 @@ class AfaUnet(sd_unet.SdUnet):
         self.ensemble: EnsembleUNet | None = None
         self.member_dtype: torch.dtype | None = None
         self.refusal: str | None = None
+        self.sd_model = None  # the loaded model the ensemble was built against
 
     def activate(self) -> None:
+        self.sd_model = shared.sd_model
         if self.job is None:
             self.refusal = ("the SD Unet setting is '[AFA] Ensemble' but no job enabled the AFA ensemble accordion; "
                             "set SD Unet back to Automatic")
@@ -108,7 +110,11 @@ class AfaUnet(sd_unet.SdUnet):
 
     def forward(self, x, timesteps, context, *args, **kwargs):
         """x [B x C x H x W], timesteps [B], context [B x L x D] (SDXL: y [B x adm] in kwargs) -> [B x C x H x W]."""
-        if self.ensemble is None:
+        if shared.sd_model is not self.sd_model and self is sd_unet.current_unet:
+            replacement = rebuilt_for_loaded_model()
+            if replacement is not None:
+                return replacement.forward(x, timesteps, context, *args, **kwargs)
+        if self.ensemble is None or shared.sd_model is not self.sd_model:
             unet = loaded_unet()
             return original_forward(unet)(unet, x, timesteps, context, *args, **kwargs)
         self.job.ensemble_calls += 1
@@ -138,17 +144,29 @@ def tear_down() -> bool:
     Used at the end of a job (`postprocess`), before a job (left over by a job that raised), when another
     extension bypasses the SdUnet (ControlNet), when a model is loaded and when the extension unloads. After it,
     the WebUI is in the state of a job that never used AFA. Returns whether something was torn down."""
-    active = sd_unet.current_unet
-    if not isinstance(active, AfaUnet):
+    if not isinstance(sd_unet.current_unet, AfaUnet):
         return False
     try:
-        active.deactivate()
+        # what the WebUI does when the SD Unet setting resolves to none: deactivate, then the loaded checkpoint's UNet
+        # back to the device (sd_unet.py v1.10)
+        sd_unet.apply_unet("None")
     except Exception:
         errors.report("AFA: deactivating the ensemble failed", exc_info=True)
-    sd_unet.current_unet = None
-    sd_unet.current_unet_option = None
     restore_loaded_unet()
     return True
+
+
+def rebuilt_for_loaded_model() -> "AfaUnet | None":
+    """The ensemble built again against the model loaded now, as `apply_unet()` would after a checkpoint switch.
+
+    A switch to a checkpoint that is already loaded (Settings > "Maximum number of checkpoints loaded at the same
+    time" >= 2; sd_models.reuse_model_from_already_loaded, v1.10) swaps `shared.sd_model` without model_loaded
+    callbacks or `apply_unet()`; with "Only keep one model on device" the previous model has just moved to the CPU,
+    and the ensemble may hold its UNet as a member. The AfaUnet notices on its next call."""
+    print("AFA: the loaded checkpoint changed; building the ensemble against it")
+    sd_unet.apply_unet("None")
+    sd_unet.apply_unet()
+    return sd_unet.current_unet if isinstance(sd_unet.current_unet, AfaUnet) else None
 
 
 # -- building the ensemble -------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from modules import scripts
 from afa.errors import AfaError
 
 from . import folders
-from .request import MODE_LABELS, mode_label
+from .request import MODE_AVERAGE, MODE_LABELS, MODE_SABW, mode_label
 
 AXIS_ENABLED, AXIS_MODE, AXIS_WEIGHTS = "[AFA] Enabled", "[AFA] Mode", "[AFA] Weights"
 
@@ -36,10 +36,17 @@ def apply_mode(p, x, xs) -> None:
 
 
 def apply_weights(p, x, xs) -> None:
+    """What choosing in the accordion does: a weights file runs SABW with the members it was trained for, None runs
+    Block average of the accordion's members. The cell enables AFA (a weights axis over disabled cells would plot
+    the same image in every cell); an `[AFA] Mode` or `[AFA] Enabled` axis still decides over it."""
     if folders.is_no_weights(x):
-        _override(p, weights="")
+        _override(p, weights="", implied_mode=MODE_AVERAGE, **_implied_enabled(p))
     else:
-        _override(p, weights=str(x), members=[])  # the weights file's own members
+        _override(p, weights=str(x), members=[], implied_mode=MODE_SABW, **_implied_enabled(p))
+
+
+def _implied_enabled(p) -> dict:
+    return {} if "enabled" in getattr(p, "afa_xyz", {}) else {"enabled": True}
 
 
 def confirm_mode(p, xs) -> None:

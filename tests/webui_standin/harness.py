@@ -42,9 +42,9 @@ import torch  # noqa: E402
 
 import k_diffusion.sampling  # noqa: E402
 from modules import (  # noqa: E402
-    cache, cmd_args, errors, extensions, extra_networks, infotext_utils, launch_utils, lowvram, paths,
-    paths_internal, processing, script_callbacks, script_loading, scripts, sd_hijack, sd_models, sd_samplers,
-    sd_unet, sd_vae, shared, shared_cmd_options, shared_init, ui,
+    cache, call_queue, cmd_args, errors, extensions, extra_networks, infotext_utils, launch_utils, lowvram, paths,
+    paths_internal, processing, script_callbacks, script_loading, scripts, sd_hijack, sd_models, sd_models_config,
+    sd_samplers, sd_unet, sd_vae, shared, shared_cmd_options, shared_init, ui,
 )
 
 # The flags the real WebUI's CI server runs with (launch_utils.configure_for_tests + .github/workflows/run_tests.yaml),
@@ -87,15 +87,28 @@ _checkpoint_cache_dir: Path | None = None
 _checkpoint_cache_lock = threading.Lock()
 
 
-def tiny_checkpoint_file(seed: int, fmt: str = "safetensors") -> Path:
-    """A tiny SD1 WebUI checkpoint (training/sd_checkpoint.py) drawn from `seed`, generated once per session."""
+def _checkpoint_cache() -> Path:
+    """The session's folder of generated checkpoints, with the tiny text encoder folder (`tiny-clip-text/`) that
+    their yamls and the default config name. Call with _checkpoint_cache_lock held."""
     global _checkpoint_cache_dir
+    if _checkpoint_cache_dir is None:
+        _checkpoint_cache_dir = Path(tempfile.mkdtemp(prefix="webui-standin-checkpoints-"))
+    return _checkpoint_cache_dir
+
+
+def _tiny_sd_config() -> dict:
+    """training/sd_checkpoint.py's tiny_sd_config, naming the text encoder folder in the checkpoint cache."""
+    from training.sd_checkpoint import TINY_TEXT_ENCODER_FOLDER_NAME, tiny_sd_config
+    return tiny_sd_config(_checkpoint_cache() / TINY_TEXT_ENCODER_FOLDER_NAME)
+
+
+def tiny_checkpoint_file(seed: int, fmt: str = "safetensors") -> Path:
+    """A tiny SD1 WebUI checkpoint (training/sd_checkpoint.py) drawn from `seed`, generated once per session. Its
+    yaml names the text encoder folder beside it by absolute path, so copies of the yaml name it too."""
     with _checkpoint_cache_lock:
-        if _checkpoint_cache_dir is None:
-            _checkpoint_cache_dir = Path(tempfile.mkdtemp(prefix="webui-standin-checkpoints-"))
-        path = _checkpoint_cache_dir / f"seed{seed}.{fmt}"
+        path = _checkpoint_cache() / f"seed{seed}.{fmt}"
         if not path.exists():
-            from training.sd_checkpoint import tiny_sd_config, tiny_sd_state_dict, write_webui_checkpoint
+            from training.sd_checkpoint import tiny_sd_state_dict, write_webui_checkpoint
             state_dict = tiny_sd_state_dict(seed)
             # A freshly initialised text encoder ends in a LayerNorm with zero bias, so its hidden states have a mean
             # of ~0 and the WebUI's "Original" emphasis (z * weights * old_mean / new_mean) divides by ~0. Trained
@@ -103,7 +116,24 @@ def tiny_checkpoint_file(seed: int, fmt: str = "safetensors") -> Path:
             bias_key = "cond_stage_model.transformer.text_model.final_layer_norm.bias"
             generator = torch.Generator().manual_seed(seed)
             state_dict[bias_key] = 0.5 + 0.1 * torch.randn(state_dict[bias_key].shape, generator=generator)
-            write_webui_checkpoint(path, state_dict, tiny_sd_config())
+            write_webui_checkpoint(path, state_dict, _tiny_sd_config())
+        return path
+
+
+def default_config_file() -> Path:
+    """The stand-in's `configs/v1-inference.yaml`, the config the WebUI builds a checkpoint without a yaml from:
+    the tiny architecture (tiny_sd_config), written once per session into the checkpoint cache, because its text
+    encoder `version` is the absolute path of the tiny text encoder folder there. `configure_paths` points the
+    WebUI's default config at it."""
+    import yaml
+
+    with _checkpoint_cache_lock:
+        path = _checkpoint_cache() / "configs" / "v1-inference.yaml"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(yaml.safe_dump(_tiny_sd_config(), sort_keys=False), encoding="utf-8")
+            os.replace(temporary, path)
         return path
 
 
@@ -126,19 +156,22 @@ def write_checkpoints(directory: Path, checkpoints: Iterable[tuple[str, int]] = 
 # global state
 
 def configure_paths(data_dir: str | os.PathLike) -> None:
-    """Points the WebUI's data paths (paths_internal/paths/shared and the modules that copied them) at `data_dir`."""
+    """Points the WebUI's data paths (paths_internal/paths/shared and the modules that copied them) at `data_dir`,
+    and its default model config at `default_config_file()`."""
     data_dir = os.path.abspath(data_dir)
     values = dict(
         data_path=data_dir,
         models_path=os.path.join(data_dir, "models"),
         extensions_dir=os.path.join(data_dir, "extensions"),
         default_output_dir=os.path.join(data_dir, "outputs"),
+        sd_default_config=str(default_config_file()),
     )
     for module in (paths_internal, paths, shared, extensions, launch_utils, infotext_utils):
         for key, value in values.items():
             if hasattr(module, key):
                 setattr(module, key, value)
     sd_models.model_path = os.path.abspath(os.path.join(paths.models_path, sd_models.model_dir))
+    sd_models_config.config_default = paths.sd_default_config
 
 
 def new_parser():
@@ -378,7 +411,7 @@ class WebUI:
         self.app = FastAPI()
         if shared.cmd_opts.api or shared.cmd_opts.nowebui:
             from modules.api.api import Api
-            self.api = Api(self.app, threading.Lock())
+            self.api = Api(self.app, call_queue.queue_lock)  # webui.py create_api: the shared queue lock
         script_callbacks.app_started_callback(None, self.app)
         return self
 
@@ -391,6 +424,33 @@ class WebUI:
     def client(self):
         from fastapi.testclient import TestClient
         return TestClient(self.app)
+
+    def event(self, component=None, event: str = "click", inputs: list | None = None) -> list:
+        """Runs what gradio registered for `event` on `component` (None: the page's "load" events) the way a browser
+        request does (gradio's `process_api`: preprocess the inputs, call the function, postprocess its outputs,
+        updates included); JavaScript-only handlers are skipped. `inputs` default to the input components'
+        current values. Returns each handler's output data, in registration order; raises what gradio raised."""
+        import asyncio
+
+        results = []
+        for index, dependency in enumerate(self.demo.dependencies):
+            targets = dependency["targets"]
+            if dependency["trigger"] != event or self.demo.fns[index].fn is None:
+                continue
+            if (component is None and targets) or (component is not None and component._id not in targets):
+                continue
+            values = inputs if inputs is not None else [self.demo.blocks[i].value for i in dependency["inputs"]]
+            output = asyncio.run(self.demo.process_api(fn_index=index, inputs=list(values), state={}))
+            results.append(output["data"])
+        return results
+
+    def outputs_of(self, component, event: str = "click") -> list:
+        """The components the first Python handler of `event` on `component` writes to, in order."""
+        for index, dependency in enumerate(self.demo.dependencies):
+            if component._id in dependency["targets"] and dependency["trigger"] == event \
+                    and self.demo.fns[index].fn is not None:
+                return [self.demo.blocks[i] for i in dependency["outputs"]]
+        raise KeyError(f"no {event} handler on {component}")
 
     def script(self, title: str, is_img2img: bool = False):
         runner = scripts.scripts_img2img if is_img2img else scripts.scripts_txt2img

@@ -14,6 +14,8 @@ modules_path = os.path.dirname(os.path.realpath(__file__))
 script_path = os.path.dirname(modules_path)
 
 sd_configs_path = os.path.join(script_path, "configs")
+# Where the real WebUI keeps its SD1 default config. The stand-in ships none: harness.configure_paths points this
+# (and its copies) at harness.default_config_file(), the tiny architecture naming the session's text encoder folder.
 sd_default_config = os.path.join(sd_configs_path, "v1-inference.yaml")
 sd_model_file = os.path.join(script_path, 'model.ckpt')
 default_sd_model_file = sd_model_file

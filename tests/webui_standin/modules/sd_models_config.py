@@ -1,8 +1,9 @@
 """Stand-in of modules/sd_models_config.py (v1.10): which yaml config a checkpoint is built from.
 
 `find_checkpoint_config` / `find_checkpoint_config_near_filename` are the real logic (a `<checkpoint>.yaml` beside
-the file wins). `guess_model_config_from_state_dict` only knows the stand-in's SD1 config
-(`configs/v1-inference.yaml`, the tiny test architecture): SD2/SDXL/inpainting checkpoints are not reproduced.
+the file wins). `guess_model_config_from_state_dict` only knows the stand-in's SD1 config (`config_default`, which
+the harness points at its generated tiny-architecture config, harness.default_config_file()): SD2/SDXL/inpainting
+checkpoints are not reproduced.
 """
 
 import os

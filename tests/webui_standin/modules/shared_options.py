@@ -9,7 +9,7 @@ import os
 
 import gradio as gr
 
-from modules import options, shared_items, util
+from modules import options, shared_items, ui_components, util
 from modules.options import OptionInfo, OptionHTML, options_section, categories
 from modules.shared_cmd_options import cmd_opts
 
@@ -207,7 +207,7 @@ image into latent space representation and back."""),
         "add_user_name_to_info": OptionInfo(False, "Add user name to infotext when authenticated"),
         "add_version_to_infotext": OptionInfo(True, "Add program version to infotext"),
         "disable_weights_auto_swap": OptionInfo(True, "Disregard checkpoint information from pasted infotext").info("when reading generation parameters from text into UI"),
-        "infotext_skip_pasting": OptionInfo([], "Disregard fields from pasted infotext", gr.Dropdown, {"choices": [], "multiselect": True}),
+        "infotext_skip_pasting": OptionInfo([], "Disregard fields from pasted infotext", ui_components.DropdownMulti, lambda: {"choices": []}),
         "infotext_styles": OptionInfo("Apply if any", "Infer styles from prompts of pasted infotext", gr.Radio, {"choices": ["Ignore", "Apply", "Discard", "Apply if any"]}),
         "add_vae_name_to_info": OptionInfo(True, "Add VAE name to infotext"),
         "add_vae_hash_to_info": OptionInfo(True, "Add VAE hash to infotext"),
@@ -218,6 +218,7 @@ image into latent space representation and back."""),
     }))
 
     options_templates.update(options_section(('ui', "User interface", "ui"), {
+        "quicksettings_list": OptionInfo(["sd_model_checkpoint"], "Quicksettings list", ui_components.DropdownMulti, lambda: {"choices": list(options_templates.keys())}).info("setting entries that appear at the top of page rather than in settings tab").needs_reload_ui(),
         "send_seed": OptionInfo(True, "Send seed when sending prompt or image to other interface"),
         "send_size": OptionInfo(True, "Send size when sending prompt or image to another interface"),
         "enable_reloading_ui_scripts": OptionInfo(False, "Reload UI scripts when using Reload UI option").needs_reload_ui(),

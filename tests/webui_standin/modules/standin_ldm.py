@@ -9,25 +9,21 @@
 * `AutoencoderKL` keeps the real VAE modules (weights are loaded from the checkpoint) but `decode`/`encode` use the
   WebUI's "Approx cheap" linear latent<->RGB map (modules/sd_vae_approx.py: cheap_approximation) with an 8x
   nearest upsampling / average pooling, so a latent of H/8 x W/8 gives an H x W image as with a real SD VAE.
-* `FrozenCLIPEmbedder` stands in for ldm.modules.encoders.modules.FrozenCLIPEmbedder: a transformers
-  `CLIPTextModel` built from the yaml's `clip_text_config` (the tiny test text encoder; the real class downloads
-  openai/clip-vit-large-patch14) and SD1's CLIP BPE tokenizer built offline from open_clip's vocabulary file.
+* `FrozenCLIPEmbedder` stands in for ldm.modules.encoders.modules.FrozenCLIPEmbedder: the real signature, and
+  transformers' `CLIPTokenizer` and `CLIPTextModel` built from the local folder the yaml's `version` names (the
+  tiny test text encoder's config and SD1's tokenizer files, written by training/sd_checkpoint.py: tiny_sd_config),
+  as the WebUI builds them; never from the hub (SD1 yamls name openai/clip-vit-large-patch14, a download).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
-import os
-import re
 
 import numpy as np
 import torch
 
 from ldm.util import instantiate_from_config
-
-SD1_BOS, SD1_EOS = 49406, 49407
 
 
 # ldm/models/diffusion/ddpm.py: DiffusionWrapper
@@ -129,86 +125,36 @@ class AutoencoderKL(torch.nn.Module):
         return self.decode(self.encode(input).sample())
 
 
-@functools.lru_cache(maxsize=1)
-def _open_clip_simple_tokenizer():
-    """open_clip's SimpleTokenizer (SD1 CLIP BPE ids), loaded from its file: importing the open_clip package needs
-    torchvision, which is kept out of the test environment."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
-    if not os.path.isfile(path):
-        return None
-    module_spec = importlib.util.spec_from_file_location("standin_open_clip_tokenizer", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.SimpleTokenizer()
-
-
-class SD1Tokenizer:
-    """The part of transformers' CLIPTokenizer interface the WebUI uses, with openai/clip-vit-large-patch14 ids.
-
-    Falls back to hashing words into the vocabulary when open_clip's BPE file is not available.
-    """
-
-    bos_token_id = SD1_BOS
-    eos_token_id = SD1_EOS
-    pad_token_id = SD1_EOS
-    model_max_length = 77
-
-    def __init__(self):
-        self.simple = _open_clip_simple_tokenizer()
-
-    def get_vocab(self):
-        if self.simple is not None:
-            return dict(self.simple.encoder)
-        return {",</w>": 267}
-
-    def encode_text(self, text):
-        if self.simple is not None:
-            return self.simple.encode(text)
-        words = re.findall(r"\w+|[^\w\s]", text.lower())
-        return [1 + (int.from_bytes(w.encode("utf8"), "little") * 2654435761) % 49400 for w in words]
-
-    def __call__(self, texts, truncation=False, max_length=None, padding=None, add_special_tokens=True,
-                 return_tensors=None, **ignored):
-        if isinstance(texts, str):
-            texts = [texts]
-        res = []
-        for text in texts:
-            ids = self.encode_text(text)
-            if add_special_tokens:
-                ids = [self.bos_token_id] + ids + [self.eos_token_id]
-            if truncation and max_length is not None and len(ids) > max_length:
-                ids = ids[:max_length - 1] + [self.eos_token_id]
-            if padding == "max_length" and max_length is not None:
-                ids = ids + [self.pad_token_id] * (max_length - len(ids))
-            res.append(ids)
-        if return_tensors == "pt":
-            return {"input_ids": torch.tensor(res, dtype=torch.long)}
-        return {"input_ids": res}
-
-
+# ldm/modules/encoders/modules.py: FrozenCLIPEmbedder
 class FrozenCLIPEmbedder(torch.nn.Module):
-    """ldm.modules.encoders.modules.FrozenCLIPEmbedder with the text model built from `clip_text_config`."""
+    """ldm.modules.encoders.modules.FrozenCLIPEmbedder: the real constructor signature (an unknown yaml param is a
+    TypeError, as in the WebUI), tokenizer and text model from `version`.
+
+    The real class calls `CLIPTokenizer.from_pretrained(version)` and `CLIPTextModel.from_pretrained(version)`, and
+    the WebUI's model loading (sd_disable_initialization) turns the latter into a model built from `version`'s
+    config alone, whose weights the checkpoint then supplies. The stand-in does the same, with `local_files_only`:
+    `version` must be a local folder (training/text_encoder.py: write_text_encoder_folder), never a hub download.
+    """
 
     LAYERS = ["last", "pooled", "hidden"]
 
-    def __init__(self, version="openai/clip-vit-large-patch14", device="cpu", max_length=77, freeze=True,
-                 layer="last", layer_idx=None, clip_text_config=None):
+    def __init__(self, version="openai/clip-vit-large-patch14", device="cuda", max_length=77, freeze=True,
+                 layer="last", layer_idx=None):
         super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
         assert layer in self.LAYERS
-        assert clip_text_config is not None, "the stand-in builds the text encoder from clip_text_config (no downloads)"
-        self.tokenizer = SD1Tokenizer()
-        self.transformer = CLIPTextModel(CLIPTextConfig(**dict(clip_text_config)))
+        self.tokenizer = CLIPTokenizer.from_pretrained(version, local_files_only=True)
+        self.transformer = CLIPTextModel(CLIPTextConfig.from_pretrained(version, local_files_only=True))
         self.device = device
         self.max_length = max_length
-        self.layer = layer
-        self.layer_idx = layer_idx
         if freeze:
             self.freeze()
+        self.layer = layer
+        self.layer_idx = layer_idx
+        if layer == "hidden":
+            assert layer_idx is not None
+            assert 0 <= abs(layer_idx) <= 12
 
     def freeze(self):
         self.transformer = self.transformer.eval()
@@ -218,6 +164,9 @@ class FrozenCLIPEmbedder(torch.nn.Module):
     def forward(self, text):
         batch_encoding = self.tokenizer(text, truncation=True, max_length=self.max_length, return_length=True,
                                         return_overflowing_tokens=False, padding="max_length", return_tensors="pt")
+        # The real class moves the tokens to `self.device` ("cuda" unless the yaml says otherwise); the WebUI never
+        # calls this forward on SD1 (its FrozenCLIPEmbedderWithCustomWords wraps the model), so the stand-in uses
+        # the text model's device.
         tokens = batch_encoding["input_ids"].to(self.transformer.device)
         outputs = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":

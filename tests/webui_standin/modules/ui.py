@@ -4,19 +4,25 @@ Kept: the order of create_ui (infotext paste fields reset -> `ui_settings_callba
 -> txt2img tab: `initialize_scripts(False)`, `prepare_ui()`, prompt/parameter components, `setup_ui()` (always-on
 scripts in their `gr.Group`s, the "Script" dropdown, selectable scripts; this assigns `args_from`/`args_to`),
 paste fields with `api=` names -> the same for img2img -> `ui_tabs_callback()` tabs rendered into the demo) and
-`scripts.scripts_current` set while a tab's components are created. The real toprow/gallery/settings pages,
-JavaScript and event wiring are not built.
+`scripts.scripts_current` set while a tab's components are created), plus what extensions' settings and infotext
+fields meet: the paste button of each tab (ParamBinding with its prompt), the txt2img gallery's "Send to img2img"
+button (ui_common.create_output_panel: a ParamBinding with `source_tabname` and the runner's `paste_field_names`),
+the Settings page (ui_settings.UiSettings: components, quicksettings, the page-load event) and
+`connect_paste_params_buttons()`. The real toprow, the rest of the output panel and JavaScript are not built.
 """
 
 import gradio as gr
 
-from modules import scripts, script_callbacks, shared, infotext_utils, sd_samplers
+from modules import scripts, script_callbacks, shared, infotext_utils, sd_samplers, ui_settings
 from modules.infotext_utils import PasteField
 from modules.shared import opts
 from modules.ui_components import FormRow, InputAccordion
 
 txt2img_paste_fields = []
 img2img_paste_fields = []
+paste_buttons = {}  # stand-in: tab name -> its paste button, for tests
+send_to_buttons = {}  # stand-in: tab name -> {"img2img": button, ...} of its gallery
+settings = None  # stand-in: the UiSettings of the last create_ui()
 
 
 def create_tab(is_img2img):
@@ -53,6 +59,18 @@ def create_tab(is_img2img):
         with gr.Column(elem_id=f"{tabname}_script_container"):
             runner.setup_ui()
 
+        paste = gr.Button(value="\u2199\ufe0f", elem_id=f"{tabname}_paste")  # toprow.paste
+        gallery = gr.Gallery(label="Output", elem_id=f"{tabname}_gallery")
+        if not is_img2img:
+            # modules/ui_common.py (v1.10): create_output_panel, the send-to buttons of the txt2img gallery
+            buttons = infotext_utils.create_buttons(["img2img", "inpaint"])  # (and "extras", not reproduced)
+            for paste_tabname, paste_button in buttons.items():
+                infotext_utils.register_paste_params_button(infotext_utils.ParamBinding(
+                    paste_button=paste_button, tabname=paste_tabname, source_tabname="txt2img", source_image_component=gallery,
+                    paste_field_names=runner.paste_field_names
+                ))
+            send_to_buttons[tabname] = buttons
+
         paste_fields = [
             PasteField(prompt, "Prompt", api="prompt"),
             PasteField(negative_prompt, "Negative prompt", api="negative_prompt"),
@@ -73,6 +91,12 @@ def create_tab(is_img2img):
             ]
         paste_fields += runner.infotext_fields
         infotext_utils.add_paste_fields(tabname, None, paste_fields, override_settings)
+        if is_img2img:  # modules/ui.py: the inpaint tab shares img2img's fields
+            infotext_utils.add_paste_fields("inpaint", None, paste_fields, override_settings)
+        infotext_utils.register_paste_params_button(infotext_utils.ParamBinding(
+            paste_button=paste, tabname=tabname, source_text_component=prompt, source_image_component=None,
+        ))
+        paste_buttons[tabname] = paste
 
     scripts.scripts_current = None
     return interface
@@ -80,8 +104,12 @@ def create_tab(is_img2img):
 
 # modules/ui.py (v1.10): create_ui (reduced; see module docstring)
 def create_ui():
+    global settings
     infotext_utils.reset()
+    paste_buttons.clear()
+    send_to_buttons.clear()
 
+    settings = ui_settings.UiSettings()
     # modules/ui_settings.py: UiSettings.register_settings
     script_callbacks.ui_settings_callback()
     opts.reorder()
@@ -89,17 +117,26 @@ def create_ui():
     txt2img_interface = create_tab(is_img2img=False)
     img2img_interface = create_tab(is_img2img=True)
 
+    settings.create_ui()
+
     interfaces = [
         (txt2img_interface, "txt2img", "txt2img"),
         (img2img_interface, "img2img", "img2img"),
     ]
 
     interfaces += script_callbacks.ui_tabs_callback()
+    interfaces += [(settings.interface, "Settings", "settings")]
 
     with gr.Blocks(analytics_enabled=False, title="Stable Diffusion") as demo:
+        settings.add_quicksettings()
+
         with gr.Tabs(elem_id="tabs"):
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
+
+        settings.add_functionality(demo)
+
+        infotext_utils.connect_paste_params_buttons()
 
     return demo
