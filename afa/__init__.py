@@ -9,9 +9,10 @@ from .host import use_webui_ldm
 use_webui_ldm()  # in a WebUI's extensions/ folder, outside its process: its vendored ldm, before ldm is imported below
 
 from .aggregator import Aggregator, AggregatorConfig
-from .ensemble import MODES, EnsembleUNet, mix
+from .ensemble import EnsembleUNet, mix
 from .errors import AfaError, CheckpointError, IncompatibleMembersError, MembersMismatchError, WeightsFileError
 from .hashing import file_sha256, shorthash
+from .modes import MODES, Mode, parse_mode
 from .members import MemberRef, check_members, load_member, read_unet_shapes, read_unet_state_dict, unet_shapes
 from .unet import PRESETS, BlockLayout, block_layout, build_unet
 from .weights import FORMAT_VERSION, WeightsInfo, load_weights, read_weights_info, save_weights
@@ -19,7 +20,7 @@ from .weights import FORMAT_VERSION, WeightsInfo, load_weights, read_weights_inf
 __version__ = "0.1.0"
 
 __all__ = [
-    "Aggregator", "AggregatorConfig", "MODES", "EnsembleUNet", "mix", "AfaError", "CheckpointError",
+    "Aggregator", "AggregatorConfig", "MODES", "Mode", "parse_mode", "EnsembleUNet", "mix", "AfaError", "CheckpointError",
     "IncompatibleMembersError", "MembersMismatchError", "WeightsFileError", "file_sha256", "shorthash", "MemberRef",
     "check_members", "load_member", "read_unet_shapes", "read_unet_state_dict", "unet_shapes", "PRESETS",
     "BlockLayout", "block_layout", "build_unet", "FORMAT_VERSION", "WeightsInfo", "load_weights",

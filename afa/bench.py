@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import statistics
 import sys
 import time
@@ -17,7 +16,8 @@ import time
 import torch
 
 from .aggregator import Aggregator, AggregatorConfig
-from .ensemble import MODES, EnsembleUNet
+from .ensemble import EnsembleUNet
+from .modes import LAST_BLOCK, MODES, SABW
 from .members import unet_shapes
 from .unet import PRESETS, block_layout, build_unet
 
@@ -82,7 +82,7 @@ def flop_ratios(arch: str, num_members: int, latent: int, batch: int, config) ->
     params = PRESETS[arch]
     with torch.device("meta"):
         members = [build_unet(params) for _ in range(num_members)]
-        aggregators = {"sabw": Aggregator(config(False)), "last-block": Aggregator(config(True))}
+        aggregators = {SABW: Aggregator(config(False)), LAST_BLOCK: Aggregator(config(True))}
         x = torch.randn(batch, params["in_channels"], latent, latent)
         timesteps = torch.full((batch,), 500.0)
         context = torch.randn(batch, 77, params["context_dim"])
@@ -93,7 +93,7 @@ def flop_ratios(arch: str, num_members: int, latent: int, batch: int, config) ->
             return counter.get_total_flops()
 
         one = count(lambda: members[0](x, timesteps, context))
-        return {mode: count(lambda: EnsembleUNet(members, aggregators.get(mode), mode)(x, timesteps, context))
+        return {mode.name: count(lambda: EnsembleUNet(members, aggregators.get(mode), mode)(x, timesteps, context))
                 / (num_members * one) for mode in MODES}
 
 
@@ -109,8 +109,27 @@ def _interleaved_medians(calls: dict, repeats: int, inference: bool) -> dict[str
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
+def _peak_rss_gib() -> float | None:
+    """The process's peak resident memory: `resource` on Linux and macOS, psutil's peak working set on Windows
+    (A1111 installs psutil); None where neither is there."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return psutil.Process().memory_info().peak_wset / 2 ** 30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 30 if sys.platform == "darwin" else peak / 2 ** 20  # bytes on macOS, KiB on Linux
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _format_gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} GiB"
 
 
 def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch: int = 1, repeats: int = 3,
@@ -119,15 +138,15 @@ def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch:
     """Times one UNet and the ensemble in each mode; prints a table and returns the figures."""
     members, config, (x, timesteps, context) = _setup(arch, num_members, latent, batch, dtype, hidden_channels,
                                                       max_resolution, seed)
-    aggregators = {"sabw": _aggregator(config(False), dtype), "last-block": _aggregator(config(True), dtype)}
-    ensembles = {mode: EnsembleUNet(members, aggregators.get(mode), mode) for mode in MODES}
+    aggregators = {SABW: _aggregator(config(False), dtype), LAST_BLOCK: _aggregator(config(True), dtype)}
+    ensembles = {mode.name: EnsembleUNet(members, aggregators.get(mode), mode) for mode in MODES}
     calls = {"one UNet": lambda: members[0](x, timesteps, context)}
     calls.update({mode: (lambda e=ensemble: e(x, timesteps, context)) for mode, ensemble in ensembles.items()})
     medians = _interleaved_medians(calls, repeats, inference=True)
     flops = flop_ratios(arch, num_members, latent, batch, config)
 
     one = medians["one UNet"]
-    sabw_parameters = sum(p.numel() for p in aggregators["sabw"].parameters())
+    sabw_parameters = sum(p.numel() for p in aggregators[SABW].parameters())
     peak_rss_gib = _peak_rss_gib()
     print(f"arch={arch} members={num_members} latent={latent}x{latent} batch={batch} dtype={str(dtype)[6:]} "
           f"threads={torch.get_num_threads()} repeats={repeats} (medians)", file=out)
@@ -136,16 +155,17 @@ def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch:
         ratio = "" if name == "one UNet" else f"{value / (num_members * one):.3f}"
         flop_ratio = "" if name == "one UNet" else f"{flops[name]:.4f}"
         print(f"{name:<16}{value:>10.3f}{ratio:>18}{flop_ratio:>19}", file=out)
-    print(f"SABW parameters: {sabw_parameters / 1e6:.2f}M (hidden {aggregators['sabw'].config.hidden_channels}, "
-          f"max_resolution {aggregators['sabw'].config.max_resolution}); peak RSS {peak_rss_gib:.2f} GiB", file=out)
+    sabw_config = aggregators[SABW].config
+    print(f"SABW parameters: {sabw_parameters / 1e6:.2f}M (hidden {sabw_config.hidden_channels}, "
+          f"max_resolution {sabw_config.max_resolution}); peak RSS {_format_gib(peak_rss_gib)}", file=out)
     figures = {
         "arch": arch, "members": num_members, "latent": latent, "batch": batch, "dtype": str(dtype)[6:],
         "threads": torch.get_num_threads(), "repeats": repeats,
         "seconds_one_unet": round(one, 4),
-        "seconds": {mode: round(medians[mode], 4) for mode in MODES},
-        "ratio_to_n_unets": {mode: round(medians[mode] / (num_members * one), 4) for mode in MODES},
-        "flop_ratio_to_n_unets": {mode: round(flops[mode], 5) for mode in MODES},
-        "sabw_parameters": sabw_parameters, "peak_rss_gib": round(peak_rss_gib, 3),
+        "seconds": {mode.name: round(medians[mode.name], 4) for mode in MODES},
+        "ratio_to_n_unets": {mode.name: round(medians[mode.name] / (num_members * one), 4) for mode in MODES},
+        "flop_ratio_to_n_unets": {mode.name: round(flops[mode.name], 5) for mode in MODES},
+        "sabw_parameters": sabw_parameters, "peak_rss_gib": _round(peak_rss_gib),
     }
     print(json.dumps(figures), file=out)
     return figures
@@ -160,7 +180,7 @@ def run_train_bench(arch: str = "sd15", num_members: int = 2, latent: int = 32, 
     members, config, (x, timesteps, context) = _setup(arch, num_members, latent, batch, dtype, hidden_channels,
                                                       max_resolution, seed)
     aggregator = _aggregator(config(False), dtype).train().requires_grad_(True)
-    ensemble = EnsembleUNet(members, aggregator, "sabw")
+    ensemble = EnsembleUNet(members, aggregator, SABW)
     ensemble.gradient_checkpointing = gradient_checkpointing
 
     def forward():
@@ -178,12 +198,12 @@ def run_train_bench(arch: str = "sd15", num_members: int = 2, latent: int = 32, 
     print(f"arch={arch} members={num_members} latent={latent}x{latent} batch={batch} dtype={str(dtype)[6:]} "
           f"gradient_checkpointing={gradient_checkpointing} threads={torch.get_num_threads()} (medians)", file=out)
     print(f"ensemble forward {medians['ensemble forward']:.3f} s; train step {medians['train step']:.3f} s "
-          f"({ratio:.2f}x); peak RSS {peak_rss_gib:.2f} GiB", file=out)
+          f"({ratio:.2f}x); peak RSS {_format_gib(peak_rss_gib)}", file=out)
     figures = {
         "arch": arch, "members": num_members, "latent": latent, "batch": batch, "dtype": str(dtype)[6:],
         "gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads(), "repeats": repeats,
         "seconds_forward": round(medians["ensemble forward"], 4), "seconds_train_step": round(medians["train step"], 4),
-        "ratio_train_step_to_forward": round(ratio, 3), "peak_rss_gib": round(peak_rss_gib, 3),
+        "ratio_train_step_to_forward": round(ratio, 3), "peak_rss_gib": _round(peak_rss_gib),
     }
     print(json.dumps(figures), file=out)
     return figures

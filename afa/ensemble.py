@@ -20,11 +20,7 @@ from torch import nn
 
 from .aggregator import Aggregator
 from .errors import IncompatibleMembersError
-
-MODES = ("sabw", "average", "noise-average", "last-block")
-"""sabw: learned per-block weights; average: block-wise averaging (no weights file); noise-average: members run
-independently and only their predictions are averaged; last-block: members run independently, SABW mixes the
-predictions (the paper's "only ensembling last block")."""
+from .modes import AVERAGE, NOISE, SABW, Mode, parse_mode, trained_mode
 
 Observer = Callable[[int, torch.Tensor], None]
 """Called as observer(block_index, weights [B x N x H x W]) with the weights a block was mixed with."""
@@ -58,12 +54,12 @@ class EnsembleUNet(nn.Module):
     Args:
         members: ldm `UNetModel`s (or sgm's, same block interface) of identical architecture, in the order the
             aggregator was trained for.
-        aggregator: required for modes `sabw` and `last-block`.
-        mode: one of `MODES`.
+        aggregator: required for the modes that need weights (afa.modes).
+        mode: an afa.modes Mode, or its name.
         observer: optional `Observer` that receives the weight maps of every mixed block.
     """
 
-    def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None = None, mode: str = "sabw",
+    def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None = None, mode: Mode | str = SABW,
                  observer: Observer | None = None):
         super().__init__()
         if len(members) < 2:
@@ -81,20 +77,18 @@ class EnsembleUNet(nn.Module):
         self.num_input_blocks = len(first.input_blocks)
         self.num_blocks = 2 * self.num_input_blocks + 1
 
-    def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown ensemble mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode in ("sabw", "last-block"):
+    def set_mode(self, mode: Mode | str) -> None:
+        mode = parse_mode(mode)
+        if mode.needs_weights:
             if self.aggregator is None:
-                raise ValueError(f"mode {mode!r} needs SABW weights; without a weights file use 'average' "
-                                 f"or 'noise-average'")
+                raise ValueError(f"mode {mode} needs SABW weights; without a weights file use {AVERAGE} or {NOISE}")
             config = self.aggregator.config
             if config.num_members != len(self.members):
                 raise IncompatibleMembersError(f"the SABW weights are for {config.num_members} members, "
                                                f"the ensemble has {len(self.members)}")
-            if config.only_last_block != (mode == "last-block"):
-                trained = "last-block" if config.only_last_block else "sabw"
-                raise ValueError(f"these SABW weights were trained for mode {trained!r}, not {mode!r}")
+            trained = trained_mode(config.only_last_block)
+            if trained is not mode:
+                raise ValueError(f"these SABW weights were trained for mode {trained}, not {mode}")
         self.mode = mode
 
     # -- one block of one member -------------------------------------------------------------------------------
@@ -195,12 +189,12 @@ class EnsembleUNet(nn.Module):
         embeddings = [self._member_embedding(member, timesteps, y) for member in members]
         last_block = self.num_blocks - 1
 
-        if self.mode in ("noise-average", "last-block"):
+        if not self.mode.mixes_every_block:
             predictions = [self._forward_blocks([member], [emb], h, context, lambda _, features: features[0])
                            for member, emb in zip(members, embeddings)]
             return self._combine(last_block, predictions, timesteps, context, None).to(x.dtype)
 
-        time_embedding = self.aggregator.embed_timesteps(timesteps) if self.mode == "sabw" else None
+        time_embedding = self.aggregator.embed_timesteps(timesteps) if self.mode.needs_weights else None
         return self._forward_blocks(
             members, embeddings, h, context,
             lambda block_index, features: self._combine(block_index, features, timesteps, context, time_embedding),
@@ -209,7 +203,7 @@ class EnsembleUNet(nn.Module):
     def _combine(self, block_index: int, features: list[torch.Tensor], timesteps: torch.Tensor,
                  context: torch.Tensor | None, time_embedding: torch.Tensor | None) -> torch.Tensor:
         """Mixes N member features of one block with the current mode's weights."""
-        if self.mode in ("average", "noise-average"):
+        if not self.mode.needs_weights:
             reference = features[0]
             weights = torch.full((reference.shape[0], len(features), 1, 1), 1.0 / len(features),
                                  dtype=torch.float32, device=reference.device)

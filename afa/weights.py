@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from .aggregator import Aggregator, AggregatorConfig
 from .errors import MembersMismatchError, WeightsFileError
 from .members import MemberRef, describe_difference
+from .modes import Mode, trained_mode
 
 FORMAT_VERSION = 1
 
@@ -40,8 +41,9 @@ class WeightsInfo:
     training: dict = field(default_factory=dict)
 
     @property
-    def mode(self) -> str:
-        return "last-block" if self.config.only_last_block else "sabw"
+    def mode(self) -> Mode:
+        """The SABW mode these weights were trained for (SABW, or LAST_BLOCK)."""
+        return trained_mode(self.config.only_last_block)
 
 
 def save_weights(path: str | Path, aggregator: Aggregator, members: Sequence[MemberRef],

@@ -10,7 +10,8 @@ from conftest import randomize_, random_inputs
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from afa import MODES, Aggregator, AggregatorConfig, EnsembleUNet, block_layout, build_unet, mix, unet_shapes
-from afa.errors import IncompatibleMembersError
+from afa.errors import AfaError, IncompatibleMembersError
+from afa.modes import LAST_BLOCK, parse_mode
 
 
 def make_unet(params: dict, seed: int) -> UNetModel:
@@ -29,9 +30,10 @@ def make_aggregator(unet: UNetModel, num_members: int, seed: int | None = None, 
 
 
 def ensemble_for(members, mode, seed=1, **overrides) -> EnsembleUNet:
+    mode = parse_mode(mode)
     aggregator = None
-    if mode in ("sabw", "last-block"):
-        aggregator = make_aggregator(members[0], len(members), seed=seed, only_last_block=mode == "last-block",
+    if mode.needs_weights:
+        aggregator = make_aggregator(members[0], len(members), seed=seed, only_last_block=mode is LAST_BLOCK,
                                      **overrides)
     return EnsembleUNet(members, aggregator, mode)
 
@@ -285,11 +287,11 @@ def test_mode_and_member_count_errors(tiny_params):
         EnsembleUNet(members[:1], None, "average")
     with pytest.raises(ValueError, match="needs SABW weights"):
         EnsembleUNet(members, None, "sabw")
-    with pytest.raises(ValueError, match="unknown ensemble mode"):
+    with pytest.raises(AfaError, match="unknown AFA mode"):
         EnsembleUNet(members, None, "median")
     with pytest.raises(IncompatibleMembersError, match="for 3 members"):
         EnsembleUNet(members, make_aggregator(members[0], 3), "sabw")
-    with pytest.raises(ValueError, match="trained for mode 'sabw'"):
+    with pytest.raises(ValueError, match="trained for mode sabw, not last-block"):
         EnsembleUNet(members, make_aggregator(members[0], 2), "last-block")
 
 

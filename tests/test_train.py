@@ -78,7 +78,7 @@ def test_outputs_of_a_run(baseline, members):
     info = read_weights_info(output)
     assert info.members == [MemberRef.from_file(path) for path in members]
     assert info.training["steps"] == 4 and info.training["dataset_size"] == 9
-    assert info.config.num_members == 2 and info.config.hidden_channels == 32 and info.mode == "sabw"
+    assert info.config.num_members == 2 and info.config.hidden_channels == 32 and info.mode.name == "sabw"
     run = baseline / "baseline"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log if "loss" in record] == [1, 2, 3, 4]
@@ -149,7 +149,7 @@ def test_bad_data_is_skipped_and_reported(members, dataset, tmp_path, capsys):
     assert "unreadable image" in out and "05.png" in out
     assert "no caption" in out and "07.png" in out
     info = read_weights_info(tmp_path / "bad.safetensors")
-    assert info.mode == "last-block" and not info.config.spatial and not info.config.use_text
+    assert info.mode.name == "last-block" and not info.config.spatial and not info.config.use_text
 
 
 def test_user_errors_are_clear(members, dataset, tmp_path):

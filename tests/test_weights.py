@@ -33,7 +33,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert set(original) == set(restored)
     assert all(torch.equal(original[k], restored[k]) and original[k].dtype == restored[k].dtype for k in original)
     assert info.members == MEMBERS and info.training == training and info.format_version == FORMAT_VERSION
-    assert info.mode == "sabw"
+    assert info.mode.name == "sabw"
     assert not list(tmp_path.glob("*.tmp"))  # written under a temporary name, then renamed
 
 
@@ -45,7 +45,7 @@ def test_fp16_storage_and_metadata_only_reads(tmp_path):
     assert json.loads(metadata["afa_members"])[1] == {"name": "beta", "sha256": "b" * 64}
     assert json.loads(metadata["afa_config"])["only_last_block"] is True
     info = read_weights_info(path)
-    assert info.mode == "last-block" and info.config.num_members == 2
+    assert info.mode.name == "last-block" and info.config.num_members == 2
     aggregator, _ = load_weights(path, dtype=torch.float32)
     assert {p.dtype for p in aggregator.parameters()} == {torch.float32}
 

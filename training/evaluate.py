@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from afa import AfaError, EnsembleUNet, load_weights  # noqa: E402
 from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights, colorize_winners,  # noqa: E402
                       legend_entries, render_grid)
+from afa.modes import AVERAGE, NOISE  # noqa: E402
 from afa.unet import block_name  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.diffusion import NoiseSchedule  # noqa: E402
@@ -117,8 +118,8 @@ def comparison_models(members: Sequence[torch.nn.Module], member_names: Sequence
                       ensemble: EnsembleUNet | None) -> dict[str, Callable]:
     """The table's rows: each member, block averaging, noise averaging, and the trained ensemble when given."""
     models: dict[str, Callable] = dict(zip(member_names, members))
-    models[BLOCK_AVERAGE] = EnsembleUNet(list(members), None, "average")
-    models[NOISE_AVERAGE] = EnsembleUNet(list(members), None, "noise-average")
+    models[BLOCK_AVERAGE] = EnsembleUNet(list(members), None, AVERAGE)
+    models[NOISE_AVERAGE] = EnsembleUNet(list(members), None, NOISE)
     if ensemble is not None:
         models[AFA] = ensemble
     return models
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": errors,
         "members": [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
                     for name, path, ref in zip(member_names, args.members, frozen.member_refs)],
-        "weights": None if weights_info is None else {"file": str(args.weights), "mode": weights_info.mode,
+        "weights": None if weights_info is None else {"file": str(args.weights), "mode": weights_info.mode.name,
                                                       "training": weights_info.training},
         "data": str(args.data), "images": len(records), "skipped": report.total, "draws_per_image": args.draws,
         "seed": args.seed, "resolution": args.resolution,

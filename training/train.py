@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from afa import AfaError, Aggregator, AggregatorConfig, EnsembleUNet, MemberRef, default_config, save_weights  # noqa: E402
+from afa.modes import AVERAGE, LAST_BLOCK, SABW, parse_mode, trained_mode  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.metrics import denoising_errors, prepare_batch  # noqa: E402
 from training.sd_checkpoint import load_frozen_models  # noqa: E402
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--latent-cache-dir", help="where cached latents go (default: <run-dir>/latent-cache)")
 
     group = parser.add_argument_group("aggregator (paper ablations as flags)")
-    group.add_argument("--mode", choices=["sabw", "last-block"], default="sabw", help="SABW after every block, or "
+    group.add_argument("--mode", choices=[SABW.name, LAST_BLOCK.name], default=SABW.name, help="SABW after every block, or "
                        "only on the members' predictions")
     group.add_argument("--no-spatial", action="store_true", help="one weight per member per block, no maps")
     group.add_argument("--no-timestep", action="store_true", help="SABW without the timestep embedding")
@@ -331,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         config = default_config(layout, len(members), context_dim, hidden_channels=args.hidden_channels,
                                 max_resolution=args.max_resolution, spatial=not args.no_spatial,
                                 use_timestep=not args.no_timestep, use_text=not args.no_text,
-                                only_last_block=args.mode == "last-block")
+                                only_last_block=parse_mode(args.mode) is LAST_BLOCK)
     torch.manual_seed(args.seed)  # the same initial aggregator on every rank
     aggregator = Aggregator(config).to(device)
-    ensemble = EnsembleUNet(members, aggregator, "last-block" if config.only_last_block else "sabw")
+    ensemble = EnsembleUNet(members, aggregator, trained_mode(config.only_last_block))
     ensemble.gradient_checkpointing = args.gradient_checkpointing
     model = ensemble
     if distributed.world_size > 1:
@@ -470,7 +471,7 @@ def validate(ensemble: EnsembleUNet, val_set, args, vae, text_encoder, schedule,
     """Held-out denoising MSE of every member, of block averaging and of the current AFA, on the same draws."""
     ensemble.eval()
     models = {ref.name: member for ref, member in zip(member_refs, ensemble.members)}
-    models["block average"] = EnsembleUNet(list(ensemble.members), None, "average")
+    models["block average"] = EnsembleUNet(list(ensemble.members), None, AVERAGE)
     models["AFA"] = ensemble
     loader = torch.utils.data.DataLoader(IndexedItems(val_set), batch_size=args.batch_size, collate_fn=collate,
                                          num_workers=0)

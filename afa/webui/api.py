@@ -23,7 +23,6 @@ from afa.weights import read_weights_info
 
 from . import folders, members
 from .infotext import public_text
-from .request import MODE_LAST_BLOCK, MODE_SABW
 
 
 def weights_entry(name: str) -> dict:
@@ -36,7 +35,7 @@ def weights_entry(name: str) -> dict:
         return entry
     found, _ = members.checkpoints_for(info.members)
     installed = {checkpoint.sha256: checkpoint.title for checkpoint in found}
-    entry["mode"] = MODE_LAST_BLOCK if info.mode == "last-block" else MODE_SABW
+    entry["mode"] = info.mode.label
     entry["members"] = [{"name": ref.name, "sha256": ref.sha256, "checkpoint": installed.get(ref.sha256)}
                         for ref in info.members]
     entry["training"] = info.training

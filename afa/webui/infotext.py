@@ -28,9 +28,10 @@ import gradio as gr
 from modules import paths, sd_models, shared
 
 from afa.errors import AfaError
+from afa.modes import LAST_BLOCK, SABW, parse_mode
 
 from . import folders
-from .request import MODE_LAST_BLOCK, MODE_SABW, EnsemblePlan, mode_label
+from .request import EnsemblePlan
 from .ui import current_title
 
 MODE_KEY = "AFA mode"
@@ -124,10 +125,10 @@ def paste_mode(params: dict):
     if MODE_KEY not in params:
         return gr.update()
     try:
-        label = mode_label(params[MODE_KEY])
+        mode = parse_mode(params[MODE_KEY])
     except AfaError:
         return gr.update()
-    return gr.update(value=MODE_SABW if label == MODE_LAST_BLOCK else label)
+    return gr.update(value=SABW.label if mode is LAST_BLOCK else mode.label)  # the accordion offers SABW only
 
 
 PASTE_FIELD_NAMES = [ENABLED_KEY, MEMBERS_KEY, WEIGHTS_KEY, MODE_KEY]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from afa.maps import WeightMapRecorder, colorize_weights, legend_entries, render_grid
 from afa.members import unet_shapes
+from afa.modes import Mode
 from afa.unet import block_layout, block_name
 
 CELL_SIZE = 128
@@ -31,12 +32,12 @@ class _Pass:
     steps: list[tuple[int, int]] = field(default_factory=list)  # (step, total) of each recorded call
 
 
-def blocks_to_show(ensemble, core_mode: str) -> list[int]:
+def blocks_to_show(ensemble, mode: Mode) -> list[int]:
     """Block indices drawn: the last output block at each resolution (for SD 1.x: output_blocks.1, 4, 7 and 11;
     the last includes the output head, so it is the mixed prediction); modes that mix only the prediction (noise
     average, last block) have that one block."""
     last = ensemble.num_blocks - 1
-    if core_mode in ("noise-average", "last-block"):
+    if not mode.mixes_every_block:
         return [last]
     downsampling = block_layout(unet_shapes(ensemble.members[0])).downsampling
     first_output = ensemble.num_input_blocks + 1
@@ -70,11 +71,11 @@ class AggregationMaps:
         self.call_rows = 0  # rows of the current UNet call
         self.recording = False
 
-    def configure(self, ensemble, core_mode: str) -> None:
+    def configure(self, ensemble, mode: Mode) -> None:
         """Called when an ensemble is built (the block layout is the same for every pass of a job)."""
-        self.blocks = blocks_to_show(ensemble, core_mode)
+        self.blocks = blocks_to_show(ensemble, mode)
         self.num_input_blocks = ensemble.num_input_blocks
-        self.first_block = 0 if core_mode in ("sabw", "average") else ensemble.num_blocks - 1
+        self.first_block = 0 if mode.mixes_every_block else ensemble.num_blocks - 1
 
     def begin_pass(self, label: str) -> None:
         self.passes.append(_Pass(label))

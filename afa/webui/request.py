@@ -13,33 +13,13 @@ from pathlib import Path
 
 from afa.errors import AfaError
 from afa.members import MemberRef
+from afa.modes import AVERAGE, LAST_BLOCK, NOISE, SABW, Mode, parse_mode
 from afa.weights import WeightsInfo, check_members_match, read_weights_info
 
 from . import folders, members
 
-MODE_SABW, MODE_AVERAGE, MODE_NOISE = "SABW", "Block average", "Noise average"
-MODE_LABELS = (MODE_SABW, MODE_AVERAGE, MODE_NOISE)
-"""The accordion's and the API's mode choices."""
-
-MODE_LAST_BLOCK = "SABW (last block)"
-"""Not a choice: "SABW" with a weights file trained for the last block only (the paper's ablation) runs the core's
-`last-block` mode, and the infotext says so with this label. The API also accepts it (and "Last block") as a mode,
-which then requires such a weights file."""
-
-CORE_MODES = {MODE_SABW: "sabw", MODE_LAST_BLOCK: "last-block", MODE_AVERAGE: "average", MODE_NOISE: "noise-average"}
-_ALIASES = {label.lower(): label for label in CORE_MODES} | {core: label for label, core in CORE_MODES.items()} | {
-    "last block": MODE_LAST_BLOCK, "average": MODE_AVERAGE, "noise-average": MODE_NOISE, "noise average": MODE_NOISE}
-
 ARG_NAMES = ("enabled", "members", "weights", "mode", "show_maps")
 """The order of the script's arguments (`ui()`'s components, the API's `args`). Append only; never reorder."""
-
-
-def mode_label(text) -> str:
-    """The canonical label of a mode name (case-insensitive; core names and aliases accepted)."""
-    label = _ALIASES.get(str(text).strip().lower())
-    if label is None:
-        raise AfaError(f"unknown AFA mode {text!r}; choose one of {', '.join(MODE_LABELS)}")
-    return label
 
 
 def _as_bool(value) -> bool:
@@ -62,7 +42,7 @@ class EnsembleRequest:
     enabled: bool = False
     members: tuple[str, ...] = ()
     weights: str = ""
-    mode: str = MODE_SABW
+    mode: str = SABW.label
     show_maps: bool = False
 
     @classmethod
@@ -73,7 +53,7 @@ class EnsembleRequest:
             enabled=_as_bool(values.get("enabled", False)),
             members=_as_names(values.get("members")),
             weights="" if folders.is_no_weights(values.get("weights")) else str(values["weights"]).strip(),
-            mode=str(values.get("mode") or MODE_SABW),
+            mode=str(values.get("mode") or SABW.label),
             show_maps=_as_bool(values.get("show_maps", False)),
         )
 
@@ -100,12 +80,15 @@ class EnsemblePlan:
     """A resolved request: what the SdUnet will build when the job's sampling starts."""
 
     members: list  # CheckpointInfo of each member, in the ensemble's (and the weights file's) order
-    mode: str  # the core's mode (afa.ensemble.MODES)
-    mode_label: str  # the infotext's label
+    mode: Mode
     weights_path: Path | None  # only for the SABW modes
     weights_label: str  # `<name> [<shorthash>]`, or "none"
     member_refs: list[MemberRef] | None  # the members as the weights file records them (SABW modes)
     show_maps: bool
+
+    @property
+    def mode_label(self) -> str:
+        return self.mode.label
 
     @property
     def member_labels(self) -> list[str]:
@@ -117,16 +100,14 @@ def plan(request: EnsembleRequest) -> EnsemblePlan:
 
     The weights file is only looked at when the job needs it: for the SABW modes, or for its members when none are
     given. A weights name left in the accordion from an earlier choice never refuses a mode that needs no weights."""
-    label = mode_label(request.mode)
-    core_mode = CORE_MODES[label]
-    uses_weights = core_mode in ("sabw", "last-block")
+    mode = parse_mode(request.mode)
     weights_path = None
-    if uses_weights or not request.members:
+    if mode.needs_weights or not request.members:
         weights_path = folders.resolve_weights(request.weights)
     weights_info = read_weights_info(weights_path) if weights_path is not None else None  # metadata only, read once
-    if uses_weights and weights_path is None:
-        raise AfaError(f"mode {MODE_SABW} needs a SABW weights file: choose one in 'SABW weights' (files in "
-                       f"{folders.describe_weights_dir()}), or use {MODE_AVERAGE} or {MODE_NOISE}, which need none")
+    if mode.needs_weights and weights_path is None:
+        raise AfaError(f"mode {SABW.label} needs a SABW weights file: choose one in 'SABW weights' (files in "
+                       f"{folders.describe_weights_dir()}), or use {AVERAGE.label} or {NOISE.label}, which need none")
 
     if request.members:
         infos = members.resolve_members(request.members)
@@ -141,19 +122,18 @@ def plan(request: EnsembleRequest) -> EnsemblePlan:
         members.ensure_hashed(info)  # the infotext names members with their shorthash (cached by the WebUI)
 
     refs = None
-    if uses_weights:
+    if mode.needs_weights:
         refs = [members.member_ref(checkpoint) for checkpoint in infos]
         check_members_match(weights_info, refs)  # MembersMismatchError naming both lists
-        if label == MODE_LAST_BLOCK and weights_info.mode != "last-block":
+        if mode is LAST_BLOCK and weights_info.mode is not LAST_BLOCK:
             raise AfaError(f"{weights_path.name} was trained for mode SABW (every block), not for the last block "
-                           f"only; use mode {MODE_SABW}")
-        core_mode = weights_info.mode
-        label = MODE_LAST_BLOCK if core_mode == "last-block" else MODE_SABW
+                           f"only; use mode {SABW.label}")
+        mode = weights_info.mode  # "SABW" runs a last-block weights file the way it was trained
     else:
         weights_path = None  # a weights file left selected in a mode that needs none is not used
 
     weights_label = folders.weights_label(weights_path) if weights_path is not None else "none"
-    return EnsemblePlan(infos, core_mode, label, weights_path, weights_label, refs, request.show_maps)
+    return EnsemblePlan(infos, mode, weights_path, weights_label, refs, request.show_maps)
 
 
 def members_of_weights(info: WeightsInfo) -> list:

@@ -16,10 +16,11 @@ import gradio as gr
 from modules import sd_models, shared
 from modules.ui_components import FormRow, InputAccordion, ToolButton
 
+from afa.modes import AVERAGE, CHOICES, SABW
 from afa.weights import read_weights_info
 
 from . import folders, settings
-from .request import MODE_AVERAGE, MODE_LABELS, MODE_SABW, members_of_weights
+from .request import members_of_weights
 
 REFRESH_SYMBOL = "\U0001f504"  # 🔄, the WebUI's refresh button
 
@@ -46,7 +47,7 @@ def default_values() -> dict:
     return {
         "members": [current_title(name) for name in shared.opts.afa_default_members or []],
         "weights": weights,
-        "mode": MODE_AVERAGE if weights == folders.NO_WEIGHTS else MODE_SABW,
+        "mode": AVERAGE.label if weights == folders.NO_WEIGHTS else SABW.label,
         "show_maps": settings.maps_default(),
     }
 
@@ -69,7 +70,7 @@ def build_accordion(elem_id: Callable[[str], str]) -> AccordionControls:
         with FormRow():
             weights = gr.Dropdown(label="SABW weights", choices=folders.weights_choices(), value=defaults["weights"],
                                   elem_id=elem_id("weights"))
-            mode = gr.Dropdown(label="Ensemble mode", choices=list(MODE_LABELS), value=defaults["mode"],
+            mode = gr.Dropdown(label="Ensemble mode", choices=[mode.label for mode in CHOICES], value=defaults["mode"],
                                elem_id=elem_id("mode"))
         show_maps = gr.Checkbox(label="Show aggregation maps", value=defaults["show_maps"],
                                 elem_id=elem_id("show_maps"))
@@ -97,18 +98,18 @@ def refreshed_choices():
 def weights_chosen(weights_name: str, current_members: list, mode: str):
     """A weights file records its members: choosing one fills them in (and selects SABW)."""
     if folders.is_no_weights(weights_name):
-        new_mode = MODE_AVERAGE if mode == MODE_SABW else mode
+        new_mode = AVERAGE.label if mode == SABW.label else mode
         return gr.update(), gr.update(value=new_mode), _status("")
     try:
         path = folders.resolve_weights(weights_name)
         infos = members_of_weights(read_weights_info(path))
     except Exception as error:
         return gr.update(), gr.update(), _status(str(error))
-    return gr.update(value=[info.title for info in infos]), gr.update(value=MODE_SABW), _status("")
+    return gr.update(value=[info.title for info in infos]), gr.update(value=SABW.label), _status("")
 
 
 def mode_chosen(weights_name: str, mode: str):
-    if mode == MODE_SABW and folders.is_no_weights(weights_name):
+    if mode == SABW.label and folders.is_no_weights(weights_name):
         return _status("SABW needs a weights file; without one choose Block average or Noise average")
     return _status("")
 

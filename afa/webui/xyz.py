@@ -11,9 +11,9 @@ from __future__ import annotations
 from modules import scripts
 
 from afa.errors import AfaError
+from afa.modes import AVERAGE, CHOICES, SABW, parse_mode
 
 from . import folders
-from .request import MODE_AVERAGE, MODE_LABELS, MODE_SABW, mode_label
 
 AXIS_ENABLED, AXIS_MODE, AXIS_WEIGHTS = "[AFA] Enabled", "[AFA] Mode", "[AFA] Weights"
 
@@ -32,7 +32,7 @@ def apply_enabled(p, x, xs) -> None:
 
 
 def apply_mode(p, x, xs) -> None:
-    _override(p, mode=mode_label(x))
+    _override(p, mode=parse_mode(x).label)
 
 
 def apply_weights(p, x, xs) -> None:
@@ -40,9 +40,9 @@ def apply_weights(p, x, xs) -> None:
     Block average of the accordion's members. The cell enables AFA (a weights axis over disabled cells would plot
     the same image in every cell); an `[AFA] Mode` or `[AFA] Enabled` axis still decides over it."""
     if folders.is_no_weights(x):
-        _override(p, weights="", implied_mode=MODE_AVERAGE, **_implied_enabled(p))
+        _override(p, weights="", implied_mode=AVERAGE.label, **_implied_enabled(p))
     else:
-        _override(p, weights=str(x), members=[], implied_mode=MODE_SABW, **_implied_enabled(p))
+        _override(p, weights=str(x), members=[], implied_mode=SABW.label, **_implied_enabled(p))
 
 
 def _implied_enabled(p) -> dict:
@@ -52,7 +52,7 @@ def _implied_enabled(p) -> dict:
 def confirm_mode(p, xs) -> None:
     for x in xs:
         try:
-            mode_label(x)
+            parse_mode(x)
         except AfaError as error:
             raise RuntimeError(str(error)) from None
 
@@ -74,7 +74,7 @@ def add_axes() -> None:
     axes = [
         xyz.AxisOption(AXIS_ENABLED, str, apply_enabled,
                        choices=choice(reverse=True) if choice else lambda: ["False", "True"]),
-        xyz.AxisOption(AXIS_MODE, str, apply_mode, confirm=confirm_mode, choices=lambda: list(MODE_LABELS)),
+        xyz.AxisOption(AXIS_MODE, str, apply_mode, confirm=confirm_mode, choices=lambda: [mode.label for mode in CHOICES]),
         xyz.AxisOption(AXIS_WEIGHTS, str, apply_weights, confirm=confirm_weights, choices=folders.weights_choices,
                        cost=0.5),  # a weights file may change the members: keep such cells together
     ]
