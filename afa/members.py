@@ -197,6 +197,10 @@ def describe_difference(expected: dict[str, tuple], found: dict[str, tuple], wha
     raise error(f"{what}: " + "; ".join(details))
 
 
+MIN_MEMBERS, MAX_MEMBERS = 2, 6
+"""How many members an ensemble takes (the WebUI's accordion, the trainer and the evaluator all check these)."""
+
+
 def check_members(shapes: Sequence[tuple[str, dict[str, tuple]]]) -> BlockLayout:
     """Confirms that members (name, UNet shapes) can be ensembled: at least two, all shaped like the first.
 

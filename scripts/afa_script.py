@@ -6,7 +6,7 @@ axes, API routes, the unload handler. Importing this file scans no folder and lo
 
 from modules import script_callbacks, scripts
 
-from afa.webui import api, hooks, infotext, settings, ui, unet, xyz
+from afa.webui import api, hooks, infotext, sd_unet_option, settings, ui, xyz
 
 
 class AfaEnsembleScript(scripts.Script):
@@ -47,7 +47,7 @@ class AfaEnsembleScript(scripts.Script):
 
 
 settings.register(on_cache_change=hooks.on_cache_setting_changed)
-script_callbacks.on_list_unets(unet.list_unets)
+script_callbacks.on_list_unets(sd_unet_option.list_unets)
 script_callbacks.on_cfg_denoiser(hooks.on_cfg_denoiser)
 script_callbacks.on_model_loaded(hooks.on_model_loaded)
 script_callbacks.on_before_ui(xyz.add_axes)

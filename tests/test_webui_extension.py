@@ -33,7 +33,7 @@ from afa import Aggregator, IncompatibleMembersError, MemberRef, default_config,
 from afa.ensemble import EnsembleUNet  # noqa: E402
 from afa.members import read_unet_shapes  # noqa: E402
 from afa.unet import PRESETS, block_layout  # noqa: E402
-from afa.webui import job, members, unet as afa_unet, xyz  # noqa: E402
+from afa.webui import build, checkpoints, job, member_cache, sd_unet_option as afa_unet, xyz  # noqa: E402
 from conftest import randomize_  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_enabled_job_runs_the_ensemble_in_the_sd_unet_and_differs_from_the_base(
     # the loaded checkpoint's UNet is reused as member 1 (not loaded twice); tiny-b came from its file
     ensemble_members = probe.steps[0]["members"]
     assert ensemble_members[0] is shared.sd_model.model.diffusion_model
-    assert members.cache.stats().members == 1
+    assert member_cache.cache.stats().members == 1
     assert pixels(processed.images[0]) != pixels(base.images[0])
 
     params = infotext_params(processed.infotexts[0])
@@ -202,10 +202,10 @@ def test_twenty_enable_disable_cycles_keep_memory_flat(webui):
 
     for enabled in (True, False):  # warm-up: the cache holds tiny-b from here on
         webui.txt2img(steps=1, script_args=afa(enabled=enabled, members=("tiny-a", "tiny-b", "tiny-c")))
-    cache_before, tensors_before = members.cache.stats(), live_tensors()
+    cache_before, tensors_before = member_cache.cache.stats(), live_tensors()
     for cycle in range(20):
         webui.txt2img(steps=1, script_args=afa(enabled=cycle % 2 == 0, members=("tiny-a", "tiny-b", "tiny-c")))
-    assert members.cache.stats() == cache_before
+    assert member_cache.cache.stats() == cache_before
     assert cache_before.members == 2  # tiny-b and tiny-c; tiny-a is the loaded checkpoint's own UNet
     assert live_tensors() == tensors_before
     assert_clean()
@@ -214,12 +214,12 @@ def test_twenty_enable_disable_cycles_keep_memory_flat(webui):
 def test_cache_policy_no_frees_members_after_the_job(webui):
     shared.opts.set("afa_member_cache", "No")
     webui.txt2img(steps=1, script_args=afa())
-    assert members.cache.stats().members == 0
+    assert member_cache.cache.stats().members == 0
     shared.opts.set("afa_member_cache", "RAM")
     webui.txt2img(steps=1, script_args=afa())
-    assert members.cache.stats().members == 1
+    assert member_cache.cache.stats().members == 1
     shared.opts.set("afa_member_cache", "No")  # the setting's onchange frees them now
-    assert members.cache.stats().members == 0
+    assert member_cache.cache.stats().members == 0
 
 
 def test_sabw_weights_file_runs_with_its_own_members(webui):
@@ -231,7 +231,7 @@ def test_sabw_weights_file_runs_with_its_own_members(webui):
     params = infotext_params(sabw.infotexts[0])
     assert params["AFA weights"] == f"pair [{file_sha256(path)[:10]}]" and params["AFA mode"] == "SABW"
     assert pixels(sabw.images[0]) != pixels(average.images[0])
-    assert members.cache.stats().tensors > 0  # the aggregator is cached with the members
+    assert member_cache.cache.stats().tensors > 0  # the aggregator is cached with the members
 
     write_weights(webui, "last.safetensors", ["tiny-a", "tiny-b"], only_last_block=True)
     last = webui.txt2img(script_args=afa(weights="last", mode="SABW"))
@@ -280,7 +280,7 @@ def test_member_names_resolve_like_the_webuis_checkpoint_lookup(webui):
     info = sd_models.get_closet_checkpoint_match("tiny-b")
     info.calculate_shorthash()
     for name in ("tiny-b", "tiny-b.safetensors", info.title, info.shorthash, info.sha256, f"tiny-b [{info.shorthash}]"):
-        assert members.resolve_checkpoint(name) is info
+        assert checkpoints.resolve_checkpoint(name) is info
     processed = webui.txt2img(script_args=afa(members=("tiny-a", "tiny-nope")))
     assert "'tiny-nope' is not an installed checkpoint" in infotext_params(processed.infotexts[0])["AFA not applied"]
     one = webui.txt2img(script_args=afa(members=("tiny-a",)))
@@ -471,11 +471,11 @@ def test_weights_and_unload_routes(webui):
     assert "not a readable safetensors file" in listing[1]["error"]
 
     webui.txt2img(steps=1, script_args=afa(members=(), weights="pair", mode="SABW"))
-    stats = members.cache.stats()
+    stats = member_cache.cache.stats()
     assert stats.members == 1 and stats.bytes > 0
     freed = client.post("/afa/v1/unload").json()
     assert freed == {"freed_members": 1, "freed_tensors": stats.tensors, "freed_bytes": stats.bytes}
-    assert members.cache.stats().tensors == 0
+    assert member_cache.cache.stats().tensors == 0
 
 
 FAKE_CONTROLNET = '''
@@ -627,9 +627,9 @@ def test_inpainting_members_only_with_inpainting_members(webui):
 
     inpainting, regular = (read_unet_shapes(sd_models.get_closet_checkpoint_match(name).filename)
                            for name in ("tiny-inpaint", "tiny-a"))
-    afa_unet.check_compatible("inpainting base", inpainting, [("member", inpainting)])  # all inpainting: accepted
+    build.check_compatible("inpainting base", inpainting, [("member", inpainting)])  # all inpainting: accepted
     with pytest.raises(IncompatibleMembersError, match="inpainting base is an inpainting model"):
-        afa_unet.check_compatible("inpainting base", inpainting, [("tiny-a", regular)])
+        build.check_compatible("inpainting base", inpainting, [("tiny-a", regular)])
 
 
 def test_prompt_lora_changes_every_member(tmp_path):
@@ -644,7 +644,7 @@ def test_prompt_lora_changes_every_member(tmp_path):
         assert pixels(plain.images[0]) != pixels(styled.images[0])
         assert "AFA mode" in infotext_params(styled.infotexts[0])
 
-        cached = list(members.cache.unets.values())
+        cached = list(member_cache.cache.unets.values())
         assert len(cached) == 2
         for member in cached:
             layer = member.input_blocks[1][1].proj_in
@@ -688,7 +688,7 @@ def test_tiling_applies_to_members(webui):
 
 
 def test_interrupt_while_loading_members(webui, monkeypatch):
-    original_get = members.MemberCache.get
+    original_get = member_cache.MemberCache.get
     textinfo = []
 
     def get_then_interrupt(self, info, dtype, device):
@@ -697,7 +697,7 @@ def test_interrupt_while_loading_members(webui, monkeypatch):
         shared.state.interrupt()
         return unet
 
-    monkeypatch.setattr(members.MemberCache, "get", get_then_interrupt)
+    monkeypatch.setattr(member_cache.MemberCache, "get", get_then_interrupt)
     processed = webui.txt2img(script_args=afa(members=("tiny-b", "tiny-c")))
     assert textinfo == ["AFA: loading member 1/2: tiny-b"]
     assert "interrupted while loading members" in infotext_params(processed.infotexts[0])["AFA not applied"]
@@ -717,7 +717,7 @@ def test_settings_defaults_feed_the_accordion_and_ui_is_side_effect_free(webui):
 
     def snapshot():
         files = sorted(str(p) for p in webui.data_dir.rglob("*"))
-        return (files, dict(shared.opts.data), members.cache.stats(), sd_unet.current_unet, job.current,
+        return (files, dict(shared.opts.data), member_cache.cache.stats(), sd_unet.current_unet, job.current,
                 list(infotext_utils.paste_fields), len(script_callbacks.callback_map["callbacks_cfg_denoiser"]))
 
     before = snapshot()
@@ -784,7 +784,7 @@ def test_extension_loaded_after_the_model_works(tmp_path):
 
 def test_unload_tears_down_and_frees_caches(webui):
     webui.txt2img(script_args=afa(members=("tiny-a", "tiny-b", "tiny-c")))
-    assert members.cache.stats().members == 2
+    assert member_cache.cache.stats().members == 2
     with pytest.MonkeyPatch.context() as patch:  # leave an active AfaUnet behind, as a failed job does
         patch.setattr(EnsembleUNet, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(RuntimeError, match="boom"):
@@ -793,7 +793,7 @@ def test_unload_tears_down_and_frees_caches(webui):
 
     webui.unload()
     assert sd_unet.current_unet is None and job.current is None
-    assert members.cache.stats().tensors == 0
+    assert member_cache.cache.stats().tensors == 0
     assert next(shared.sd_model.model.diffusion_model.parameters()).device == devices.device
 
 
@@ -885,7 +885,7 @@ def test_switch_to_an_already_loaded_checkpoint_rebuilds_the_ensemble(tmp_path):
 
 
 def test_aggregation_maps_follow_each_images_rows_with_and_prompts(webui, monkeypatch):
-    from afa.webui.maps import AggregationMaps
+    from afa.webui.gallery_maps import AggregationMaps
 
     maps = AggregationMaps(["a", "b"], "title", batch_size=2, every=None)
     maps.blocks, maps.first_block, maps.num_input_blocks = [0], 0, 12
@@ -933,16 +933,16 @@ def test_unload_waits_for_the_running_job(webui):
     from modules import call_queue
 
     webui.txt2img(script_args=afa(members=("tiny-b", "tiny-c")))
-    assert members.cache.stats().members == 2
+    assert member_cache.cache.stats().members == 2
     result = {}
     client = webui.client()
     with call_queue.queue_lock:  # what a generation holds while it runs
         thread = threading.Thread(target=lambda: result.update(client.post("/afa/v1/unload").json()))
         thread.start()
         thread.join(timeout=3)
-        assert thread.is_alive() and members.cache.stats().members == 2
+        assert thread.is_alive() and member_cache.cache.stats().members == 2
     thread.join(timeout=60)
-    assert result["freed_members"] == 2 and members.cache.stats().members == 0
+    assert result["freed_members"] == 2 and member_cache.cache.stats().members == 0
 
 
 def test_identical_members_with_a_prompt_lora_give_the_base_image(tmp_path):
@@ -984,14 +984,14 @@ def test_xyz_cells_with_afa_off_print_nothing_about_the_override(webui, capsys):
 
 
 def test_interrupt_while_loading_members_is_reported_through_the_api(webui, monkeypatch):
-    original_get = members.MemberCache.get
+    original_get = member_cache.MemberCache.get
 
     def get_then_interrupt(self, info, dtype, device):
         unet = original_get(self, info, dtype, device)
         shared.state.interrupt()
         return unet
 
-    monkeypatch.setattr(members.MemberCache, "get", get_then_interrupt)
+    monkeypatch.setattr(member_cache.MemberCache, "get", get_then_interrupt)
     body = webui.client().post("/sdapi/v1/txt2img", json={
         "prompt": "a cat", "steps": 2, "width": 64, "height": 64,
         "alwayson_scripts": {TITLE: {"args": [True, ["tiny-b", "tiny-c"], "", "Block average"]}}}).json()

@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from afa import AfaError, EnsembleUNet, load_weights  # noqa: E402
 from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights, colorize_winners,  # noqa: E402
                       legend_entries, render_grid)
+from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
 from afa.modes import AVERAGE, NOISE  # noqa: E402
 from afa.unet import block_name  # noqa: E402
 from training import data as datasets  # noqa: E402
@@ -89,8 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--cell-size", type=int, default=112, help="pixels per figure cell")
     args = parser.parse_args(argv)
 
-    if not 2 <= len(args.members) <= 6:
-        parser.error(f"--members takes 2 to 6 checkpoints, got {len(args.members)}")
+    if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
+        parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
     for flag in ("samples", "figure_images"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be 0 or more")

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from afa import AfaError, Aggregator, AggregatorConfig, EnsembleUNet, MemberRef, default_config, save_weights  # noqa: E402
+from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
 from afa.modes import AVERAGE, LAST_BLOCK, SABW, parse_mode, trained_mode  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.metrics import denoising_errors, prepare_batch  # noqa: E402
@@ -109,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    if not 2 <= len(args.members) <= 6:
-        parser.error(f"--members takes 2 to 6 checkpoints, got {len(args.members)}")
+    if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
+        parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
     if args.batch_size % args.gradient_accumulation:
         parser.error("--batch-size must be a multiple of --gradient-accumulation")
     if not 0 <= args.caption_dropout <= 1:

@@ -21,7 +21,8 @@ from modules import call_queue, shared
 from afa.errors import AfaError
 from afa.weights import read_weights_info
 
-from . import folders, members
+from . import checkpoints, folders
+from .member_cache import cache
 from .infotext import public_text
 
 
@@ -33,7 +34,7 @@ def weights_entry(name: str) -> dict:
     except AfaError as error:  # a damaged file is listed with its error, never fails the listing
         entry["error"] = public_text(str(error))
         return entry
-    found, _ = members.checkpoints_for(info.members)
+    found, _ = checkpoints.checkpoints_for(info.members)
     installed = {checkpoint.sha256: checkpoint.title for checkpoint in found}
     entry["mode"] = info.mode.label
     entry["members"] = [{"name": ref.name, "sha256": ref.sha256, "checkpoint": installed.get(ref.sha256)}
@@ -49,7 +50,7 @@ def list_weights() -> list[dict]:
 def unload() -> dict:
     # the queue lock is what every generation holds: a running job keeps its members until it ends
     with call_queue.queue_lock:
-        freed = members.cache.clear()
+        freed = cache.clear()
     return {"freed_members": freed.members, "freed_tensors": freed.tensors, "freed_bytes": freed.bytes}
 
 

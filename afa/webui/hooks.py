@@ -26,10 +26,11 @@ from modules import sd_unet, shared
 from afa.errors import AfaError
 
 from . import job as jobs
-from . import members, settings
-from .maps import AggregationMaps
+from . import settings
+from .gallery_maps import AggregationMaps
+from .member_cache import cache
 from .request import EnsembleRequest, plan
-from .unet import LABEL, loaded_unet, tear_down
+from .sd_unet_option import LABEL, loaded_unet, tear_down
 
 
 # -- the job ---------------------------------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ def before_process(p, args) -> None:
     if tear_down():
         print("AFA: deactivated the ensemble left by a job that did not finish")
     jobs.clear()
-    members.cache.trim(settings.cache_policy())
+    cache.trim(settings.cache_policy())
     # An X/Y/Z plot cell is a shallow copy of `p` (scripts/xyz_grid.py): its extra_generation_params dict is the
     # previous cell's, which may still hold that cell's AFA entries.
     jobs.forget_infotext(p)
@@ -151,7 +152,7 @@ def postprocess(p, processed) -> None:
         append_maps(processed, job.map_images)
         job.settle_infotext(p)
     jobs.clear()
-    members.cache.trim(settings.cache_policy())
+    cache.trim(settings.cache_policy())
 
 
 def append_maps(processed, figures: list) -> None:
@@ -201,11 +202,11 @@ def on_script_unloaded() -> None:
     """"Reload UI" or shutdown: leave the WebUI as if AFA had never run, and free every cached member."""
     tear_down()
     jobs.clear()
-    members.cache.clear()
+    cache.clear()
 
 
 def on_cache_setting_changed() -> None:
     policy = settings.cache_policy()
     if jobs.active() is None:
-        members.cache.park(policy)
-        members.cache.trim(policy)
+        cache.park(policy)
+        cache.trim(policy)

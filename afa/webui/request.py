@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from afa.errors import AfaError
-from afa.members import MemberRef
+from afa.members import MAX_MEMBERS, MIN_MEMBERS, MemberRef
 from afa.modes import AVERAGE, LAST_BLOCK, NOISE, SABW, Mode, parse_mode
 from afa.weights import WeightsInfo, check_members_match, read_weights_info
 
-from . import folders, members
+from . import checkpoints, folders
 
 ARG_NAMES = ("enabled", "members", "weights", "mode", "show_maps")
 """The order of the script's arguments (`ui()`'s components, the API's `args`). Append only; never reorder."""
@@ -92,7 +92,7 @@ class EnsemblePlan:
 
     @property
     def member_labels(self) -> list[str]:
-        return [members.label(info) for info in self.members]
+        return [checkpoints.label(info) for info in self.members]
 
 
 def plan(request: EnsembleRequest) -> EnsemblePlan:
@@ -110,20 +110,20 @@ def plan(request: EnsembleRequest) -> EnsemblePlan:
                        f"{folders.describe_weights_dir()}), or use {AVERAGE.label} or {NOISE.label}, which need none")
 
     if request.members:
-        infos = members.resolve_members(request.members)
+        infos = checkpoints.resolve_members(request.members)
     elif weights_info is not None:
         infos = members_of_weights(weights_info)
     else:
         raise AfaError("no ensemble members given: choose 2 or more checkpoints in 'Ensemble members' "
                        "(or a weights file, which brings its own members)")
-    if len(infos) > members.MAX_MEMBERS:
-        raise AfaError(f"AFA ensembles 2 to {members.MAX_MEMBERS} members, got {len(infos)}")
+    if len(infos) > MAX_MEMBERS:
+        raise AfaError(f"AFA ensembles {MIN_MEMBERS} to {MAX_MEMBERS} members, got {len(infos)}")
     for info in infos:
-        members.ensure_hashed(info)  # the infotext names members with their shorthash (cached by the WebUI)
+        checkpoints.ensure_hashed(info)  # the infotext names members with their shorthash (cached by the WebUI)
 
     refs = None
     if mode.needs_weights:
-        refs = [members.member_ref(checkpoint) for checkpoint in infos]
+        refs = [checkpoints.member_ref(checkpoint) for checkpoint in infos]
         check_members_match(weights_info, refs)  # MembersMismatchError naming both lists
         if mode is LAST_BLOCK and weights_info.mode is not LAST_BLOCK:
             raise AfaError(f"{weights_path.name} was trained for mode SABW (every block), not for the last block "
@@ -138,7 +138,7 @@ def plan(request: EnsembleRequest) -> EnsemblePlan:
 
 def members_of_weights(info: WeightsInfo) -> list:
     """The installed checkpoints a weights file was trained for; AfaError naming those not installed."""
-    found, missing = members.checkpoints_for(info.members)
+    found, missing = checkpoints.checkpoints_for(info.members)
     if missing:
         raise AfaError(f"{info.path.name} was trained for {', '.join(str(ref) for ref in info.members)}; "
                        f"not installed: {', '.join(str(ref) for ref in missing)}")

@@ -176,6 +176,13 @@ class Generation:
     def params(self) -> dict:
         return parse_infotext(self.infotext)
 
+    def same_image(self, other: "Generation") -> bool:
+        """The first images have the same pixels (bit for bit)."""
+        return same_pixels(self.image, other.image)
+
+    def max_diff(self, other: "Generation") -> int:
+        return max_pixel_diff(self.image, other.image)
+
 
 @dataclass
 class WebUI:
@@ -184,6 +191,8 @@ class WebUI:
     data_dir: Path
     log: Path
     process: subprocess.Popen = field(repr=False)
+    repo: Path = REPO
+    pair_members: tuple = PAIR_MEMBERS
 
     # -- HTTP --
 
@@ -281,13 +290,24 @@ def start_webui(webui_dir: Path, data_dir: Path, port: int | None = None,
     return webui
 
 
+STARTED_LINE = "Startup time:"
+"""What webui.py prints once the API is added and the app_started callbacks (the extension's routes) ran."""
+
+
 def wait_until_ready(webui: WebUI, timeout: float) -> None:
+    """Waits for the startup line in the log, then for the checkpoint list. No request is sent before that line:
+    the first request builds the app's middleware stack, and A1111 adds its API middleware after gradio's launch,
+    so an early request makes it fail with "Cannot add middleware after an application has started"."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
         if webui.process.poll() is not None:
             raise WebUIError(f"the WebUI exited with code {webui.process.returncode} during startup\n"
                              f"--- {webui.log} ---\n{log_tail(webui.log)}")
+        if STARTED_LINE not in webui.log.read_text(encoding="utf-8", errors="replace"):
+            last = f"no {STARTED_LINE!r} line in the log yet"
+            time.sleep(0.5)
+            continue
         try:
             models = webui.get("/sdapi/v1/sd-models", timeout=10)
             names = {model["model_name"] for model in models}
@@ -331,6 +351,12 @@ def webui(tmp_path_factory):
         yield server
     finally:
         stop_webui(server)
+
+
+@pytest.fixture(scope="session")
+def infotext_parser():
+    """parse_infotext (test modules reach the helpers through fixtures: every conftest.py is a module "conftest")."""
+    return parse_infotext
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Ensemble members in the WebUI: names -> checkpoints, sha256 binding, and the member cache.
+"""Member names -> the WebUI's installed checkpoints (CheckpointInfo), their sha256, shapes and labels.
 
 Names resolve exactly like the WebUI's own checkpoint lookup (`sd_models.get_closet_checkpoint_match`: title,
 file name, name without extension, old hash, shorthash or sha256, then the shortest title containing the text), so
@@ -6,38 +6,19 @@ only installed checkpoints can ever be members; text that is a path (absolute, o
 
 Hashes come from the WebUI's CheckpointInfo (`calculate_shorthash()`, kept in the WebUI's hash cache), so a file
 the WebUI already hashed is never hashed again and the loaded checkpoint is recognised as a member by its sha256.
-
-Memory: members other than the loaded checkpoint are read with the core's `load_member`, which reads only the
-`model.diffusion_model.*` tensors, one at a time, each cast to the member precision as it is read, into a UNet built
-on the meta device. `sd_models.read_state_dict` would read the whole checkpoint (VAE and text encoder too, often
-fp32) before anything could be cast: all ~4.3 GB of an fp32 SD 1.5 file in RAM, for a 1.72 GB fp16 UNet.
 """
 
 from __future__ import annotations
 
-import gc
 import os
-from dataclasses import dataclass
 
-import torch
-
-from modules import devices, sd_models, shared
+from modules import sd_models, shared
 
 from afa.errors import AfaError, CheckpointError, MembersMismatchError
-from afa.members import MemberRef, config_beside, load_member, read_unet_shapes
-from afa.weights import load_weights
+from afa.members import MAX_MEMBERS, MIN_MEMBERS, MemberRef, read_unet_shapes
 
 from . import folders
-from .settings import CACHE_NONE, CACHE_VRAM
 
-MAX_MEMBERS = 6
-
-
-class LoadingInterrupted(AfaError):
-    """The user pressed Interrupt while members were loading."""
-
-
-# -- names ---------------------------------------------------------------------------------------------------------
 
 def resolve_checkpoint(name: str):
     """The installed checkpoint (CheckpointInfo) a member name denotes."""
@@ -55,12 +36,12 @@ def resolve_checkpoint(name: str):
 def resolve_members(names) -> list:
     """CheckpointInfos for the member names, in order (2 to MAX_MEMBERS)."""
     infos = [resolve_checkpoint(name) for name in names]
-    if len(infos) < 2:
-        raise AfaError(f"an ensemble needs at least 2 members, got {len(infos)}"
+    if len(infos) < MIN_MEMBERS:
+        raise AfaError(f"an ensemble needs at least {MIN_MEMBERS} members, got {len(infos)}"
                        + (f" ({', '.join(label(i) for i in infos)})" if infos else "")
                        + "; choose them in the accordion or pick a weights file")
     if len(infos) > MAX_MEMBERS:
-        raise AfaError(f"AFA ensembles 2 to {MAX_MEMBERS} members, got {len(infos)}")
+        raise AfaError(f"AFA ensembles {MIN_MEMBERS} to {MAX_MEMBERS} members, got {len(infos)}")
     return infos
 
 
@@ -129,87 +110,6 @@ def unet_shapes_of(info) -> dict[str, tuple]:
             del _shapes_cache[next(iter(_shapes_cache))]
         _shapes_cache[key] = read_unet_shapes(info.filename)
     return _shapes_cache[key]
-
-
-# -- cache -----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class CacheStats:
-    members: int
-    tensors: int
-    bytes: int
-
-
-class MemberCache:
-    """Member UNets loaded from their files, kept between jobs as the "Keep members loaded" setting says.
-
-    Keyed by (file, modification time, dtype). Never holds the loaded checkpoint's own UNet (that belongs to the
-    WebUI, which may move it to `meta` when it loads another model) — only UNets AFA read itself.
-    """
-
-    def __init__(self):
-        self.unets: dict[tuple, torch.nn.Module] = {}
-        self.aggregators: dict[tuple, tuple] = {}  # (file, mtime, members) -> (Aggregator, WeightsInfo)
-
-    @staticmethod
-    def key(info, dtype: torch.dtype) -> tuple:
-        return os.path.abspath(info.filename), os.path.getmtime(info.filename), str(dtype)
-
-    def keep_only(self, keys) -> None:
-        """Drops every cached member but `keys` (so switching member sets never accumulates UNets in RAM)."""
-        keys = set(keys)
-        for key in [k for k in self.unets if k not in keys]:
-            del self.unets[key]
-
-    def get(self, info, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-        """The member's UNet on `device`, from the cache or read from its file."""
-        key = self.key(info, dtype)
-        unet = self.unets.get(key)
-        if unet is None:
-            unet = load_member(info.filename, dtype=dtype, device="cpu", config=config_beside(info.filename))
-            self.unets[key] = unet
-        return unet.to(device)
-
-    def get_aggregator(self, path, refs: list[MemberRef], device: torch.device):
-        """(Aggregator in float32 on `device`, WeightsInfo) of a weights file trained for exactly `refs`."""
-        key = (os.path.abspath(path), os.path.getmtime(path), tuple(ref.sha256 for ref in refs))
-        for other in [k for k in self.aggregators if k != key]:
-            del self.aggregators[other]  # one weights file at a time
-        if key not in self.aggregators:
-            # SABW is ~2% of the members' compute and trained in fp32: it stays fp32 whatever the member precision
-            self.aggregators[key] = load_weights(path, members=refs, device="cpu", dtype=torch.float32)
-        aggregator, info = self.aggregators[key]
-        return aggregator.to(device), info
-
-    def park(self, policy: str) -> None:
-        """After a member set is deactivated: off the GPU unless the policy keeps members in VRAM."""
-        if policy != CACHE_VRAM:
-            for unet in self.unets.values():
-                unet.to(devices.cpu)
-            for aggregator, _ in self.aggregators.values():
-                aggregator.to(devices.cpu)
-
-    def trim(self, policy: str) -> None:
-        """At the end of a job: forget everything if the policy keeps nothing between jobs."""
-        if policy == CACHE_NONE:
-            self.clear()
-
-    def clear(self) -> CacheStats:
-        """Forgets every member; returns what was freed."""
-        freed = self.stats()
-        self.unets.clear()
-        self.aggregators.clear()
-        gc.collect()
-        devices.torch_gc()
-        return freed
-
-    def stats(self) -> CacheStats:
-        modules = list(self.unets.values()) + [aggregator for aggregator, _ in self.aggregators.values()]
-        tensors = [t for module in modules for t in module.state_dict().values()]
-        return CacheStats(len(self.unets), len(tensors), sum(t.numel() * t.element_size() for t in tensors))
-
-
-cache = MemberCache()
 
 
 def loaded_base():
