@@ -1,4 +1,4 @@
-"""SABW: the Spatial-Aware Block-Wise feature aggregator (paper section 3.3, ../shared/design/method.md).
+"""SABW: the Spatial-Aware Block-Wise feature aggregator (paper section 3.3).
 
 One `SabwBlock` per UNet block turns the N members' output features of that block into N weight maps:
 

@@ -147,14 +147,29 @@ def test_shapes_and_dtypes_across_unet_variants(tiny_params, variant):
 
 
 def test_odd_latent_sizes(tiny_params):
-    """Non-square latents and sizes where the SABW pooling factor does not divide the side."""
-    members = [make_unet(tiny_params, seed=s) for s in range(2)]
-    ensemble = ensemble_for(members, "sabw", max_resolution=6)
+    """Non-square latents and sizes where the SABW pooling factor does not divide the side: the weights are pooled
+    and upsampled back to every block's own size, still sum to one at every pixel (so identical members give the
+    member's output), and differ across the image (SABW is spatial)."""
+    unet = make_unet(tiny_params, seed=4)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 24, 16, generator=generator)
+    timesteps, context = torch.tensor([100.0]), torch.randn(1, 77, 32, generator=generator)
+    seen = {}
+
+    def observe(block_index, weights):
+        seen[block_index] = weights
+
+    identical = ensemble_for([copy.deepcopy(unet) for _ in range(2)], "sabw", seed=9, max_resolution=6)
+    identical.observer = observe
     with torch.no_grad():
-        out = ensemble(x, torch.tensor([100.0]), torch.randn(1, 77, 32, generator=generator))
+        expected = unet(x, timesteps, context)
+        out = identical(x, timesteps, context)
     assert out.shape == x.shape
+    assert (out - expected).abs().max().item() < 1e-5
+    first = seen[0]
+    assert first.shape == (1, 2, 24, 16)
+    torch.testing.assert_close(first.sum(dim=1), torch.ones(1, 24, 16))
+    assert (first[:, 0].max() - first[:, 0].min()).item() > 1e-4
 
 
 def _cpu_autocast_dtype():

@@ -16,6 +16,7 @@ import gradio as gr
 from modules import sd_models, shared
 from modules.ui_components import FormRow, InputAccordion, ToolButton
 
+from afa.errors import AfaError
 from afa.modes import AVERAGE, CHOICES, SABW
 from afa.weights import read_weights_info
 
@@ -103,7 +104,7 @@ def weights_chosen(weights_name: str, current_members: list, mode: str):
     try:
         path = folders.resolve_weights(weights_name)
         infos = members_of_weights(read_weights_info(path))
-    except Exception as error:
+    except AfaError as error:  # not in the folder any more, unreadable, members not installed
         return gr.update(), gr.update(), _status(str(error))
     return gr.update(value=[info.title for info in infos]), gr.update(value=SABW.label), _status("")
 
