@@ -30,10 +30,11 @@ def mix(features: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor
     """sum_i weights[:, i] * features[i]. features: N x [B x C x H x W]; weights [B x N x H x W] or [B x N x 1 x 1].
 
     Written as a fixed-order sum (not einsum) so that uniform weights give bit-identical results whichever mode
-    produced them. The result has the memory layout (strides) of `features[0]`: a block's output is often a permuted
-    view (SpatialTransformer's `b (h w) c -> b c h w`), and the next block computes slightly differently on a
-    contiguous copy of the same values, a difference that a strong LoRA amplifies to visible pixels. Keeping the
-    layout makes an ensemble of identical members bit-identical to the member alone."""
+    produced them. The result has the strides of `features[0]`: in the WebUI, blocks return channels-last tensors,
+    and for a 1 x 1 block (the deepest blocks of a small latent) the arithmetic above gives contiguous strides
+    instead; the next block then runs other kernels on the same values, with rounding differences that a strong
+    LoRA amplified to visible pixels (block averaging of identical members drifting from the member alone in a real
+    A1111). With the member's strides, identical members give the member's output bit for bit."""
     weights = weights.to(features[0].dtype)
     mixed = weights[:, 0:1] * features[0]
     for index in range(1, len(features)):

@@ -354,11 +354,12 @@ SD15_CHANNELS = (320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280
                  1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 4)
 
 
-def test_mix_keeps_the_memory_layout_of_the_features():
-    # A block's output may be a permuted view (channels-last strides, as the WebUI's attention on the CPU returns);
-    # the next block computes slightly differently on a contiguous copy, which a strong prompt LoRA made visible as
-    # block averaging of identical members drifting from the member alone in a real A1111.
-    features = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("size", [1, 4])
+def test_mix_keeps_the_memory_layout_of_the_features(size):
+    # In a real A1111 blocks return channels-last tensors; for a 1 x 1 block plain arithmetic would give the mix
+    # contiguous strides, the next block then rounds differently, and a strong prompt LoRA made that visible as
+    # block averaging of identical members drifting from the member alone.
+    features = torch.randn(2, size, size, 64).permute(0, 3, 1, 2)  # channels-last strides, as ldm's blocks return
     weights = torch.full((2, 2, 1, 1), 0.5, requires_grad=True)
     mixed = mix([features, features.clone()], weights)
     assert mixed.stride() == features.stride() and torch.equal(mixed, features)
