@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from afa import read_weights_info
+from afa import AfaError, read_weights_info
 from afa.unet import PRESETS, build_unet
 from training import demo
 from training.data import SkipReport, index_captioned_images
@@ -80,7 +80,7 @@ def test_rerunning_replaces_only_a_demo_folder(tmp_path):
     foreign = tmp_path / "my-files"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="not written by the demo"):
+    with pytest.raises(AfaError, match="not written by the demo"):
         demo.prepare_output(foreign)
     assert (foreign / "keep.txt").is_file()
     earlier = tmp_path / "earlier-demo"

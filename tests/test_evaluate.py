@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from afa import Aggregator, MemberRef, MembersMismatchError, default_config, load_member, save_weights, unet_shapes
+from afa import (AfaError, Aggregator, MemberRef, MembersMismatchError, default_config, load_member, save_weights,
+                 unet_shapes)
 from afa.maps import TIE, TIE_COLOR, grid_layout, legend_entries
 from afa.unet import block_layout
 from training import evaluate
@@ -166,9 +167,9 @@ def test_weights_of_another_member_set_are_refused(checkpoint_factory, held_out,
 def test_user_errors_in_flags_are_reported_clearly(checkpoint_factory, held_out, tmp_path):
     members = [str(checkpoint_factory(1)), str(checkpoint_factory(2))]
     weights = weights_for([checkpoint_factory(1), checkpoint_factory(2)], tmp_path / "afa.safetensors")
-    with pytest.raises(SystemExit, match="output_blocks.12"):
+    with pytest.raises(AfaError, match="output_blocks.12"):
         run_evaluate(members, held_out, tmp_path / "out", "--weights", str(weights), "--map-blocks", "output_blocks.12")
-    with pytest.raises(SystemExit, match="timesteps 0 to 999"):
+    with pytest.raises(AfaError, match="timesteps 0 to 999"):
         run_evaluate(members, held_out, tmp_path / "out", "--timesteps", "1000")
 
 

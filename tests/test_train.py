@@ -1,4 +1,5 @@
-"""training/train.py end to end on tiny members: outputs, resume equality, DDP equality, accumulation, bad data."""
+"""training/train.py end to end on tiny members: outputs, resume equality and its refusals, DDP equality,
+accumulation, bad data, what the ablation flags remove."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from afa import MemberRef, read_weights_info
-from training import train
+from afa import AfaError, EnsembleUNet, MemberRef, load_member, load_weights, read_weights_info
 from afa.host import find_webui
+from conftest import random_inputs
+from training import train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,6 +106,18 @@ def test_resumed_run_ends_with_the_same_weights(baseline, members, dataset, tmp_
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_resume_refuses_changed_settings_and_accepts_a_longer_run(baseline, members, dataset, tmp_path):
+    state = baseline / "baseline" / "checkpoints" / "state-00000004.pt"
+    args = train_args(members, dataset, tmp_path, "longer", "--resume", str(state))
+    with pytest.raises(AfaError) as refused:
+        train.main(args + ["--max-steps", "5", "--batch-size", "2", "--seed", "1"])
+    message = str(refused.value)
+    assert "--batch-size: saved 4, given 2" in message and "--seed: saved 0, given 1" in message
+    assert "--max-steps" not in message  # training longer is what resuming is for
+    run_in_process(args + ["--max-steps", "5"])
+    assert read_weights_info(tmp_path / "longer.safetensors").training["steps"] == 5
+
+
 def test_gradient_accumulation_matches_one_big_batch(baseline, members, dataset, tmp_path):
     run_in_process(train_args(members, dataset, tmp_path, "accumulated", "--max-steps", "4",
                               "--gradient-accumulation", "2"))
@@ -180,5 +194,40 @@ def test_checkpointing_matches_and_cpu_precision_flags(baseline, members, datase
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
     run_in_process(train_args(members, dataset, tmp_path, "bf16", "--max-steps", "1", "--mixed-precision", "bf16"))
     assert read_weights_info(tmp_path / "bf16.safetensors").training["steps"] == 1
-    with pytest.raises(SystemExit, match="fp16 needs a CUDA device"):
+    with pytest.raises(AfaError, match="fp16 needs a CUDA device"):
         train.main(train_args(members, dataset, tmp_path, "fp16", "--max-steps", "1", "--mixed-precision", "fp16"))
+
+
+def first_block_maps(ensemble: EnsembleUNet, x: torch.Tensor, timesteps: torch.Tensor,
+                     context: torch.Tensor) -> torch.Tensor:
+    """SABW's weights at input_blocks.0 [B x N x H x W] in one ensemble call."""
+    recorded = {}
+    ensemble.observer = lambda block_index, weights: recorded.setdefault(block_index, weights)
+    with torch.no_grad():
+        ensemble(x, timesteps, context)
+    return recorded[0]
+
+
+@pytest.mark.parametrize("flag, config_field, ignored, kept", [("--no-text", "use_text", "context", "timestep"),
+                                                               ("--no-timestep", "use_timestep", "timestep", "context")])
+def test_ablation_flags_remove_their_condition_from_the_maps(members, dataset, tmp_path, flag, config_field, ignored,
+                                                             kept):
+    """The maps of trained weights ignore the condition an ablation flag removes, and still follow the other one.
+
+    Compared at input_blocks.0: the members' features there are a convolution of x alone, so only SABW's own
+    conditioning can move its maps. A high learning rate moves the zero-initialised output layers far enough for
+    the maps to depend on their inputs after 2 steps. 64 channels: at 32, SABW's GroupNorm(32 groups) normalises
+    every channel on its own, which removes the timestep embedding (a per-channel constant) entirely.
+    """
+    run_in_process(train_args(members, dataset, tmp_path, "ablation", "--max-steps", "2", "--val-split", "0",
+                              "--learning-rate", "1e-2", "--hidden-channels", "64", flag))
+    aggregator, info = load_weights(tmp_path / "ablation.safetensors", [MemberRef.from_file(m) for m in members])
+    assert getattr(info.config, config_field) is False
+    ensemble = EnsembleUNet([load_member(member) for member in members], aggregator, info.mode)
+    x, timesteps, context = random_inputs(batch=2, seed=0)
+    _, _, other_context = random_inputs(batch=2, seed=1)
+    maps = first_block_maps(ensemble, x, timesteps, context)
+    changed = {"context": first_block_maps(ensemble, x, timesteps, other_context),
+               "timestep": first_block_maps(ensemble, x, timesteps.flip(0), context)}
+    assert torch.equal(changed[ignored], maps)
+    assert (changed[kept] - maps).abs().max() > 1e-4

@@ -13,8 +13,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch.utils.data import DataLoader
 
+from afa.errors import AfaError
 from training.data import (CaptionedImage, ImageCaptionDataset, LatentCache, SkipReason, SkipReport,
-                           caption_from_infotext, index_captioned_images, load_image, split_for_validation)
+                           caption_from_infotext, collate, index_captioned_images, load_image, split_for_validation)
 
 INFOTEXT = ("a castle on a hill,\nsunset, dramatic sky\nNegative prompt: blurry, lowres\n"
             "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x512, Model: member1")
@@ -123,10 +124,10 @@ def test_csv_manifest_with_bom_and_imagefolder_columns(tmp_path):
 
 
 def test_unknown_sources_are_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(AfaError, match="no such folder or manifest"):
         index(tmp_path / "nowhere")
     (tmp_path / "data.parquet").write_bytes(b"")
-    with pytest.raises(ValueError, match="manifest"):
+    with pytest.raises(AfaError, match="manifest"):
         index(tmp_path / "data.parquet")
 
 
@@ -179,8 +180,8 @@ def test_bad_data_is_skipped_and_counted_by_reason(tmp_path):
     dataset = ImageCaptionDataset(records, 16)
     skipped = dataset[0]
     assert skipped.reason == SkipReason.UNREADABLE_IMAGE and skipped.source == str(tmp_path / "corrupt.png")
-    batch = dataset.collate([dataset[0]])
-    assert batch["pixel_values"].shape == (0, 3, 16, 16) and batch["captions"] == []
+    batch = collate([dataset[0]])
+    assert "pixel_values" not in batch and batch["captions"] == [] and batch["indices"] == []
     report.add_items(batch["skipped"])
     assert report.counts()[SkipReason.UNREADABLE_IMAGE] == 2
     summary = report.summary()
@@ -191,7 +192,7 @@ def test_dataloader_workers_survive_a_corrupt_image_and_report_it(tmp_path):
     make_folder_with_bad_data(tmp_path)
     records, report = index(tmp_path)
     dataset = ImageCaptionDataset(records, 16)
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=dataset.collate, shuffle=True)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate, shuffle=True)
     loaded_captions = []
     for _epoch in range(2):
         for batch in loader:

@@ -12,7 +12,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-# torch 2.13 needs setuptools >= 77 (see ../shared/design/webui-environment.md).
+# torch 2.13 requires setuptools >= 77 (with A1111's own pin, 69.5.1, pip silently falls back to another torch build).
 "${pip[@]}" install --upgrade "pip>=23" "setuptools>=77" wheel
 "${pip[@]}" install -r requirements/dev.txt -c requirements/constraints.txt
 "${pip[@]}" install --no-deps -r requirements/no-deps.txt

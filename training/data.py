@@ -15,8 +15,8 @@ a missing file, a missing or empty caption, a malformed manifest row, and a PNG 
 its infotext. Whether an image decodes is only known by decoding it, which is the expensive part of loading; doing
 it twice (once to validate, e.g. with PIL's `verify()`, which does not even decode JPEG data, and once to train)
 would double the cost of the first pass over a large folder. So decoding failures are found at load time: the
-dataset returns a `SkippedItem` instead of an example, and its `collate` drops it from the batch and hands it back
-in `batch["skipped"]`. Because the skip travels inside the batch, it reaches the main process from DataLoader
+dataset returns a `SkippedItem` instead of an example, and `collate` drops it from the batch and hands it back in
+`batch["skipped"]`. Because the skip travels inside the batch, it reaches the main process from DataLoader
 worker processes without any shared state; the trainer adds it to its `SkipReport` (`report.add_items(...)`).
 
 Images are loaded as diffusers' train_text_to_image prepares them (Resize of the shorter side with Lanczos, then
@@ -42,6 +42,8 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
+
+from afa.errors import AfaError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -177,7 +179,7 @@ def index_captioned_images(source: str | Path, report: SkipReport) -> list[Capti
 
     Files and rows that cannot be used are recorded in `report` and left out. Images are not decoded here.
 
-    :raises FileNotFoundError: when `source` does not exist; ValueError when it is a file of another kind.
+    :raises AfaError: when `source` does not exist, or is a file of another kind.
     """
     source = Path(source)
     if source.is_dir():
@@ -185,8 +187,8 @@ def index_captioned_images(source: str | Path, report: SkipReport) -> list[Capti
     if source.is_file() and source.suffix.lower() in MANIFEST_SUFFIXES:
         return _index_manifest(source, report)
     if not source.exists():
-        raise FileNotFoundError(f"--data {source}: no such folder or manifest")
-    raise ValueError(f"--data {source}: expected a folder of images or a {'/'.join(MANIFEST_SUFFIXES)} manifest")
+        raise AfaError(f"--data {source}: no such folder or manifest")
+    raise AfaError(f"--data {source}: expected a folder of images or a {'/'.join(MANIFEST_SUFFIXES)} manifest")
 
 
 def _index_folder(folder: Path, report: SkipReport) -> list[CaptionedImage]:
@@ -276,7 +278,7 @@ def split_for_validation(records: Sequence[CaptionedImage], fraction: float, see
     order.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"--val-split must be in [0, 1), got {fraction}")
+        raise AfaError(f"--val-split must be in [0, 1), got {fraction}")
     keys = sorted({record.key for record in records},
                   key=lambda key: hashlib.sha256(f"{seed}\0{key}".encode("utf-8")).hexdigest())
     held_out_count = round(fraction * len(keys))
@@ -321,7 +323,7 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
 
 
 class ImageCaptionDataset(Dataset):
-    """Loads `CaptionedImage`s. Use with `DataLoader(dataset, collate_fn=dataset.collate, ...)`.
+    """Loads `CaptionedImage`s. Use with `DataLoader(dataset, collate_fn=collate, ...)`.
 
     An item is {"pixel_values": [3 x R x R] in [-1, 1], "caption": str, "index": int}, or a `SkippedItem` when the
     image cannot be decoded (see the module docstring for why that is found here and not while indexing).
@@ -342,19 +344,23 @@ class ImageCaptionDataset(Dataset):
             return SkippedItem(SkipReason.UNREADABLE_IMAGE, str(record.image_path), f"{type(error).__name__}: {error}")
         return {"pixel_values": pixel_values, "caption": record.caption, "index": index}
 
-    def collate(self, items: list[dict | SkippedItem]) -> dict:
-        """A batch of the items that loaded, and the skipped ones.
 
-        :return: {"pixel_values": [B x 3 x R x R] (B may be 0), "captions": list of B str, "indices": LongTensor [B],
-            "skipped": list of SkippedItem}.
-        """
-        examples = [item for item in items if not isinstance(item, SkippedItem)]
-        skipped = [item for item in items if isinstance(item, SkippedItem)]
-        pixel_values = (torch.stack([example["pixel_values"] for example in examples]) if examples
-                        else torch.empty(0, 3, self.resolution, self.resolution))
-        return {"pixel_values": pixel_values, "captions": [example["caption"] for example in examples],
-                "indices": torch.tensor([example["index"] for example in examples], dtype=torch.long),
-                "skipped": skipped}
+def collate(items: list[dict | SkippedItem]) -> dict:
+    """The DataLoader batch of every dataset here: the items that loaded, stacked, and the skipped ones.
+
+    Items are {"pixel_values" [3 x R x R] or "latents" [C x h x w], "caption": str, "index": int} (the index is the
+    item's position in its dataset: the key of its random draws, training/diffusion.py), or `SkippedItem`s.
+
+    :return: {"pixel_values" or "latents": [B x ...] (absent when B is 0), "captions": B str, "indices": B int,
+        "skipped": the SkippedItems}.
+    """
+    loaded = [item for item in items if not isinstance(item, SkippedItem)]
+    batch = {"skipped": [item for item in items if isinstance(item, SkippedItem)],
+             "indices": [item["index"] for item in loaded], "captions": [item["caption"] for item in loaded]}
+    for key in ("latents", "pixel_values"):
+        if loaded and key in loaded[0]:
+            batch[key] = torch.stack([item[key] for item in loaded])
+    return batch
 
 
 # -- latent cache --------------------------------------------------------------------------------------------------
@@ -364,7 +370,8 @@ LATENT_CACHE_FORMAT = 1
 
 
 class LatentCache(Dataset):
-    """VAE latents of a dataset's images, encoded once and stored on disk; serves {"latents", "caption"} items.
+    """VAE latents of a dataset's images, encoded once and stored on disk; serves {"latents", "caption", "index"}
+    items (see `collate`).
 
     Layout: `<cache_dir>/<key>/latents.safetensors` holds one tensor "latents" [N x C x h x w], a row per unique
     image file, and `<cache_dir>/<key>/index.json` maps each image path to its row, or records why it was skipped.
@@ -390,8 +397,8 @@ class LatentCache(Dataset):
         self.folder = Path(folder)
         index = json.loads((self.folder / "index.json").read_text(encoding="utf-8"))
         if index.get("format") != LATENT_CACHE_FORMAT:
-            raise ValueError(f"{self.folder}: latent cache format {index.get('format')}, expected "
-                             f"{LATENT_CACHE_FORMAT}")
+            raise AfaError(f"{self.folder}: latent cache format {index.get('format')}, expected "
+                           f"{LATENT_CACHE_FORMAT}; delete the folder to rebuild it")
         self.skip_report = SkipReport()  # images that could not be decoded when the cache was built
         for path, reason, detail in index["skipped"]:
             self.skip_report.add(reason, path, detail)
@@ -433,9 +440,9 @@ class LatentCache(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        """{"latents": [C x h x w], "caption": str}."""
+        """{"latents": [C x h x w], "caption": str, "index": index}."""
         row, caption = self.items[index]
-        return {"latents": self.latents[row], "caption": caption}
+        return {"latents": self.latents[row], "caption": caption, "index": index}
 
 
 def _unique_image_paths(records: Sequence[CaptionedImage]) -> list[Path]:
@@ -450,17 +457,17 @@ def _build_latent_cache(folder: Path, records: Sequence[CaptionedImage], resolut
     # encoded more than once.
     dataset = ImageCaptionDataset([CaptionedImage(path, "", str(path)) for path in image_paths], resolution)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=dataset.collate)
+                        collate_fn=collate)
     rows, skipped, latent_batches = {}, [], []
     for batch in loader:
         skipped += [[item.source, item.reason.value, item.detail] for item in batch["skipped"]]
-        if not len(batch["indices"]):
+        if not batch["indices"]:
             continue
         with torch.no_grad():
             latents = encode(batch["pixel_values"]).detach().cpu()
         if latents.shape[0] != len(batch["indices"]):
             raise ValueError(f"encode returned {latents.shape[0]} latents for {len(batch['indices'])} images")
-        for image_index in batch["indices"].tolist():
+        for image_index in batch["indices"]:
             rows[str(image_paths[image_index])] = len(rows)
         latent_batches.append(latents)
 

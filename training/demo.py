@@ -41,18 +41,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-EXTENSION_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(EXTENSION_ROOT))
-
-import afa  # noqa: E402,F401  (first: in a WebUI's extensions/ folder it puts the WebUI's vendored ldm on the path)
+if __name__ == "__main__":  # `python training/demo.py` puts training/ on the path; afa/ and training/ sit one up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from afa import AfaError  # noqa: E402
 from afa.unet import PRESETS, UNET_KEY_PREFIX, build_unet  # noqa: E402
 from training import data as datasets  # noqa: E402
-from training.diffusion import NoiseSchedule, draw_for_samples  # noqa: E402
+from training.cli import run  # noqa: E402
+from training.diffusion import NoiseSchedule, draw_for_samples, squared_error  # noqa: E402
 from training.sd_checkpoint import (TEXT_ENCODER_PREFIX, TINY_TEXT_ENCODER_FOLDER_NAME, TINY_VAE_DDCONFIG,  # noqa: E402
                                     VAE_PREFIX, Vae, build_tiny_text_encoder, schedule_buffers, tiny_sd_config,
                                     write_webui_checkpoint)
@@ -271,7 +271,7 @@ def train_unet(unet: torch.nn.Module, data: DenoisingSet, steps: int, batch_size
         latents = data.latents[indices]
         context = torch.where(draws.drop_caption[:, None, None], data.empty_context, data.contexts[indices])
         noisy = schedule.add_noise(latents, draws.noise, draws.timesteps)
-        loss = (unet(noisy, draws.timesteps, context) - draws.noise).square().mean()
+        loss = squared_error(unet(noisy, draws.timesteps, context), draws.noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -337,8 +337,8 @@ def prepare_output(folder: Path) -> None:
     """Empties a folder an earlier demo run wrote; refuses any other non-empty folder."""
     if folder.exists() and any(folder.iterdir()):
         if not (folder / MARKER).is_file():
-            raise SystemExit(f"--output {folder}: the folder exists and was not written by the demo; choose a new "
-                             f"or empty folder")
+            raise AfaError(f"--output {folder}: the folder exists and was not written by the demo; choose a new "
+                           f"or empty folder")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).write_text("written by training/demo.py; a rerun replaces this folder\n", encoding="utf-8")
@@ -457,4 +457,4 @@ def percent_below(value: float, reference: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -48,6 +48,19 @@ class NoiseSchedule:
         return signal * noise - sigma * latents
 
 
+def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The denoising loss's per-element term (paper eq. 1): (prediction - target)^2 in float32.
+
+    prediction, target [B x C x H x W] (the UNet's eps or v, and `NoiseSchedule.target`) -> [B x C x H x W].
+    """
+    return (prediction.float() - target.float()).square()
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each sample's denoising loss: the mean of `squared_error` over channels and pixels. [B x C x H x W] -> [B]."""
+    return squared_error(prediction, target).mean(dim=(1, 2, 3))
+
+
 @dataclass
 class Draws:
     """The random choices for a batch: timesteps [B] (int64), noise [B x C x H x W], drop_caption [B] (bool)."""

@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
-EXTENSION_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(EXTENSION_ROOT))
-
-from training.train import IndexedItems, collate  # noqa: E402
+if __name__ == "__main__":  # `python training/evaluate.py` puts training/ on the path; afa/ and training/ sit one up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -34,13 +32,14 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from afa import AfaError, EnsembleUNet, load_weights  # noqa: E402
-from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights, colorize_winners,  # noqa: E402
-                      legend_entries, render_grid)
+from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights,  # noqa: E402
+                      colorize_winners, legend_entries, render_grid)
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
 from afa.modes import AVERAGE, NOISE  # noqa: E402
 from afa.unet import block_name  # noqa: E402
 from training import data as datasets  # noqa: E402
-from training.diffusion import NoiseSchedule  # noqa: E402
+from training.cli import run  # noqa: E402
+from training.diffusion import NoiseSchedule, squared_error  # noqa: E402
 from training.metrics import TIMESTEP_RANGES, denoising_errors, range_label  # noqa: E402
 from training.sd_checkpoint import load_frozen_models  # noqa: E402
 from training.text_encoder import encode, tokenize  # noqa: E402
@@ -138,8 +137,8 @@ def select_records(records: list, samples: int, seed: int) -> list:
 
 
 class RepeatedDraws(torch.utils.data.Dataset):
-    """Each image `draws` times in a row: position i is image i // draws, so with `IndexedItems` every repetition
-    has its own draw key (its position) and gets its own timestep and noise."""
+    """Each image `draws` times in a row: position i is image i // draws with "index" i, so every repetition has its
+    own draw key and gets its own timestep and noise. Items as training/data.py's `collate` takes them."""
 
     def __init__(self, dataset, draws: int):
         self.dataset, self.draws = dataset, draws
@@ -147,8 +146,9 @@ class RepeatedDraws(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset) * self.draws
 
-    def __getitem__(self, index: int):
-        return self.dataset[index // self.draws]
+    def __getitem__(self, index: int) -> dict | datasets.SkippedItem:
+        item = self.dataset[index // self.draws]
+        return item if isinstance(item, datasets.SkippedItem) else {**item, "index": index}
 
 
 # -- the table -----------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def per_pixel_errors(models: Sequence[Callable], latents: torch.Tensor, context:
             batch = slice(start, start + batch_size)
             count = noisy[batch].shape[0]
             prediction = model(noisy[batch], steps[batch], context.expand(count, -1, -1))
-            squared.append((prediction.float() - target[batch].float()).square().mean(dim=1).cpu())
+            squared.append(squared_error(prediction, target[batch]).mean(dim=1).cpu())
         per_sample = torch.cat(squared)  # [T*M x h x w]
         maps.append(per_sample.view(len(timesteps), num_draws, *per_sample.shape[1:]).mean(dim=1))
     return torch.stack(maps)
@@ -306,7 +306,7 @@ def map_blocks(names: Sequence[str], ensemble: EnsembleUNet) -> list[int]:
     try:
         blocks = block_indices(names, config.num_input_blocks)
     except ValueError as error:
-        raise SystemExit(f"--map-blocks: {error}") from None
+        raise AfaError(f"--map-blocks: {error}") from None
     return [block for block in blocks if block in config.aggregated_blocks] or [config.aggregated_blocks[-1]]
 
 
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = map_blocks(args.map_blocks, ensemble) if ensemble is not None else []
     invalid = [step for step in args.timesteps if not 0 <= step < schedule.num_timesteps]
     if invalid:
-        raise SystemExit(f"--timesteps {invalid}: the members' schedule has timesteps 0 to {schedule.num_timesteps - 1}")
+        raise AfaError(f"--timesteps {invalid}: the members' schedule has timesteps 0 to {schedule.num_timesteps - 1}")
     models = comparison_models(frozen.members, member_names, ensemble)
     print(f"loaded {len(frozen.members)} members ({', '.join(map(str, frozen.member_refs))}) on {device}"
           + (f"; AFA weights {args.weights} (mode {weights_info.mode})" if weights_info else ""))
@@ -338,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     report = datasets.SkipReport()
     records = select_records(datasets.index_captioned_images(args.data, report), args.samples, args.seed)
     if not records:
-        raise SystemExit(f"no usable images in {args.data}\n{report.summary()}")
+        raise AfaError(f"no usable images in {args.data}\n{report.summary()}")
     dataset = datasets.ImageCaptionDataset(records, args.resolution)
-    loader = torch.utils.data.DataLoader(IndexedItems(RepeatedDraws(dataset, args.draws)), batch_size=args.batch_size,
-                                         collate_fn=collate, num_workers=0)
+    loader = torch.utils.data.DataLoader(RepeatedDraws(dataset, args.draws), batch_size=args.batch_size,
+                                         collate_fn=datasets.collate, num_workers=0)
 
     def batches():
         for batch in tqdm(loader, desc="evaluating", dynamic_ncols=True):
@@ -390,8 +390,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AfaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run(main))

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .diffusion import VALIDATION_EPOCH, NoiseSchedule, draw_for_samples
+from .diffusion import VALIDATION_EPOCH, NoiseSchedule, draw_for_samples, per_sample_mse
 from .text_encoder import encode, tokenize
 
 TIMESTEP_RANGES = ((0, 250), (250, 500), (500, 750), (750, 1000))
@@ -20,10 +20,12 @@ def range_label(low: int, high: int) -> str:
 @torch.no_grad()
 def prepare_batch(batch: dict, vae, text_encoder, schedule: NoiseSchedule, seed: int, device: torch.device,
                   epoch: int = VALIDATION_EPOCH, caption_dropout: float = 0.0) -> dict:
-    """The model inputs of a batch ({"latents" or "pixel_values", "captions", "indices"}), with its draws -- the
-    same for training (its epoch, caption dropout) and evaluation (VALIDATION_EPOCH, no dropout).
+    """The model inputs of a batch (training/data.py's `collate`: "latents" [B x C x h x w] or "pixel_values"
+    [B x 3 x H x W], "captions", "indices"), with its draws -- the same for training (its epoch, caption dropout)
+    and evaluation (VALIDATION_EPOCH, no dropout).
 
-    Returns {"noisy", "timesteps", "context", "target", "latents", "noise"} on `device`.
+    Returns {"noisy", "timesteps", "context", "target", "latents", "noise"} on `device`: noisy, target, latents and
+    noise [B x C x h x w], timesteps [B] (int64), context [B x 77 x D].
     """
     latents = (batch["latents"].to(device) if "latents" in batch
                else vae.encode(batch["pixel_values"].to(device)))
@@ -44,7 +46,7 @@ def denoising_errors(models: Mapping[str, Callable], loader: Iterable[dict], vae
 
     Args:
         models: name -> callable(x_t [B x C x h x w], timesteps [B], context [B x 77 x D]) -> prediction.
-        loader: batches as the trainer's `collate` makes them (with "indices": the keys of the draws).
+        loader: batches as training/data.py's `collate` makes them (with "indices": the keys of the draws).
     Returns:
         {name: {"all": mse, "t 0-249": mse, ...}}; a range without samples is left out.
     """
@@ -61,7 +63,7 @@ def denoising_errors(models: Mapping[str, Callable], loader: Iterable[dict], vae
                 counts[label] = counts.get(label, 0) + 1
         for name, model in models.items():
             prediction = model(inputs["noisy"], inputs["timesteps"], inputs["context"])
-            per_sample = (prediction.float() - inputs["target"].float()).square().mean(dim=(1, 2, 3)).tolist()
+            per_sample = per_sample_mse(prediction, inputs["target"]).tolist()
             for error, sample_labels in zip(per_sample, labels):
                 for label in sample_labels:
                     totals[name][label] = totals[name].get(label, 0.0) + error

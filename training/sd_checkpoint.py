@@ -194,8 +194,6 @@ class Vae(torch.nn.Module):
         super().__init__()
         self.parts = build_tiny_vae(ddconfig, embed_dim)
         self.scale_factor = scale_factor
-        self.downsampling = 2 ** (len(ddconfig["ch_mult"]) - 1)
-        self.latent_channels = embed_dim
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B x 3 x H x W] in [-1, 1] -> latents [B x 4 x H/f x W/f].

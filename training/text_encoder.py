@@ -30,9 +30,10 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from afa.errors import CheckpointError
 
+from .sd_checkpoint import TEXT_ENCODER_PREFIX
+
 logger = logging.getLogger(__name__)
 
-TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 # The WebUI's SD2 text encoder (open_clip's text tower) lives under this prefix; SDXL's under `conditioner.`.
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CONDITIONER_PREFIX = "conditioner.embedders."
@@ -98,7 +99,8 @@ def sd1_tokenizer() -> CLIPTokenizer:
     tokens += ["".join(merge.split()) for merge in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocabulary = {token: token_id for token_id, token in enumerate(tokens)}
-    assert len(vocabulary) == 49408 and vocabulary["<|endoftext|>"] == END_OF_TEXT_ID, len(vocabulary)
+    assert len(vocabulary) == 49408 and vocabulary["<|startoftext|>"] == START_OF_TEXT_ID \
+        and vocabulary["<|endoftext|>"] == END_OF_TEXT_ID, len(vocabulary)
 
     with tempfile.TemporaryDirectory(prefix="afa-clip-tokenizer-") as folder:
         vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"

@@ -11,7 +11,9 @@ extension sits in a WebUI, else `--output`).
 Runs unchanged under `torchrun --nproc_per_node K` (DDP; gloo on CPU, nccl on GPU). `--batch-size` is the global
 batch per optimizer step, split over ranks and `--gradient-accumulation` micro-steps; every sample's timestep, noise
 and caption dropout are drawn from its own seeded generator (training/diffusion.py), so the number of processes and
-resuming do not change the result.
+resuming do not change the result. `--resume latest` continues a run where it stopped; it refuses flags that would
+change the result from the ones the run was started with (RESULT_SETTINGS), and takes a larger --max-steps or
+--epochs to train longer.
 """
 
 from __future__ import annotations
@@ -25,26 +27,27 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-EXTENSION_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(EXTENSION_ROOT))
-
-from afa.host import find_webui  # noqa: E402  (importing afa puts a WebUI's vendored ldm on the path)
-
-WEBUI = find_webui(EXTENSION_ROOT)
+if __name__ == "__main__":  # `python training/train.py` puts training/ on the path; afa/ and training/ sit one up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from afa import AfaError, Aggregator, AggregatorConfig, EnsembleUNet, MemberRef, default_config, save_weights  # noqa: E402
+from afa import (AfaError, Aggregator, AggregatorConfig, EnsembleUNet, MemberRef, default_config,  # noqa: E402
+                 save_weights)
+from afa.host import find_webui  # noqa: E402
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
 from afa.modes import AVERAGE, LAST_BLOCK, SABW, parse_mode, trained_mode  # noqa: E402
 from training import data as datasets  # noqa: E402
+from training.cli import run  # noqa: E402
+from training.diffusion import per_sample_mse  # noqa: E402
 from training.metrics import denoising_errors, prepare_batch  # noqa: E402
-from training.sd_checkpoint import load_frozen_models  # noqa: E402
+from training.sd_checkpoint import FrozenModels, load_frozen_models  # noqa: E402
 
 STATE_FORMAT = 1
 
@@ -66,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--latent-cache-dir", help="where cached latents go (default: <run-dir>/latent-cache)")
 
     group = parser.add_argument_group("aggregator (paper ablations as flags)")
-    group.add_argument("--mode", choices=[SABW.name, LAST_BLOCK.name], default=SABW.name, help="SABW after every block, or "
-                       "only on the members' predictions")
+    group.add_argument("--mode", choices=[SABW.name, LAST_BLOCK.name], default=SABW.name,
+                       help="SABW after every block, or only on the members' predictions")
     group.add_argument("--no-spatial", action="store_true", help="one weight per member per block, no maps")
     group.add_argument("--no-timestep", action="store_true", help="SABW without the timestep embedding")
     group.add_argument("--no-text", action="store_true", help="SABW without cross-attention to the prompt")
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--run-dir", help="training state and logs (default: runs/<output name>)")
     group.add_argument("--save-every", type=int, default=500, help="write the training state every N steps")
     group.add_argument("--keep-checkpoints", type=int, default=3, help="training states kept (oldest deleted)")
-    group.add_argument("--resume", help="'latest' (the run dir's newest state) or a state file")
+    group.add_argument("--resume", help="'latest' (the run dir's newest state) or a state file; give the run's "
+                       "flags again (a larger --max-steps or --epochs trains longer)")
     group.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the weights file")
     group.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
     return parser
@@ -112,8 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
+    for flag in ("batch_size", "gradient_accumulation", "save_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.batch_size % args.gradient_accumulation:
         parser.error("--batch-size must be a multiple of --gradient-accumulation")
+    if not 0 <= args.val_split < 1:
+        parser.error("--val-split must be in [0, 1)")
     if not 0 <= args.caption_dropout <= 1:
         parser.error("--caption-dropout must be in [0, 1]")
     if args.max_steps is None and args.epochs < 1:
@@ -121,7 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.max_resolution = args.max_resolution or None
     run_name = Path(args.output).stem if args.output else f"afa-{len(args.members)}members"
     if args.output is None:
-        folder = WEBUI.models_dir / "AFA" if WEBUI is not None else Path.cwd()
+        webui = find_webui()
+        folder = webui.models_dir / "AFA" if webui is not None else Path.cwd()
         args.output = str(folder / f"{run_name}.safetensors")
     args.run_dir = Path(args.run_dir or Path("runs") / run_name)
     return args
@@ -146,6 +156,11 @@ class Distributed:
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         self.is_main = self.rank == 0
 
+    def print_main(self, message: str) -> None:
+        """Prints on the main process only."""
+        if self.is_main:
+            print(message)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -155,17 +170,59 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def precision(args, device: torch.device) -> tuple[torch.dtype, contextlib.AbstractContextManager, bool]:
+def precision(mixed_precision: str, device: torch.device) -> tuple[torch.dtype, contextlib.AbstractContextManager,
+                                                                   bool]:
     """(members' dtype, autocast context, use GradScaler) for --mixed-precision."""
-    if args.mixed_precision == "no":
+    if mixed_precision == "no":
         return torch.float32, contextlib.nullcontext(), False
-    dtype = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
     if device.type != "cuda":
         if dtype == torch.float16:
-            raise SystemExit("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
+            raise AfaError("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
         # CPU autocast has no fp32 policy for ldm's GroupNorm with half weights: keep members fp32, compute in bf16.
         return torch.float32, torch.autocast("cpu", dtype=dtype), False
     return dtype, torch.autocast("cuda", dtype=dtype), dtype == torch.float16
+
+
+def grad_scaler(enabled: bool) -> torch.cuda.amp.GradScaler:
+    """fp16's loss scaler (a pass-through when disabled)."""
+    with warnings.catch_warnings():  # torch.amp.GradScaler("cuda") is the new spelling, but needs torch >= 2.3
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def build_datasets(args, distributed: Distributed, vae, vae_identity: str):
+    """(train dataset, validation dataset, skip report). Items are {"latents" | "pixel_values", "caption", "index"}
+    (training/data.py's `collate` batches them)."""
+    report = datasets.SkipReport()
+    records = datasets.index_captioned_images(args.data, report)
+    if args.val_data:
+        train_records, val_records = records, datasets.index_captioned_images(args.val_data, report)
+    else:
+        train_records, val_records = datasets.split_for_validation(records, args.val_split, args.seed)
+    if not train_records:
+        raise AfaError(f"no usable training images in {args.data}\n{report.summary()}")
+    if not args.cache_latents:
+        return (datasets.ImageCaptionDataset(train_records, args.resolution),
+                datasets.ImageCaptionDataset(val_records, args.resolution), report)
+
+    cache_dir = Path(args.latent_cache_dir or args.run_dir / "latent-cache")
+
+    def encode_images(images):
+        return vae.encode(images.to(distributed.device, next(vae.parameters()).dtype)).float()
+
+    caches = []
+    for split_records in (train_records, val_records):
+        if distributed.is_main:  # one process encodes; the others open the finished cache
+            datasets.LatentCache.open_or_build(split_records, resolution=args.resolution, encode=encode_images,
+                                               vae_identity=vae_identity, cache_dir=cache_dir,
+                                               num_workers=args.num_workers)
+        distributed.barrier()
+        cache = datasets.LatentCache.open_or_build(split_records, resolution=args.resolution, encode=encode_images,
+                                                   vae_identity=vae_identity, cache_dir=cache_dir)
+        report.merge(cache.skip_report)
+        caches.append(cache)
+    return caches[0], caches[1], report
 
 
 class EpochBatches:
@@ -176,8 +233,8 @@ class EpochBatches:
     def __init__(self, dataset_size: int, batch_size: int, accumulation: int, rank: int, world_size: int,
                  seed: int):
         if batch_size % (accumulation * world_size):
-            raise SystemExit(f"--batch-size {batch_size} must be a multiple of --gradient-accumulation x processes "
-                             f"({accumulation} x {world_size})")
+            raise AfaError(f"--batch-size {batch_size} must be a multiple of --gradient-accumulation x processes "
+                           f"({accumulation} x {world_size})")
         self.dataset_size, self.batch_size, self.accumulation = dataset_size, batch_size, accumulation
         self.rank, self.world_size, self.seed = rank, world_size, seed
 
@@ -196,66 +253,177 @@ class EpochBatches:
                 yield micro_indices[self.rank * shard:(self.rank + 1) * shard]
 
 
-def build_datasets(args, distributed: Distributed, vae, member_ref: MemberRef):
-    """(train dataset, validation dataset, skip report). Items are {"latents" | "pixel_values", "caption"}."""
-    report = datasets.SkipReport()
-    records = datasets.index_captioned_images(args.data, report)
-    if args.val_data:
-        train_records, val_records = records, datasets.index_captioned_images(args.val_data, report)
-    else:
-        train_records, val_records = datasets.split_for_validation(records, args.val_split, args.seed)
-    if not train_records:
-        raise SystemExit(f"no usable training images in {args.data}\n{report.summary()}")
-    if not args.cache_latents:
-        return (datasets.ImageCaptionDataset(train_records, args.resolution),
-                datasets.ImageCaptionDataset(val_records, args.resolution), report)
-
-    cache_dir = Path(args.latent_cache_dir or args.run_dir / "latent-cache")
-
-    def encode_images(images):
-        return vae.encode(images.to(distributed.device, next(vae.parameters()).dtype)).float()
-
-    caches = []
-    for split_records in (train_records, val_records):
-        if distributed.is_main:  # one process encodes; the others open the finished cache
-            datasets.LatentCache.open_or_build(split_records, resolution=args.resolution, encode=encode_images,
-                                               vae_identity=member_ref.sha256, cache_dir=cache_dir,
-                                               num_workers=args.num_workers)
-        distributed.barrier()
-        cache = datasets.LatentCache.open_or_build(split_records, resolution=args.resolution, encode=encode_images,
-                                                   vae_identity=member_ref.sha256, cache_dir=cache_dir)
-        report.merge(cache.skip_report)
-        caches.append(cache)
-    return caches[0], caches[1], report
+def aggregator_config(args, frozen: FrozenModels) -> AggregatorConfig:
+    """A new run's aggregator architecture, from the ablation flags."""
+    return default_config(frozen.layout, len(frozen.members), frozen.text_encoder.config.hidden_size,
+                          hidden_channels=args.hidden_channels, max_resolution=args.max_resolution,
+                          spatial=not args.no_spatial, use_timestep=not args.no_timestep, use_text=not args.no_text,
+                          only_last_block=parse_mode(args.mode) is LAST_BLOCK)
 
 
-class IndexedItems(torch.utils.data.Dataset):
-    """Wraps a dataset so every item carries its index (the key of its random draws); unloadable items stay
-    `SkippedItem`s."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        item = self.dataset[index]
-        return item if isinstance(item, datasets.SkippedItem) else {**item, "index": index}
-
-
-def collate(items: list) -> dict:
-    """Stacks loaded items; skipped ones travel in "skipped" so worker processes can report them."""
-    loaded = [item for item in items if not isinstance(item, datasets.SkippedItem)]
-    batch = {"skipped": [item for item in items if isinstance(item, datasets.SkippedItem)],
-             "indices": [item["index"] for item in loaded], "captions": [item["caption"] for item in loaded]}
-    for key in ("latents", "pixel_values"):
-        if loaded and key in loaded[0]:
-            batch[key] = torch.stack([item[key] for item in loaded])
-    return batch
+def build_ensemble(config: AggregatorConfig, members: list[torch.nn.Module], seed: int,
+                   gradient_checkpointing: bool, distributed: Distributed) \
+        -> tuple[Aggregator, EnsembleUNet, torch.nn.Module]:
+    """(the aggregator, the ensemble of the frozen members with it, the model to train: the ensemble, wrapped in
+    DDP when there are several processes)."""
+    torch.manual_seed(seed)  # the same initial aggregator on every rank
+    aggregator = Aggregator(config).to(distributed.device)
+    ensemble = EnsembleUNet(members, aggregator, trained_mode(config.only_last_block))
+    ensemble.gradient_checkpointing = gradient_checkpointing
+    if distributed.world_size == 1:
+        return aggregator, ensemble, ensemble
+    # Only SABW trains; keep DDP from broadcasting the frozen members' gigabytes at start-up.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        ensemble, [f"members.{name}" for name, _ in ensemble.members.named_parameters()])
+    device_ids = [distributed.device.index] if distributed.device.type == "cuda" else None
+    return aggregator, ensemble, DistributedDataParallel(ensemble, device_ids=device_ids)
 
 
-# -- checkpoints --------------------------------------------------------------------------------------------------
+def epoch_loader(train_set, batches: EpochBatches, epoch: int, start_batch: int,
+                 num_workers: int) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches of an epoch, from global batch `start_batch` on."""
+    return torch.utils.data.DataLoader(train_set, collate_fn=datasets.collate, num_workers=num_workers,
+                                       batch_sampler=list(batches.rank_micro_batches(epoch, start_batch)))
+
+
+# -- the training step --------------------------------------------------------------------------------------------
+
+class MicroBatchLoss:
+    """The loss of one rank's micro-batch: the sum of its samples' denoising MSEs, scaled by processes /
+    --batch-size, so that DDP's gradient average over ranks and the sum over accumulation micro-steps give the mean
+    over the global batch."""
+
+    def __init__(self, frozen: FrozenModels, seed: int, caption_dropout: float, batch_size: int,
+                 autocast: contextlib.AbstractContextManager, distributed: Distributed):
+        self.frozen, self.seed, self.caption_dropout, self.batch_size = frozen, seed, caption_dropout, batch_size
+        self.autocast, self.device, self.world_size = autocast, distributed.device, distributed.world_size
+
+    def __call__(self, model: torch.nn.Module, batch: dict, epoch: int) -> torch.Tensor | None:
+        """The scalar loss of a `collate` batch under `model` with the draws of `epoch`; None when the batch is
+        empty (every image of it was unreadable)."""
+        if not batch["indices"]:
+            return None
+        frozen = self.frozen
+        inputs = prepare_batch(batch, frozen.vae, frozen.text_encoder, frozen.schedule, self.seed, self.device, epoch,
+                               self.caption_dropout)
+        with self.autocast:
+            prediction = model(inputs["noisy"], inputs["timesteps"], inputs["context"])
+        return per_sample_mse(prediction, inputs["target"]).sum() * self.world_size / self.batch_size
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, micro_batches: list[dict],
+               micro_batch_loss: MicroBatchLoss, epoch: int, distributed: Distributed) -> float:
+    """One optimizer step on a global batch, given as this rank's `--gradient-accumulation` micro-batches.
+
+    Returns:
+        the global batch's mean per-sample loss (over every rank).
+    """
+    loss_sum = torch.zeros((), device=distributed.device)
+    for number, batch in enumerate(micro_batches):
+        # DDP averages the gradients over ranks in the backward pass; only the last micro-step needs to.
+        last = number == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or distributed.world_size == 1 else model.no_sync()
+        with sync:
+            loss = micro_batch_loss(model, batch, epoch)
+            if loss is None:  # every image of this micro-batch was unreadable: a zero loss keeps DDP's reducer in step
+                loss = sum(parameter.sum() * 0.0 for group in optimizer.param_groups for parameter in group["params"])
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if distributed.world_size > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= distributed.world_size
+    return loss_sum.item()
+
+
+@torch.no_grad()
+def validate(ensemble: EnsembleUNet, val_set, frozen: FrozenModels, batch_size: int, seed: int,
+             device: torch.device, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    """Held-out denoising MSE of every member, of block averaging and of the current AFA, on the same draws."""
+    ensemble.eval()
+    models = {ref.name: member for ref, member in zip(frozen.member_refs, ensemble.members)}
+    models["block average"] = EnsembleUNet(list(ensemble.members), None, AVERAGE)
+    models["AFA"] = ensemble
+    loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, collate_fn=datasets.collate, num_workers=0)
+    with autocast:
+        errors = denoising_errors(models, loader, frozen.vae, frozen.text_encoder, frozen.schedule, seed, device)
+    return {name: result["all"] for name, result in errors.items()}
+
+
+# -- logs ---------------------------------------------------------------------------------------------------------
+
+class RunLog:
+    """The run's log, written by the main process only: one JSON object per line in `<run dir>/log.jsonl`, and its
+    numbers as TensorBoard scalars with --tensorboard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.file, self.tensorboard = None, None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "log.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                print("--tensorboard: tensorboard is not installed; logging to log.jsonl only")
+
+    def write(self, record: dict) -> None:
+        """Appends a record, {"step": int, ...}."""
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# -- training states (checkpoints) and resuming -------------------------------------------------------------------
+
+# The flags that decide what a run computes. A resumed run must be given their saved values, else it would not end
+# as the uninterrupted run would. The architecture flags are among them: the architecture comes from the saved
+# state, and a different value given would be silently ignored. Every other flag may change on resume: --max-steps
+# and --epochs (to train longer), outputs and logs, --num-workers, --device, and how the same steps are computed --
+# the number of processes, --gradient-accumulation, --gradient-checkpointing and --cache-latents, which change the
+# result by rounding only (the tests compare those runs to the plain one).
+RESULT_SETTINGS = ("config", "data", "val_data", "val_split", "resolution", "batch_size", "seed", "learning_rate",
+                   "weight_decay", "caption_dropout", "mixed_precision", "mode", "no_spatial", "no_timestep",
+                   "no_text", "hidden_channels", "max_resolution")
+
+
+@dataclass
+class Progress:
+    """How far a run is: optimizer steps done, the current epoch (from 0), and the global batches of it done."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def vars_for_state(args) -> dict:
+    """The command line, JSON-safe (stored with each training state; resuming compares its RESULT_SETTINGS)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def training_state(aggregator: Aggregator, optimizer: torch.optim.Optimizer, scaler, progress: Progress,
+                   member_refs: list[MemberRef], args) -> dict:
+    """Everything a resumed run needs to continue exactly: weights, optimizer, scaler, RNG, progress, config,
+    members and the command line."""
+    return {"format": STATE_FORMAT, "aggregator": aggregator.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_states(), "step": progress.step, "epoch": progress.epoch,
+            "batch_in_epoch": progress.batch_in_epoch, "config": aggregator.config.to_dict(),
+            "members": [{"name": m.name, "sha256": m.sha256} for m in member_refs], "args": vars_for_state(args)}
+
 
 def save_state(run_dir: Path, state: dict, step: int, keep: int) -> Path:
     """Writes training state N (temporary name, then rename), points `latest.json` at it, deletes old states."""
@@ -274,12 +442,50 @@ def save_state(run_dir: Path, state: dict, step: int, keep: int) -> Path:
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path:
+    """The state file --resume names: 'latest' is the one the run dir's `latest.json` points at."""
     if resume != "latest":
-        return Path(resume)
+        path = Path(resume)
+        if not path.is_file():
+            raise AfaError(f"--resume {path}: no such training state")
+        return path
     pointer = run_dir / "checkpoints" / "latest.json"
     if not pointer.is_file():
-        raise SystemExit(f"--resume latest: no training state in {run_dir / 'checkpoints'}")
+        raise AfaError(f"--resume latest: no training state in {run_dir / 'checkpoints'}")
     return pointer.parent / json.loads(pointer.read_text())["state"]
+
+
+def load_resume_state(args) -> tuple[dict, Path]:
+    """(the training state --resume names, its path), refused unless this trainer wrote it with the same
+    RESULT_SETTINGS as given now."""
+    path = resolve_resume(args.run_dir, args.resume)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise AfaError(f"{path}: not a training state of this trainer (format {state.get('format')})")
+    saved, given = state.get("args", {}), vars_for_state(args)
+    changed = [f"  --{name.replace('_', '-')}: saved {saved[name]}, given {given[name]}"
+               for name in RESULT_SETTINGS if name in saved and saved[name] != given[name]]
+    if changed:
+        raise AfaError(f"{path}: resuming with other settings than the run was started with would change its "
+                       f"result; give the saved values:\n" + "\n".join(changed))
+    return state, path
+
+
+def check_resumed_members(state: dict, state_path: Path, member_refs: list[MemberRef]) -> None:
+    """Refuses to resume a run with other members (by sha256, in order) than it was trained with."""
+    saved_members = [MemberRef(**m) for m in state["members"]]
+    if [m.sha256 for m in saved_members] != [m.sha256 for m in member_refs]:
+        raise AfaError(f"{state_path}: trained with members {', '.join(map(str, saved_members))}, "
+                       f"given {', '.join(map(str, member_refs))}")
+
+
+def restore_training_state(state: dict, aggregator: Aggregator, optimizer: torch.optim.Optimizer,
+                           scaler) -> Progress:
+    """Loads a saved state into the run's objects and the RNGs; returns where the run stopped."""
+    aggregator.load_state_dict(state["aggregator"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng_states(state["rng"])
+    return Progress(state["step"], state["epoch"], state["batch_in_epoch"])
 
 
 def rng_states() -> dict:
@@ -300,190 +506,87 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     distributed = Distributed(args.device)
     device = distributed.device
-    log = print if distributed.is_main else (lambda *a, **k: None)
-    member_dtype, autocast, use_scaler = precision(args, device)
+    member_dtype, autocast, use_scaler = precision(args.mixed_precision, device)
+    state, state_path = load_resume_state(args) if args.resume else (None, None)
 
     # Members (frozen), and VAE, text encoder and schedule of the first member.
-    log(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
+    distributed.print_main(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
     frozen = load_frozen_models(args.members, args.config, device, member_dtype)
-    member_refs, members, layout = frozen.member_refs, frozen.members, frozen.layout
-    vae, text_encoder, schedule = frozen.vae, frozen.text_encoder, frozen.schedule
-    context_dim = text_encoder.config.hidden_size
+    if state is not None:
+        check_resumed_members(state, state_path, frozen.member_refs)
 
-    train_set, val_set, skip_report = build_datasets(args, distributed, vae, member_refs[0])
+    train_set, val_set, skip_report = build_datasets(args, distributed, frozen.vae, frozen.member_refs[0].sha256)
     batches = EpochBatches(len(train_set), args.batch_size, args.gradient_accumulation, distributed.rank,
                            distributed.world_size, args.seed)
     if len(batches) == 0:
-        raise SystemExit(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
+        raise AfaError(f"{len(train_set)} training images do not fill one batch of {args.batch_size}")
     total_steps = args.max_steps or args.epochs * len(batches)
 
-    # Resume: the architecture comes from the saved state, not from the command line.
-    state = None
-    if args.resume:
-        state_path = resolve_resume(args.run_dir, args.resume)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT:
-            raise SystemExit(f"{state_path}: not a training state of this trainer (format {state.get('format')})")
-        saved_members = [MemberRef(**m) for m in state["members"]]
-        if [m.sha256 for m in saved_members] != [m.sha256 for m in member_refs]:
-            raise SystemExit(f"{state_path}: trained with members {', '.join(map(str, saved_members))}, "
-                             f"given {', '.join(map(str, member_refs))}")
-        config = AggregatorConfig.from_dict(state["config"], source=str(state_path))
-    else:
-        config = default_config(layout, len(members), context_dim, hidden_channels=args.hidden_channels,
-                                max_resolution=args.max_resolution, spatial=not args.no_spatial,
-                                use_timestep=not args.no_timestep, use_text=not args.no_text,
-                                only_last_block=parse_mode(args.mode) is LAST_BLOCK)
-    torch.manual_seed(args.seed)  # the same initial aggregator on every rank
-    aggregator = Aggregator(config).to(device)
-    ensemble = EnsembleUNet(members, aggregator, trained_mode(config.only_last_block))
-    ensemble.gradient_checkpointing = args.gradient_checkpointing
-    model = ensemble
-    if distributed.world_size > 1:
-        # Only SABW trains; keep DDP from broadcasting the frozen members' gigabytes at start-up.
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            ensemble, [f"members.{name}" for name, _ in ensemble.members.named_parameters()])
-        model = DistributedDataParallel(ensemble, device_ids=[device.index] if device.type == "cuda" else None)
+    # The aggregator. Resuming: the architecture comes from the saved state, not from the command line.
+    config = (AggregatorConfig.from_dict(state["config"], source=str(state_path)) if state is not None
+              else aggregator_config(args, frozen))
+    aggregator, ensemble, model = build_ensemble(config, frozen.members, args.seed, args.gradient_checkpointing,
+                                                 distributed)
     optimizer = torch.optim.AdamW(aggregator.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    with warnings.catch_warnings():  # torch.amp.GradScaler("cuda") is the new spelling, but needs torch >= 2.3
-        warnings.simplefilter("ignore", FutureWarning)
-        scaler = torch.cuda.amp.GradScaler(enabled=use_scaler)
-
-    step, epoch, batch_in_epoch = 0, 0, 0
+    scaler = grad_scaler(use_scaler)
+    progress = Progress()
     if state is not None:
-        aggregator.load_state_dict(state["aggregator"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng_states(state["rng"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        log(f"resumed from {state_path} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
+        progress = restore_training_state(state, aggregator, optimizer, scaler)
+        distributed.print_main(f"resumed from {state_path} at step {progress.step} (epoch {progress.epoch + 1}, "
+                               f"batch {progress.batch_in_epoch})")
 
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.run_dir / "log.jsonl", "a", encoding="utf-8") if distributed.is_main else None
-    tensorboard = None
-    if args.tensorboard and distributed.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tensorboard = SummaryWriter(str(args.run_dir / "tensorboard"))
-        except ImportError:
-            log("--tensorboard: tensorboard is not installed; logging to log.jsonl only")
-
-    def write_log(record: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-        if tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    tensorboard.add_scalar(key, value, record.get("step", step))
-
-    def training_state() -> dict:
-        return {"format": STATE_FORMAT, "aggregator": aggregator.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_states(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "config": config.to_dict(),
-                "members": [{"name": m.name, "sha256": m.sha256} for m in member_refs], "args": vars_for_state(args)}
-
-    def micro_step_loss(batch: dict, epoch: int) -> torch.Tensor | None:
-        """Sum of the per-sample MSEs of this rank's micro-batch, scaled so that DDP's gradient average over ranks
-        and the accumulation over micro-steps give the mean over the global batch."""
-        if not batch["indices"]:
-            return None
-        inputs = prepare_batch(batch, vae, text_encoder, schedule, args.seed, device, epoch, args.caption_dropout)
-        with autocast:
-            prediction = model(inputs["noisy"], inputs["timesteps"], inputs["context"])
-        per_sample = (prediction.float() - inputs["target"].float()).square().mean(dim=(1, 2, 3))
-        return per_sample.sum() * distributed.world_size / args.batch_size
-
-    progress = tqdm(total=total_steps, initial=step, disable=not distributed.is_main, desc="training SABW",
-                    dynamic_ncols=True)
+    micro_batch_loss = MicroBatchLoss(frozen, args.seed, args.caption_dropout, args.batch_size, autocast, distributed)
+    run_log = RunLog(args.run_dir, distributed.is_main, args.tensorboard)
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not distributed.is_main, desc="training SABW",
+               dynamic_ncols=True)
     started = time.time()
     aggregator.train()
-    loss_value = None
-    while step < total_steps:
-        loader = torch.utils.data.DataLoader(IndexedItems(train_set), collate_fn=collate,
-                                             batch_sampler=list(batches.rank_micro_batches(epoch, batch_in_epoch)),
-                                             num_workers=args.num_workers)
-        micro_batches = iter(loader)
-        while batch_in_epoch < len(batches) and step < total_steps:
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(args.gradient_accumulation):
-                batch = next(micro_batches)
+    loss = None
+    while progress.step < total_steps:
+        micro_batches = iter(epoch_loader(train_set, batches, progress.epoch, progress.batch_in_epoch,
+                                          args.num_workers))
+        while progress.batch_in_epoch < len(batches) and progress.step < total_steps:
+            step_batches = [next(micro_batches) for _ in range(args.gradient_accumulation)]
+            for batch in step_batches:
                 skip_report.add_items(batch["skipped"])
-                last_micro = micro == args.gradient_accumulation - 1
-                sync = contextlib.nullcontext() if last_micro or distributed.world_size == 1 else model.no_sync()
-                with sync:
-                    loss = micro_step_loss(batch, epoch)
-                    if loss is None:  # every image of this micro-batch was unreadable
-                        loss = sum(p.sum() * 0.0 for p in aggregator.parameters())  # keeps DDP's reducer in step
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            batch_in_epoch += 1
-            if distributed.world_size > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= distributed.world_size
-            loss_value = loss_sum.item()
-            progress.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch + 1)
-            progress.update(1)
-            write_log({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": args.learning_rate,
-                       "seconds": round(time.time() - started, 2)})
-            if step % args.save_every == 0 and distributed.is_main:
-                save_state(args.run_dir, training_state(), step, args.keep_checkpoints)
-        if batch_in_epoch >= len(batches):  # epoch complete: validate, then move on
+            loss = train_step(model, optimizer, scaler, step_batches, micro_batch_loss, progress.epoch, distributed)
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=progress.epoch + 1)
+            bar.update(1)
+            run_log.write({"step": progress.step, "epoch": progress.epoch + 1, "loss": loss,
+                           "lr": args.learning_rate, "seconds": round(time.time() - started, 2)})
+            if progress.step % args.save_every == 0 and distributed.is_main:
+                save_state(args.run_dir, training_state(aggregator, optimizer, scaler, progress, frozen.member_refs,
+                                                        args), progress.step, args.keep_checkpoints)
+        if progress.batch_in_epoch >= len(batches):  # epoch complete: validate, then move on
             if distributed.is_main and len(val_set):
-                errors = validate(ensemble, val_set, args, vae, text_encoder, schedule, member_refs, device, autocast)
-                write_log({"epoch": epoch + 1, "step": step, "validation": errors})
-                progress.write(f"epoch {epoch + 1} validation MSE: " + ", ".join(
+                errors = validate(ensemble, val_set, frozen, args.batch_size, args.seed, device, autocast)
+                run_log.write({"epoch": progress.epoch + 1, "step": progress.step, "validation": errors})
+                bar.write(f"epoch {progress.epoch + 1} validation MSE: " + ", ".join(
                     f"{name} {value:.5f}" for name, value in errors.items()))
             distributed.barrier()
-            epoch += 1
-            batch_in_epoch = 0
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
             aggregator.train()
-    progress.close()
+    bar.close()
 
     if distributed.is_main:
-        save_state(args.run_dir, training_state(), step, args.keep_checkpoints)
-        output = save_weights(args.output, aggregator, member_refs, training={
-            "steps": step, "epochs": round(step / len(batches), 3), "dataset_size": len(train_set),
+        save_state(args.run_dir, training_state(aggregator, optimizer, scaler, progress, frozen.member_refs, args),
+                   progress.step, args.keep_checkpoints)
+        output = save_weights(args.output, aggregator, frozen.member_refs, training={
+            "steps": progress.step, "epochs": round(progress.step / len(batches), 3), "dataset_size": len(train_set),
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "resolution": args.resolution,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "processes": distributed.world_size, "final_loss": loss_value,
+            "processes": distributed.world_size, "final_loss": loss,
         }, dtype=torch.float16 if args.save_dtype == "fp16" else torch.float32)
-        log(f"wrote {output} ({step} steps)")
+        print(f"wrote {output} ({progress.step} steps)")
         if skip_report.total:
-            log(skip_report.summary())
-        if log_file is not None:
-            log_file.close()
+            print(skip_report.summary())
+    run_log.close()
     distributed.close()
     return 0
 
 
-def vars_for_state(args) -> dict:
-    """The command line, JSON-safe (stored with each training state for reference)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-@torch.no_grad()
-def validate(ensemble: EnsembleUNet, val_set, args, vae, text_encoder, schedule, member_refs, device,
-             autocast) -> dict[str, float]:
-    """Held-out denoising MSE of every member, of block averaging and of the current AFA, on the same draws."""
-    ensemble.eval()
-    models = {ref.name: member for ref, member in zip(member_refs, ensemble.members)}
-    models["block average"] = EnsembleUNet(list(ensemble.members), None, AVERAGE)
-    models["AFA"] = ensemble
-    loader = torch.utils.data.DataLoader(IndexedItems(val_set), batch_size=args.batch_size, collate_fn=collate,
-                                         num_workers=0)
-    with autocast:
-        errors = denoising_errors(models, loader, vae, text_encoder, schedule, args.seed, device)
-    return {name: result["all"] for name, result in errors.items()}
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AfaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run(main))

@@ -160,9 +160,9 @@ class WebUIError(AssertionError):
 @dataclass
 class Generation:
     """A txt2img response: the images (PIL), their infotexts, and the response's info JSON."""
-    images: list
+    images: list = field(repr=False)
     infotexts: list[str]
-    info: dict
+    info: dict = field(repr=False)
 
     @property
     def image(self):
@@ -292,20 +292,26 @@ def start_webui(webui_dir: Path, data_dir: Path, port: int | None = None,
 
 STARTED_LINE = "Startup time:"
 """What webui.py prints once the API is added and the app_started callbacks (the extension's routes) ran."""
+MODEL_LOADED_LINE = "Model loaded in "
+"""What sd_models.load_model prints when the checkpoint it loads at startup (in a thread) is in place."""
 
 
 def wait_until_ready(webui: WebUI, timeout: float) -> None:
-    """Waits for the startup line in the log, then for the checkpoint list. No request is sent before that line:
-    the first request builds the app's middleware stack, and A1111 adds its API middleware after gradio's launch,
-    so an early request makes it fail with "Cannot add middleware after an application has started"."""
+    """Waits for the startup and model-loaded lines in the log, then for the checkpoint list. No request is sent
+    before both: the first request builds the app's middleware stack, and A1111 adds its API middleware after
+    gradio's launch (an early request makes it fail with "Cannot add middleware after an application has
+    started"); and a checkpoint switch while the startup load runs fails inside A1111 ("dictionary changed size
+    during iteration" in sd_disable_initialization), leaving sd_model_checkpoint unset."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
         if webui.process.poll() is not None:
             raise WebUIError(f"the WebUI exited with code {webui.process.returncode} during startup\n"
                              f"--- {webui.log} ---\n{log_tail(webui.log)}")
-        if STARTED_LINE not in webui.log.read_text(encoding="utf-8", errors="replace"):
-            last = f"no {STARTED_LINE!r} line in the log yet"
+        log = webui.log.read_text(encoding="utf-8", errors="replace")
+        missing = [line for line in (STARTED_LINE, MODEL_LOADED_LINE) if line not in log]
+        if missing:
+            last = f"no {missing[0]!r} line in the log yet"
             time.sleep(0.5)
             continue
         try:
@@ -351,6 +357,22 @@ def webui(tmp_path_factory):
         yield server
     finally:
         stop_webui(server)
+
+
+_screenshot_dirs: list[Path] = []
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory) -> Path:
+    """Where the browser tests put their screenshots (a folder of the session's pytest temporary folder)."""
+    folder = tmp_path_factory.mktemp("screenshots")
+    _screenshot_dirs.append(folder)
+    return folder
+
+
+def pytest_terminal_summary(terminalreporter):
+    for folder in _screenshot_dirs:
+        terminalreporter.write_line(f"real-WebUI tier screenshots: {folder}")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ if not os.environ.get("AFA_WEBUI_DIR"):
 LORA_PROMPT = "a photo of a cat <lora:strong:1>"
 AVERAGE_MODES = ["Block average", "Noise average"]
 
-# an absolute path in a text: "/tmp/...", "/work/...", "C:\..."; after a space, quote, bracket or at the start
+# an absolute path in a text: "/tmp/...", "/home/...", "C:\..."; after a space, quote, bracket or at the start
 _ABSOLUTE_PATH = re.compile(r"(?:^|[\s\"'(\[=:])(?:/[\w.+-]+/|[A-Za-z]:\\)")
 
 
@@ -78,11 +78,11 @@ def test_off_is_the_base_image_bit_for_bit(webui, base):
 def test_identical_members_give_the_base_image(webui, base, mode):
     generation = webui.txt2img(afa=afa(members=("tiny-a", "tiny-a2"), mode=mode))
     assert_ensembled(generation, mode)
-    assert generation.same_image(base), generation.max_diff(base)
+    assert generation.same_image(base), f"max pixel difference {generation.max_diff(base)}/255"
 
 
 def test_the_lora_changes_the_base_image(base, base_with_lora):
-    assert base_with_lora.max_diff(base) > 30
+    assert base_with_lora.max_diff(base) > 30, base_with_lora.max_diff(base)
 
 
 @pytest.mark.parametrize("mode", AVERAGE_MODES)
@@ -90,7 +90,8 @@ def test_identical_members_with_a_lora_give_the_base_image_with_the_lora(webui, 
     """Regression: block averaging drifted by 1-7/255 from the loaded model when a prompt LoRA was active."""
     generation = webui.txt2img(afa=afa(members=("tiny-a", "tiny-a2"), mode=mode), prompt=LORA_PROMPT)
     assert_ensembled(generation, mode)
-    assert generation.same_image(base_with_lora), generation.max_diff(base_with_lora)
+    assert generation.same_image(base_with_lora), \
+        f"max pixel difference {generation.max_diff(base_with_lora)}/255"
 
 
 # -- real ensembles --------------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def test_a_stale_weights_name_does_not_refuse_block_average(webui, average_ab):
     generation = webui.txt2img(afa=afa(weights="no-such-weights.safetensors", mode="Block average"))
     assert_ensembled(generation, "Block average")
     assert "AFA weights" not in generation.params, generation.infotext
-    assert generation.same_image(average_ab)
+    assert generation.same_image(average_ab), f"max pixel difference {generation.max_diff(average_ab)}/255"
 
 
 # -- refusals: the job runs without AFA and says why -----------------------------------------------------------------
