@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from afa.unet import PRESETS  # noqa: E402
+from factories import randomize_  # noqa: E402,F401  (tests import it from here)
 from training.sd_checkpoint import (TINY_TEXT_ENCODER_FOLDER_NAME, tiny_sd_config, tiny_sd_state_dict,  # noqa: E402
                                     write_webui_checkpoint)
 
@@ -88,10 +89,3 @@ def random_inputs(batch: int = 2, size: int = 16, context_dim: int = 32, in_chan
     return x, timesteps, context
 
 
-def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    """Replaces every parameter with seeded noise (so zero-initialised output layers are non-zero too)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-    return module

@@ -49,17 +49,6 @@ DEFAULT_PAYLOAD = dict(prompt="a photo of a cat", steps=2, width=64, height=64, 
 
 # -- the data dir ----------------------------------------------------------------------------------------------------
 
-def randomize_(module, seed: int = 0, scale: float = 0.1):
-    """Every parameter replaced by seeded noise (as tests/conftest.py randomize_: zero-initialised layers too)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-    return module
-
-
 def write_checkpoints(folder: Path) -> dict[str, Path]:
     """The tiny checkpoints (with their yamls and the tiny text encoder folder the yamls name) in `folder`."""
     import torch
@@ -88,6 +77,7 @@ def write_pair_weights(path: Path, member_paths: list[Path]) -> Path:
     from afa import Aggregator, MemberRef, default_config, file_sha256, save_weights
     from afa.members import read_unet_shapes
     from afa.unet import block_layout
+    from factories import randomize_  # tests/factories.py
 
     refs = [MemberRef(member.stem, file_sha256(member)) for member in member_paths]
     layout = block_layout(read_unet_shapes(member_paths[0]))
@@ -105,6 +95,7 @@ def write_strong_lora(path: Path, seed: int = 0, rank: int = 4, scale: float = 0
     from safetensors.torch import save_file
 
     from afa.unet import PRESETS, build_unet
+    from factories import lora_pair  # tests/factories.py
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -114,16 +105,8 @@ def write_strong_lora(path: Path, seed: int = 0, rank: int = 4, scale: float = 0
         if not any(part in module_name for part in ("attn", "proj", "ff")):
             continue
         key = "lora_unet_" + module_name.replace(".", "_")
-        weight = module.weight
-        if weight.ndim == 4:
-            down = torch.randn(rank, weight.shape[1], *weight.shape[2:], generator=generator) * scale
-            up = torch.randn(weight.shape[0], rank, 1, 1, generator=generator) * scale
-        else:
-            down = torch.randn(rank, weight.shape[1], generator=generator) * scale
-            up = torch.randn(weight.shape[0], rank, generator=generator) * scale
-        tensors[key + ".lora_down.weight"] = down.contiguous()
-        tensors[key + ".lora_up.weight"] = up.contiguous()
-        tensors[key + ".alpha"] = torch.tensor(float(rank))
+        pair = lora_pair(module.weight, rank, scale, generator)
+        tensors.update({f"{key}.{suffix}": tensor for suffix, tensor in pair.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
     return path

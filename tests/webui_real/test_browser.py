@@ -208,6 +208,18 @@ def starts(values: list[str], *prefixes: str) -> bool:
 
 # -- tests -----------------------------------------------------------------------------------------------------------
 
+
+def assert_accordion_holds_the_job(page, tab: str) -> None:
+    """Waits until the tab's accordion is ticked, then checks it holds the txt2img job's choices (tiny-a and tiny-b,
+    Block average, no weights)."""
+    page.page.wait_for_function(
+        "id => document.querySelector(`#${id}-checkbox input`).checked", arg=accordion_id(tab, "enabled"))
+    page.page.wait_for_timeout(500)
+    state = page.accordion(tab)
+    assert state["enabled"] and state["ticked"], state
+    assert starts(state["members"], "tiny-a.safetensors", "tiny-b.safetensors"), state
+    assert state["mode"] == "Block average" and state["weights"] == "None", state
+
 def test_the_page_loads_without_errors(page):
     page.shot("01-loaded")
     page.assert_no_errors("after load")
@@ -257,13 +269,7 @@ def test_generate_send_to_img2img_and_paste(page):
     # Send to img2img carries the accordion (Script.paste_field_names)
     page.page.click("#txt2img_send_to_img2img")
     page.page.wait_for_selector("#tab_img2img", state="visible")
-    page.page.wait_for_function(
-        "id => document.querySelector(`#${id}-checkbox input`).checked", arg=accordion_id("img2img", "enabled"))
-    page.page.wait_for_timeout(500)
-    state = page.accordion("img2img")
-    assert state["enabled"] and state["ticked"], state
-    assert starts(state["members"], "tiny-a.safetensors", "tiny-b.safetensors"), state
-    assert state["mode"] == "Block average" and state["weights"] == "None", state
+    assert_accordion_holds_the_job(page, "img2img")
     page.shot("04-sent-to-img2img")
     page.assert_no_errors("Send to img2img")
 
@@ -278,13 +284,7 @@ def test_generate_send_to_img2img_and_paste(page):
 
     page.page.fill("#txt2img_prompt textarea", infotext)
     page.page.locator("#tab_txt2img #paste").click()
-    page.page.wait_for_function(
-        "id => document.querySelector(`#${id}-checkbox input`).checked", arg=accordion_id("txt2img", "enabled"))
-    page.page.wait_for_timeout(500)
-    state = page.accordion("txt2img")
-    assert state["enabled"] and state["ticked"], state
-    assert starts(state["members"], "tiny-a.safetensors", "tiny-b.safetensors"), state
-    assert state["mode"] == "Block average" and state["weights"] == "None", state
+    assert_accordion_holds_the_job(page, "txt2img")
     assert page.page.input_value("#txt2img_prompt textarea") == "a photo of a cat"
     page.shot("05-pasted")
     page.assert_no_errors("paste")

@@ -294,6 +294,8 @@ def write_lora(path: str | os.PathLike, layer_names: Iterable[str], *, rank: int
     `lora_unet_*` / `lora_te_*` keys with lora_down/lora_up (random, seeded) and alpha."""
     from safetensors.torch import save_file
 
+    from factories import lora_pair  # tests/ (on the path in a pytest run)
+
     generator = torch.Generator().manual_seed(seed)
     mapping = lora_network_layer_names()
     tensors = {}
@@ -306,15 +308,10 @@ def write_lora(path: str | os.PathLike, layer_names: Iterable[str], *, rank: int
             key = "lora_te_text_model_" + name[len("transformer_text_model_"):]
         else:
             raise ValueError(f"not a UNet or text encoder layer: {name}")
-        if weight.ndim == 4:
-            down = torch.randn(rank, weight.shape[1], *weight.shape[2:], generator=generator) * scale
-            up = torch.randn(weight.shape[0], rank, 1, 1, generator=generator) * scale
-        else:
-            down = torch.randn(rank, weight.shape[1], generator=generator) * scale
-            up = torch.randn(weight.shape[0], rank, generator=generator) * scale
-        tensors[f"{key}.lora_down.weight"] = down.contiguous()
-        tensors[f"{key}.lora_up.weight"] = up.contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+        pair = lora_pair(weight, rank, scale, generator)
+        if alpha is not None:
+            pair["alpha"] = torch.tensor(float(alpha))
+        tensors.update({f"{key}.{suffix}": tensor for suffix, tensor in pair.items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
