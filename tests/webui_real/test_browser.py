@@ -209,6 +209,15 @@ def starts(values: list[str], *prefixes: str) -> bool:
 # -- tests -----------------------------------------------------------------------------------------------------------
 
 
+
+def choose_the_job(page) -> None:
+    """A small txt2img job with the accordion ticked: members tiny-a and tiny-b, Block average."""
+    page.small_job()
+    page.open_accordion("txt2img")
+    page.pick(accordion_id("txt2img", "members"), "tiny-a.safetensors")
+    page.pick(accordion_id("txt2img", "members"), "tiny-b.safetensors")
+    page.pick(accordion_id("txt2img", "mode"), "Block average")
+
 def assert_accordion_holds_the_job(page, tab: str) -> None:
     """Waits until the tab's accordion is ticked, then checks it holds the txt2img job's choices (tiny-a and tiny-b,
     Block average, no weights)."""
@@ -251,11 +260,7 @@ def test_the_settings_section_renders_and_refreshes(page):
 
 
 def test_generate_send_to_img2img_and_paste(page):
-    page.small_job()
-    page.open_accordion("txt2img")
-    page.pick(accordion_id("txt2img", "members"), "tiny-a.safetensors")
-    page.pick(accordion_id("txt2img", "members"), "tiny-b.safetensors")
-    page.pick(accordion_id("txt2img", "mode"), "Block average")
+    choose_the_job(page)
     assert starts(page.tokens(accordion_id("txt2img", "members")), "tiny-a.safetensors", "tiny-b.safetensors")
 
     info = page.generate()
@@ -291,11 +296,7 @@ def test_generate_send_to_img2img_and_paste(page):
 
 
 def test_xyz_plot_weights_axis(page):
-    page.small_job()
-    page.open_accordion("txt2img")
-    page.pick(accordion_id("txt2img", "members"), "tiny-a.safetensors")
-    page.pick(accordion_id("txt2img", "members"), "tiny-b.safetensors")
-    page.pick(accordion_id("txt2img", "mode"), "Block average")
+    choose_the_job(page)
 
     page.pick("tab_txt2img #script_list", "X/Y/Z plot")
     page.page.wait_for_selector("#script_txt2img_xyz_plot_x_type", state="visible")
