@@ -20,8 +20,9 @@ from .weights import FORMAT_VERSION, WeightsInfo, load_weights, read_weights_inf
 __version__ = "0.1.0"
 
 __all__ = [
-    "Aggregator", "AggregatorConfig", "MODES", "Mode", "parse_mode", "EnsembleUNet", "mix", "AfaError", "CheckpointError",
-    "IncompatibleMembersError", "MembersMismatchError", "WeightsFileError", "file_sha256", "shorthash", "MemberRef",
+    "Aggregator", "AggregatorConfig", "MODES", "Mode", "parse_mode", "EnsembleUNet", "mix", "AfaError",
+    "CheckpointError", "IncompatibleMembersError", "MembersMismatchError", "WeightsFileError", "file_sha256",
+    "shorthash", "MemberRef",
     "check_members", "load_member", "read_unet_shapes", "read_unet_state_dict", "unet_shapes", "PRESETS",
     "BlockLayout", "block_layout", "build_unet", "FORMAT_VERSION", "WeightsInfo", "load_weights",
     "read_weights_info", "save_weights", "default_config",

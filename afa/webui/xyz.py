@@ -74,7 +74,8 @@ def add_axes() -> None:
     axes = [
         xyz.AxisOption(AXIS_ENABLED, str, apply_enabled,
                        choices=choice(reverse=True) if choice else lambda: ["False", "True"]),
-        xyz.AxisOption(AXIS_MODE, str, apply_mode, confirm=confirm_mode, choices=lambda: [mode.label for mode in CHOICES]),
+        xyz.AxisOption(AXIS_MODE, str, apply_mode, confirm=confirm_mode,
+                       choices=lambda: [mode.label for mode in CHOICES]),
         xyz.AxisOption(AXIS_WEIGHTS, str, apply_weights, confirm=confirm_weights, choices=folders.weights_choices,
                        cost=0.5),  # a weights file may change the members: keep such cells together
     ]
