@@ -60,10 +60,18 @@ def test_settings_exist_before_any_ui_is_built(webui):
     assert shared.opts.afa_member_cache == "RAM" and shared.opts.afa_default_members == []
 
 
-def test_api_only_webui_has_the_settings(tmp_path):
+def test_api_only_webui_has_the_settings_and_runs_afa(tmp_path):
+    # (an integration check: in 1.10 the Api builds the script UI itself, so this alone would also pass with
+    # on_ui_settings registration; the test above is the one that tells the two apart)
     with harness.webui(tmp_path, extensions=[EXTENSION_ROOT], argv=harness.DEFAULT_ARGV + ("--nowebui",)) as w:
-        options = w.client().get("/sdapi/v1/options").json()
+        client = w.client()
+        options = client.get("/sdapi/v1/options").json()
         assert options["afa_member_cache"] == "RAM" and options["afa_maps"] == "Off"
+        body = client.post("/sdapi/v1/txt2img", json={
+            "prompt": "a cat", "steps": 1, "width": 64, "height": 64,
+            "alwayson_scripts": {TITLE: {"args": [True, ["tiny-a", "tiny-b"], "", "Block average"]}}}).json()
+        import json
+        assert "AFA mode: Block average" in json.loads(body["info"])["infotexts"][0]
     assert harness.leaked_patches() == []
 
 

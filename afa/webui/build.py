@@ -74,8 +74,7 @@ def build_ensemble(job) -> EnsembleUNet:
     tiling = bool(getattr(sd_hijack.model_hijack, "circular_enabled", False))
     base_dtype = next(base.parameters()).dtype
     reuse_base = [checkpoints.is_loaded_checkpoint(info, base_info) and base_dtype == dtype for info in plan.members]
-    cache.keep_only(cache.key(info, dtype) for info, reused in zip(plan.members, reuse_base)
-                            if not reused)
+    cache.keep_only(cache.key(info, dtype) for info, reused in zip(plan.members, reuse_base) if not reused)
 
     unets = []
     for index, (info, reused) in enumerate(zip(plan.members, reuse_base)):

@@ -153,7 +153,7 @@ def tear_down() -> bool:
         sd_unet.apply_unet("None")
     except Exception:
         errors.report("AFA: deactivating the ensemble failed", exc_info=True)
-    restore_loaded_unet()
+        restore_loaded_unet()
     return True
 
 
