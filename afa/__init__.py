@@ -8,7 +8,7 @@ from .host import use_webui_ldm
 
 use_webui_ldm()  # in a WebUI's extensions/ folder, outside its process: its vendored ldm, before ldm is imported below
 
-from .aggregator import Aggregator, AggregatorConfig
+from .aggregator import DEFAULT_PRESET, SABW_PRESETS, Aggregator, AggregatorConfig, preset_config
 from .ensemble import EnsembleUNet, mix
 from .errors import AfaError, CheckpointError, IncompatibleMembersError, MembersMismatchError, WeightsFileError
 from .hashing import file_sha256, shorthash
@@ -20,7 +20,7 @@ from .weights import FORMAT_VERSION, WeightsInfo, load_weights, read_weights_inf
 __version__ = "0.1.0"
 
 __all__ = [
-    "Aggregator", "AggregatorConfig", "MODES", "Mode", "parse_mode", "EnsembleUNet", "mix", "AfaError",
+    "Aggregator", "AggregatorConfig", "DEFAULT_PRESET", "SABW_PRESETS", "preset_config", "MODES", "Mode", "parse_mode", "EnsembleUNet", "mix", "AfaError",
     "CheckpointError", "IncompatibleMembersError", "MembersMismatchError", "WeightsFileError", "file_sha256",
     "shorthash", "MemberRef",
     "check_members", "load_member", "read_unet_shapes", "read_unet_state_dict", "unet_shapes", "PRESETS",
@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 
-def default_config(layout: BlockLayout, num_members: int, context_dim: int, **overrides) -> AggregatorConfig:
-    """The default aggregator for members of a given block layout (SD 1.5, N=2: 37.9M parameters, +3.4M per extra member)."""
-    return AggregatorConfig(num_members=num_members, block_channels=list(layout.channels),
-                            context_dim=context_dim, **overrides)
+def default_config(layout: BlockLayout, num_members: int, context_dim: int, preset: str = DEFAULT_PRESET,
+                   **overrides) -> AggregatorConfig:
+    """The aggregator of a preset for members of a given block layout. SD 1.5: "paper" 42,425,344 parameters for
+    2 members, +2,707,072 per extra member; "fast" 37.9M for 2, +3.4M per extra member."""
+    return preset_config(preset, num_members, layout.channels, context_dim, **overrides)

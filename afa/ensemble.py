@@ -149,12 +149,12 @@ class EnsembleUNet(nn.Module):
                 module.to(home)
 
     def _forward_blocks(self, members: Sequence[nn.Module], embeddings: Sequence[torch.Tensor], x: torch.Tensor,
-                        context: torch.Tensor | None,
+                        contexts: Sequence[torch.Tensor | None],
                         combine: Callable[[int, list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
         """Runs `members` block by block on a shared input, combining their outputs after every block.
 
-        Output blocks take the combined feature concatenated with the combined output of the matching input block
-        (the skip connection), so skips carry mixed features.
+        Member i reads embeddings[i] and contexts[i]. Output blocks take the combined feature concatenated with the
+        combined output of the matching input block (the skip connection), so skips carry mixed features.
         """
         h = x
         skips = []
@@ -163,7 +163,7 @@ class EnsembleUNet(nn.Module):
                 # openaimodel.th: the WebUI swaps in a torch proxy whose cat() resizes mismatched skips.
                 h = openaimodel.th.cat([h, skips.pop()], dim=1)
             features = [self._run_block(member, block_index, h, emb, context)
-                        for member, emb in zip(members, embeddings)]
+                        for member, emb, context in zip(members, embeddings, contexts)]
             h = combine(block_index, features)
             if block_index < self.num_input_blocks:
                 skips.append(h)
@@ -172,45 +172,71 @@ class EnsembleUNet(nn.Module):
     # -- the ensembled forward -----------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                y: torch.Tensor | None = None, member_contexts: Sequence[torch.Tensor] | None = None,
+                **kwargs) -> torch.Tensor:
         """Ensembled noise (or v) prediction.
 
         Args:
             x: [B x C_in x H x W] noisy latents (C_in = 9 for inpainting members).
             timesteps: [B] diffusion timesteps (may be fractional).
-            context: [B x L x context_dim] text conditioning.
+            context: [B x L x context_dim] text conditioning that every member and SABW read, or None when
+                `member_contexts` is given.
             y: [B] labels or [B x adm_in_channels] vectors for class-conditional members (SDXL).
+            member_contexts: per-member text conditioning, N x [B x L x context_dim]: member i's cross-attention
+                reads member_contexts[i] (the prompt as member i's own text encoder encodes it) and SABW reads their
+                mean, as in the authors' code. Overrides `context`.
         Returns:
             [B x C_out x H x W] in x's dtype.
         """
         members = list(self.members)
         dtype = _parameter_dtype(members[0])
         h = x.to(dtype)
-        context = context.to(dtype) if context is not None and context.is_floating_point() else context
+        if member_contexts is not None:
+            if len(member_contexts) != len(members):
+                raise ValueError(f"{len(member_contexts)} member contexts for {len(members)} members")
+            cast: dict[int, torch.Tensor] = {}  # a tensor shared by several members stays one tensor
+            contexts = [cast.setdefault(id(c), self._cast(c, dtype)) for c in member_contexts]
+            if all(c is contexts[0] for c in contexts):
+                context = contexts[0]  # one encoder for all: exactly the shared-context ensemble
+            else:
+                context = torch.stack([c.float() for c in contexts]).mean(dim=0).to(dtype)
+        else:
+            context = self._cast(context, dtype)
+            contexts = [context] * len(members)
         embeddings = [self._member_embedding(member, timesteps, y) for member in members]
         last_block = self.num_blocks - 1
 
         if not self.mode.mixes_every_block:
-            predictions = [self._forward_blocks([member], [emb], h, context, lambda _, features: features[0])
-                           for member, emb in zip(members, embeddings)]
-            return self._combine(last_block, predictions, timesteps, context, None).to(x.dtype)
+            predictions = [self._forward_blocks([member], [emb], h, [member_context],
+                                                lambda _, features: features[0])
+                           for member, emb, member_context in zip(members, embeddings, contexts)]
+            time_embedding = self._time_embedding(timesteps, embeddings)
+            return self._combine(last_block, predictions, context, time_embedding).to(x.dtype)
 
-        time_embedding = self.aggregator.embed_timesteps(timesteps) if self.mode.needs_weights else None
+        time_embedding = self._time_embedding(timesteps, embeddings)
         return self._forward_blocks(
-            members, embeddings, h, context,
-            lambda block_index, features: self._combine(block_index, features, timesteps, context, time_embedding),
+            members, embeddings, h, contexts,
+            lambda block_index, features: self._combine(block_index, features, context, time_embedding),
         ).to(x.dtype)
 
-    def _combine(self, block_index: int, features: list[torch.Tensor], timesteps: torch.Tensor,
-                 context: torch.Tensor | None, time_embedding: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _cast(context: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        return context.to(dtype) if context is not None and context.is_floating_point() else context
+
+    def _time_embedding(self, timesteps: torch.Tensor, embeddings: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """SABW's time input (None in the modes without weights)."""
+        if not self.mode.needs_weights:
+            return None
+        return self.aggregator.embed_time(timesteps, embeddings)
+
+    def _combine(self, block_index: int, features: list[torch.Tensor], context: torch.Tensor | None,
+                 time_embedding: torch.Tensor | None) -> torch.Tensor:
         """Mixes N member features of one block with the current mode's weights."""
         if not self.mode.needs_weights:
             reference = features[0]
             weights = torch.full((reference.shape[0], len(features), 1, 1), 1.0 / len(features),
                                  dtype=torch.float32, device=reference.device)
         else:
-            if time_embedding is None and self.aggregator.config.use_timestep:
-                time_embedding = self.aggregator.embed_timesteps(timesteps)
             weights = self.aggregator(block_index, features, time_embedding, context)
         if self.observer is not None:
             height, width = features[0].shape[-2:]

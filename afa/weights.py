@@ -1,10 +1,14 @@
 """SABW weights files: `.safetensors` whose metadata carries what is needed to rebuild and bind the aggregator.
 
 Metadata (all values are strings, as safetensors requires):
-    afa_format_version  "1"
+    afa_format_version  "2"
     afa_config          AggregatorConfig as JSON
     afa_members         JSON list of {"name", "sha256"}, in the order the aggregator's weights refer to them
     afa_training        JSON object of training facts (steps, dataset size, date, ...), may be "{}"
+
+Format 2 added the config fields of the paper design, the text conditioning and the CLIP skip; a format 1 file
+lacks them and loads with their defaults, which describe what every format 1 file was (the fast design, one shared
+text encoding, CLIP skip 1).
 
 Loading is strict: every key and shape is checked against the config, a newer format is refused, and a file trained
 for other members is refused with both member lists in the message. Listing files reads only the metadata.
@@ -27,7 +31,7 @@ from .errors import MembersMismatchError, WeightsFileError
 from .members import MemberRef, describe_difference
 from .modes import Mode, trained_mode
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
