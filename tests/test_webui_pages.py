@@ -38,7 +38,7 @@ def component_with_elem_id(instance, elem_id: str):
 
 def test_settings_page_loads_every_setting_with_the_extension_installed(webui):
     afa_keys = [key for key, info in shared.opts.data_labels.items() if info.section == settings.SECTION]
-    assert len(afa_keys) == 7 and all(key in ui.settings.component_dict for key in afa_keys)
+    assert len(afa_keys) == 8 and all(key in ui.settings.component_dict for key in afa_keys)
 
     # the page load pushes every setting's value with its component args: one rejected update fails the whole
     # request, and the browser marks every setting (and the checkpoint quicksetting) with an error

@@ -1,6 +1,6 @@
 """Building a job's EnsembleUNet against the loaded checkpoint: compatibility checks, the members (the loaded
 checkpoint's own UNet when it is one of them, the others from the member cache), LoRA names, tiling, offloading,
-the SABW weights and the aggregation-map observer."""
+the SABW weights, the aggregation-map observer and the members' text encoders."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from afa.members import check_members, unet_shapes
 
 from . import checkpoints, settings
 from .member_cache import cache
+from .text_conditioning import PER_MEMBER, SHARED, MemberTextConditioning, plan_member_texts, text_encoder_module
 
 
 class LoadingInterrupted(AfaError):
@@ -54,8 +55,9 @@ def set_tiling(unet: torch.nn.Module, enabled: bool) -> None:
             module.padding_mode = "circular" if enabled else "zeros"
 
 
-def build_ensemble(job) -> EnsembleUNet:
-    """The EnsembleUNet of a job's plan against the loaded checkpoint (raises AfaError if it cannot be built)."""
+def build_ensemble(job) -> tuple[EnsembleUNet, MemberTextConditioning | None]:
+    """The EnsembleUNet of a job's plan against the loaded checkpoint, and what its members' cross-attention reads
+    (None: the loaded encoding). Raises AfaError if it cannot be built."""
     plan = job.plan
     sd_model = shared.sd_model
     base = sd_model.model.diffusion_model
@@ -106,4 +108,42 @@ def build_ensemble(job) -> EnsembleUNet:
         ensemble.offload_device = devices.device
     if job.maps is not None:
         job.maps.configure(ensemble, plan.mode)
-    return ensemble
+    return ensemble, build_text_conditioning(job, sd_model, reuse_base, aggregator)
+
+
+def build_text_conditioning(job, sd_model, reuse_base: list[bool], aggregator) -> MemberTextConditioning | None:
+    """What each member's cross-attention reads (afa.webui.text_conditioning), per the "Members' text encoders"
+    setting; records on the job what it used and where that differs from what the SABW weights were trained with.
+    None: every member reads the loaded encoding."""
+    plan = job.plan
+    module = text_encoder_module(sd_model)
+    used = PER_MEMBER if settings.per_member_text() and module is not None else SHARED
+    remarks = []
+    if settings.per_member_text() and module is None:
+        remarks.append("SDXL members read the loaded model's text encoders")
+    if aggregator is not None:
+        trained = aggregator.config
+        if trained.text_conditioning != used:
+            remarks.append(f"SABW was trained with {describe_text(trained.text_conditioning)}, this job used "
+                           f"{describe_text(used)}")
+        clip_skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1))
+        if trained.clip_skip != clip_skip:
+            remarks.append(f"SABW was trained at CLIP skip {trained.clip_skip}, this job used {clip_skip}")
+    text = None
+    if used == PER_MEMBER:
+        shared.state.textinfo = "AFA: comparing the members' text encoders"
+        dtype = next(module.parameters()).dtype
+        tensors = [None if reused else cache.get_text_encoder(info, dtype)
+                   for info, reused in zip(plan.members, reuse_base)]
+        texts, encoders = plan_member_texts(module, tensors, plan.member_labels)
+        remarks += [member.note for member in texts if member.note]
+        text = MemberTextConditioning(sd_model, texts, encoders)
+    job.text_conditioning = used
+    job.text_remarks = remarks
+    for remark in remarks:
+        print(f"AFA: {remark}")
+    return text if text is not None and text.needed else None
+
+
+def describe_text(conditioning: str) -> str:
+    return "each member's own text encoder" if conditioning == PER_MEMBER else "one shared text encoding"

@@ -63,6 +63,17 @@ def before_process(p, args) -> None:
                                p.batch_size, settings.maps_every())
     jobs.start(p, job_plan, maps)
     claim_sd_unet_setting(p)
+    compute_conditioning_afresh(p)
+
+
+def compute_conditioning_afresh(p) -> None:
+    """The members' own encodings are made while the WebUI encodes the prompts (afa.webui.text_conditioning), so an
+    AFA job must not take the conditioning from the WebUI's cache of an earlier job. The caches are lists shared by
+    every processing object (processing.py v1.10: `self.cached_c = StableDiffusionProcessing.cached_c`); this job
+    gets lists of its own instead, so other jobs keep theirs."""
+    for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+        if hasattr(p, name):
+            setattr(p, name, [None, None])
 
 
 def refuse_if_setting_frozen() -> None:

@@ -2,10 +2,13 @@
 
 Entries (in `p.extra_generation_params`; the WebUI quotes a value that contains commas or colons):
 
-    AFA mode: SABW, AFA members: "tiny-a [0123456789], tiny-b [abcdef0123]", AFA weights: pair [4567890abc]
+    AFA mode: SABW, AFA members: "tiny-a [0123456789], tiny-b [abcdef0123]", AFA weights: pair [4567890abc],
+    AFA text encoders: Each member's own
 
 `AFA mode` is one of SABW, SABW (last block), Block average, Noise average; members and weights are
-`<name> [<shorthash>]` (the WebUI's short title); `AFA weights` is left out without a weights file. They are written
+`<name> [<shorthash>]` (the WebUI's short title); `AFA weights` is left out without a weights file; `AFA text
+encoders` is the "Members' text encoders" setting, and `AFA text notes` says where the text conditioning differed
+from what the SABW weights were trained with or from what was asked. They are written
 only for images the ensemble actually produced, so `AFA mode` present means "made by AFA". When AFA was requested
 but not applied (to the whole job or to one sampling pass), `AFA not applied: "<reason>"` says why; reasons name
 files by their name in their folder, never by a path of the server.
@@ -30,7 +33,7 @@ from modules import paths, sd_models, shared
 from afa.errors import AfaError
 from afa.modes import LAST_BLOCK, SABW, parse_mode
 
-from . import folders
+from . import folders, settings
 from .request import EnsemblePlan
 from .ui import current_title
 
@@ -40,6 +43,10 @@ WEIGHTS_KEY = "AFA weights"
 ENABLED_KEY = "AFA enabled"
 """The enabled checkbox's label for "Send to"; the infotext itself has no such entry (MODE_KEY says it)."""
 NOT_APPLIED_KEY = "AFA not applied"
+TEXT_ENCODERS_KEY = settings.TEXT_ENCODERS_INFOTEXT
+"""The "Members' text encoders" setting the images were made with (the setting's infotext name: pasting offers it as
+an override setting, infotext_utils v1.10)."""
+TEXT_NOTES_KEY = "AFA text notes"
 
 _HASHED = re.compile(r"\[[0-9a-fA-F]{6,64}\]$")
 

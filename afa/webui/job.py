@@ -13,7 +13,7 @@ import weakref
 
 from modules import shared
 
-from . import infotext
+from . import infotext, settings
 from .request import EnsemblePlan
 
 
@@ -27,6 +27,9 @@ class Job:
         self.map_images: list = []  # one per generated image, appended after every batch
         self.notes: list[str] = []  # why AFA was not applied to a sampling pass, in order, without repeats
         self.ensemble_calls = 0  # UNet calls the ensemble answered in the current batch (reset per batch)
+        self.text_conditioning: str | None = None  # "per_member" or "shared", once the ensemble is built
+        self.text_remarks: list[str] = []
+        self.unmatched_text_chunks = 0
 
     def note(self, text: str) -> None:
         """Records that AFA was not applied: the console gets the message as it is, the infotext and the note under
@@ -47,6 +50,20 @@ class Job:
         def value(**_) -> str | None:
             return infotext.entries(self.plan).get(key) if self.ensemble_calls > 0 else None
         return value
+
+    def text_encoders_value(self, **_) -> str | None:
+        if self.ensemble_calls == 0 or self.text_conditioning is None:
+            return None
+        return settings.TEXT_PER_MEMBER if self.text_conditioning == "per_member" else settings.TEXT_SHARED
+
+    def text_notes_value(self, **_) -> str | None:
+        if self.ensemble_calls == 0:
+            return None
+        notes = list(self.text_remarks)
+        if self.unmatched_text_chunks:
+            notes.append(f"{self.unmatched_text_chunks} prompt chunks were not among the members' encodings "
+                         f"(another extension changed the conditioning?) and kept the loaded model's")
+        return infotext.public_text("; ".join(notes)) if notes else None
 
     def not_applied_value(self, **_) -> str | None:
         return "; ".join(self.notes) or None
@@ -70,6 +87,8 @@ def start(p, plan: EnsemblePlan, maps=None) -> Job:
     current = Job(p, plan, maps)
     for key in (infotext.MODE_KEY, infotext.MEMBERS_KEY, infotext.WEIGHTS_KEY):
         p.extra_generation_params[key] = current.entry_value(key)
+    p.extra_generation_params[infotext.TEXT_ENCODERS_KEY] = current.text_encoders_value
+    p.extra_generation_params[infotext.TEXT_NOTES_KEY] = current.text_notes_value
     p.extra_generation_params[infotext.NOT_APPLIED_KEY] = current.not_applied_value
     return current
 
@@ -89,7 +108,8 @@ def active() -> Job | None:
 
 def forget_infotext(p) -> None:
     """Removes AFA's infotext entries from `p` (they belong to the job that wrote them)."""
-    for key in (infotext.MODE_KEY, infotext.MEMBERS_KEY, infotext.WEIGHTS_KEY, infotext.NOT_APPLIED_KEY):
+    for key in (infotext.MODE_KEY, infotext.MEMBERS_KEY, infotext.WEIGHTS_KEY, infotext.TEXT_ENCODERS_KEY,
+                infotext.TEXT_NOTES_KEY, infotext.NOT_APPLIED_KEY):
         p.extra_generation_params.pop(key, None)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from modules import devices
 
-from afa.members import MemberRef, config_beside, load_member
+from afa.members import MemberRef, config_beside, load_member, read_prefixed_tensors
 from afa.weights import load_weights
 
 from .settings import CACHE_NONE, CACHE_VRAM
@@ -39,6 +39,7 @@ class MemberCache:
     def __init__(self):
         self.unets: dict[tuple, torch.nn.Module] = {}
         self.aggregators: dict[tuple, tuple] = {}  # (file, mtime, members) -> (Aggregator, WeightsInfo)
+        self.text_encoders: dict[tuple, dict] = {}  # (file, mtime, dtype) -> its cond_stage_model.* tensors
 
     @staticmethod
     def key(info, dtype: torch.dtype) -> tuple:
@@ -49,6 +50,9 @@ class MemberCache:
         keys = set(keys)
         for key in [k for k in self.unets if k not in keys]:
             del self.unets[key]
+        files = {key[:2] for key in keys}
+        for key in [k for k in self.text_encoders if k[:2] not in files]:
+            del self.text_encoders[key]
 
     def get(self, info, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
         """The member's UNet on `device`, from the cache or read from its file."""
@@ -58,6 +62,19 @@ class MemberCache:
             unet = load_member(info.filename, dtype=dtype, device="cpu", config=config_beside(info.filename))
             self.unets[key] = unet
         return unet.to(device)
+
+    def get_text_encoder(self, info, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The member's text-encoder tensors (`cond_stage_model.*`, full keys, on the CPU, floating point ones cast to
+        `dtype` as they are read); {} when its file has none. Kept while the member is: per-member text conditioning
+        reads them in every job."""
+        key = self.key(info, dtype)
+        if key not in self.text_encoders:
+            for other in [k for k in self.text_encoders if k[:2] == key[:2]]:
+                del self.text_encoders[other]  # one precision per member
+            prefix = "cond_stage_model."
+            self.text_encoders[key] = {prefix + name: tensor for name, tensor
+                                       in read_prefixed_tensors(info.filename, prefix, dtype).items()}
+        return self.text_encoders[key]
 
     def get_aggregator(self, path, refs: list[MemberRef], device: torch.device):
         """(Aggregator in float32 on `device`, WeightsInfo) of a weights file trained for exactly `refs`."""
@@ -88,6 +105,7 @@ class MemberCache:
         freed = self.stats()
         self.unets.clear()
         self.aggregators.clear()
+        self.text_encoders.clear()
         gc.collect()
         devices.torch_gc()
         return freed
@@ -95,6 +113,7 @@ class MemberCache:
     def stats(self) -> CacheStats:
         modules = list(self.unets.values()) + [aggregator for aggregator, _ in self.aggregators.values()]
         tensors = [t for module in modules for t in module.state_dict().values()]
+        tensors += [t for encoder in self.text_encoders.values() for t in encoder.values()]
         return CacheStats(len(self.unets), len(tensors), sum(t.numel() * t.element_size() for t in tensors))
 
 

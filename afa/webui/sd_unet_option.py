@@ -82,6 +82,7 @@ class AfaUnet(sd_unet.SdUnet):
         self.member_dtype: torch.dtype | None = None
         self.refusal: str | None = None
         self.sd_model = None  # the loaded model the ensemble was built against
+        self.text_conditioning = None  # MemberTextConditioning while active, when a member has its own encoder
 
     def activate(self) -> None:
         self.sd_model = shared.sd_model
@@ -92,8 +93,10 @@ class AfaUnet(sd_unet.SdUnet):
             restore_loaded_unet()
             return
         try:
-            self.ensemble = build_ensemble(self.job)
+            self.ensemble, self.text_conditioning = build_ensemble(self.job)
             self.member_dtype = next(self.ensemble.members[0].parameters()).dtype
+            if self.text_conditioning is not None:
+                self.text_conditioning.install()
         except AfaError as error:
             self.refuse(str(error))
         except Exception as error:  # out of memory, a damaged file the core did not recognise, ...
@@ -104,6 +107,7 @@ class AfaUnet(sd_unet.SdUnet):
 
     def refuse(self, reason: str) -> None:
         self.ensemble = None
+        self.drop_text_conditioning()
         self.refusal = reason
         base = shared.sd_model.sd_checkpoint_info
         self.job.note(f"{reason} (loaded checkpoint: {base.short_title})" if base is not None else reason)
@@ -119,15 +123,26 @@ class AfaUnet(sd_unet.SdUnet):
             unet = loaded_unet()
             return original_forward(unet)(unet, x, timesteps, context, *args, **kwargs)
         self.job.ensemble_calls += 1
+        member_contexts = None
+        if self.text_conditioning is not None:
+            member_contexts = self.text_conditioning.member_contexts(context)
+            self.job.unmatched_text_chunks = self.text_conditioning.unmatched_chunks
         with member_autocast(self.member_dtype):
-            return self.ensemble(x, timesteps, context, y=kwargs.get("y"))
+            return self.ensemble(x, timesteps, context, y=kwargs.get("y"), member_contexts=member_contexts)
 
     def deactivate(self) -> None:
         """Drops the ensemble; members go back to the cache, off the GPU unless it keeps them in VRAM."""
+        self.drop_text_conditioning()
         if self.ensemble is not None:
             self.ensemble = None
             cache.park(settings.cache_policy())
             devices.torch_gc()
+
+    def drop_text_conditioning(self) -> None:
+        """Gives the loaded model its own conditioning back."""
+        if self.text_conditioning is not None:
+            self.text_conditioning.uninstall()
+            self.text_conditioning = None
 
 
 def member_autocast(dtype: torch.dtype):

@@ -27,6 +27,10 @@ CACHE_POLICIES = (CACHE_NONE, CACHE_RAM, CACHE_VRAM)
 OFFLOAD_AUTOMATIC, OFFLOAD_ALWAYS, OFFLOAD_NEVER = "Automatic", "Always", "Never"
 OFFLOAD_POLICIES = (OFFLOAD_AUTOMATIC, OFFLOAD_ALWAYS, OFFLOAD_NEVER)
 
+TEXT_PER_MEMBER, TEXT_SHARED = "Each member's own", "The loaded checkpoint's"
+TEXT_CHOICES = (TEXT_PER_MEMBER, TEXT_SHARED)
+TEXT_ENCODERS_INFOTEXT = "AFA text encoders"
+
 MAPS_OFF, MAPS_LAST_STEP, MAPS_EVERY_N = "Off", "Last step", "Every N steps"
 MAPS_CHOICES = (MAPS_OFF, MAPS_LAST_STEP, MAPS_EVERY_N)
 
@@ -62,6 +66,13 @@ def options(on_cache_change) -> dict:
             {"choices": list(OFFLOAD_POLICIES)},
         ).info("members stay in RAM and each block moves to the GPU only while it runs; "
                "Automatic: when the WebUI runs with --medvram/--lowvram"),
+        "afa_text_encoders": info(
+            TEXT_PER_MEMBER, "Members' text encoders", gr.Radio, {"choices": list(TEXT_CHOICES)},
+            infotext=TEXT_ENCODERS_INFOTEXT,
+        ).info("Each member's own: every member reads the prompt as its own checkpoint's text encoder encodes it "
+               "(as the paper's code does; one more text-encoder pass per distinct encoder, and its weights in RAM: "
+               "0.25 GB for SD 1.x in fp16); the loaded checkpoint's: every member reads the loaded model's "
+               "encoding. SDXL members always read the loaded model's"),
         "afa_maps": info(
             MAPS_OFF, "Aggregation maps", gr.Radio, {"choices": list(MAPS_CHOICES)},
         ).info("which sampling steps 'Show aggregation maps' draws; Off also unticks it by default"),
@@ -107,6 +118,10 @@ def offload_members(sd_model) -> bool:
     if policy == OFFLOAD_NEVER:
         return False
     return bool(getattr(sd_model, "lowvram", False) or shared.cmd_opts.medvram or shared.cmd_opts.lowvram)
+
+
+def per_member_text() -> bool:
+    return shared.opts.afa_text_encoders != TEXT_SHARED
 
 
 def maps_every() -> int | None:

@@ -4,8 +4,8 @@ Opt-in: `AFA_WEBUI_DIR=<an A1111 checkout with its venv at $AFA_WEBUI_DIR/venv> 
 AFA_WEBUI_DIR the test modules skip themselves (at module level, before importing anything heavy), so `make test`
 stays fast and never imports playwright.
 
-The `webui` fixture (one per session) writes a temporary data dir (`--data-dir`): four tiny SD1-layout checkpoints
-(tiny-a, tiny-a2 = an identical copy of tiny-a, tiny-b, tiny-c), a SABW weights file for tiny-b + tiny-c
+The `webui` fixture (one per session) writes a temporary data dir (`--data-dir`): five tiny SD1-layout checkpoints
+(tiny-a, tiny-a2 = an identical copy of tiny-a, tiny-b, tiny-c, tiny-a-text = tiny-a with tiny-b's text encoder), a SABW weights file for tiny-b + tiny-c
 (models/AFA/pair.safetensors), a strong random LoRA (models/Lora/strong.safetensors) and extensions/afa -> this
 checkout; then starts the WebUI on a free loopback port with the API on, on the CPU, and loads tiny-a. Everything
 the WebUI writes (config.json, cache.json, params.txt, its log webui.log) stays in that data dir.
@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 
 CHECKPOINTS = {"tiny-a": 1, "tiny-a2": 1, "tiny-b": 2, "tiny-c": 3}  # name -> seed (tiny-a2 is a copy of tiny-a)
+TEXT_VARIANT, TEXT_VARIANT_OF, TEXT_VARIANT_ENCODER = "tiny-a-text", "tiny-a", "tiny-b"
 PAIR_MEMBERS = ("tiny-b", "tiny-c")  # the members models/AFA/pair.safetensors was "trained" for
 LOADED = "tiny-a"
 SCRIPT_TITLE = "AFA ensemble"
@@ -57,7 +58,7 @@ def write_checkpoints(folder: Path) -> dict[str, Path]:
                                         write_webui_checkpoint)
 
     config = tiny_sd_config(folder / TINY_TEXT_ENCODER_FOLDER_NAME)
-    paths = {}
+    paths, states = {}, {}
     for name, seed in CHECKPOINTS.items():
         state_dict = tiny_sd_state_dict(seed)
         # as tests/webui_standin/harness.py tiny_checkpoint_file: a freshly initialised text encoder ends in a
@@ -66,6 +67,11 @@ def write_checkpoints(folder: Path) -> dict[str, Path]:
         generator = torch.Generator().manual_seed(seed)
         state_dict[bias_key] = 0.5 + 0.1 * torch.randn(state_dict[bias_key].shape, generator=generator)
         paths[name] = write_webui_checkpoint(folder / f"{name}.safetensors", state_dict, config)
+        states[name] = state_dict
+    # tiny-a's UNet and VAE with tiny-b's text encoder: a "fine-tune" that changed only the text encoder
+    variant = dict(states[TEXT_VARIANT_OF])
+    variant.update({k: v for k, v in states[TEXT_VARIANT_ENCODER].items() if k.startswith("cond_stage_model.")})
+    paths[TEXT_VARIANT] = write_webui_checkpoint(folder / f"{TEXT_VARIANT}.safetensors", variant, config)
     return paths
 
 

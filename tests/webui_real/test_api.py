@@ -104,6 +104,21 @@ def test_different_members_differ_from_the_base_image(base, average_ab):
     assert "AFA weights" not in average_ab.params
 
 
+@pytest.mark.parametrize("mode", AVERAGE_MODES)
+def test_a_member_with_another_text_encoder_reads_its_own_encoding(webui, base, mode):
+    """tiny-a-text has tiny-a's UNet and another text encoder: with each member's own encoder the ensemble differs
+    from tiny-a; with the loaded checkpoint's encoding for both it is tiny-a bit for bit."""
+    own = webui.txt2img(afa=afa(members=("tiny-a", "tiny-a-text"), mode=mode))
+    assert_ensembled(own, mode)
+    assert own.params["AFA text encoders"] == "Each member's own", own.infotext
+    assert not own.same_image(base)
+    loaded = webui.txt2img(afa=afa(members=("tiny-a", "tiny-a-text"), mode=mode),
+                           override_settings={"afa_text_encoders": "The loaded checkpoint's"})
+    assert_ensembled(loaded, mode)
+    assert loaded.params["AFA text encoders"] == "The loaded checkpoint's", loaded.infotext
+    assert loaded.same_image(base), f"max pixel difference {loaded.max_diff(base)}/255"
+
+
 def test_sabw_with_a_weights_file_runs_its_members(webui, base):
     generation = webui.txt2img(afa=afa(members=(), weights="pair.safetensors", mode="SABW"))
     assert_ensembled(generation, "SABW")
@@ -172,9 +187,10 @@ def test_unload_frees_the_cached_members(webui):
 def test_settings_are_registered(webui):
     options = webui.get("/sdapi/v1/options")
     for key in ("afa_default_members", "afa_default_weights", "afa_member_precision", "afa_member_cache",
-                "afa_member_offload", "afa_maps", "afa_maps_every"):
+                "afa_member_offload", "afa_text_encoders", "afa_maps", "afa_maps_every"):
         assert key in options, key
     assert options["afa_member_cache"] == "RAM"
+    assert options["afa_text_encoders"] == "Each member's own"
     assert options["afa_default_members"] == []
     assert options["afa_maps"] == "Off"
 

@@ -1,0 +1,204 @@
+"""Per-member text conditioning in the WebUI stand-in: every member's cross-attention reads the prompt as the WebUI
+encodes it with that member's own text encoder (afa/webui/text_conditioning.py).
+
+Checkpoints: tiny-a (loaded); tiny-a-text, tiny-a's UNet and VAE with tiny-b's text encoder; tiny-a2, a copy of
+tiny-a; tiny-b.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "webui_standin"))
+
+import harness  # noqa: E402
+
+import torch  # noqa: E402
+
+from modules import infotext_utils, sd_models, sd_unet, shared  # noqa: E402
+
+from afa import AggregatorConfig  # noqa: E402
+from afa.ensemble import EnsembleUNet  # noqa: E402
+from afa.webui import sd_unet_option as afa_unet  # noqa: E402
+
+EXTENSION_ROOT = Path(__file__).resolve().parents[1]
+TITLE = "AFA ensemble"
+CHECKPOINTS = (("tiny-a", 1), ("tiny-a2", 1), ("tiny-b", 2))
+# emphasis, prompt editing, AND, and more than 75 tokens (two chunks)
+PROMPT = ("a (red:1.4) cat [sitting:standing:2] on a mat, " + "in a quiet sunny garden with flowers, " * 12
+          + "AND a small dog:0.5")
+NEGATIVE = "(blurry:1.2), lowres"
+
+
+def afa(members=("tiny-a", "tiny-a-text"), mode="Block average", weights="") -> dict:
+    return {TITLE: [True, list(members), weights, mode, False]}
+
+
+def pixels(image) -> bytes:
+    return image.tobytes()
+
+
+def write_text_variant(models_dir: Path, name: str, unet_from: str, text_from: str) -> Path:
+    """A checkpoint with the UNet and VAE of `unet_from` and the text encoder of `text_from` (installed files)."""
+    tensors = load_file(str(models_dir / f"{unet_from}.safetensors"))
+    text = load_file(str(models_dir / f"{text_from}.safetensors"))
+    tensors.update({key: value for key, value in text.items() if key.startswith("cond_stage_model.")})
+    path = models_dir / f"{name}.safetensors"
+    save_file(tensors, str(path))
+    shutil.copyfile(models_dir / f"{unet_from}.yaml", path.with_suffix(".yaml"))
+    sd_models.list_models()
+    return path
+
+
+@pytest.fixture
+def webui(tmp_path):
+    with harness.webui(tmp_path, extensions=[EXTENSION_ROOT], checkpoints=CHECKPOINTS) as instance:
+        write_text_variant(Path(sd_models.model_path), "tiny-a-text", "tiny-a", "tiny-b")
+        yield instance
+    assert harness.leaked_patches() == []
+
+
+class ContextSpy:
+    """Records the context of every UNet call of the loaded model, and the members' contexts of every ensemble
+    call."""
+
+    def __init__(self, monkeypatch):
+        self.loaded: list[torch.Tensor] = []
+        self.members: list[list[torch.Tensor]] = []
+        original = EnsembleUNet.forward
+
+        def forward(ensemble, x, timesteps=None, context=None, y=None, member_contexts=None, **kwargs):
+            self.members.append([c.clone() for c in member_contexts] if member_contexts is not None
+                                else [context.clone()] * len(ensemble.members))
+            return original(ensemble, x, timesteps, context, y, member_contexts, **kwargs)
+
+        monkeypatch.setattr(EnsembleUNet, "forward", forward)
+
+    def watch_loaded_unet(self, monkeypatch):
+        """Every checkpoint switch builds a new model (each has its yaml), so the spy sits on the UNet class's forward
+        (the one the WebUI routes through its SD Unet: members are driven block by block and never pass here)."""
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        routed = UNetModel.forward
+
+        def forward(unet, x, timesteps=None, context=None, *args, **kwargs):
+            self.loaded.append(context.clone())
+            return routed(unet, x, timesteps, context, *args, **kwargs)
+
+        monkeypatch.setattr(UNetModel, "forward", forward)
+
+
+def text_encoder_state() -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in shared.sd_model.cond_stage_model.state_dict().items()}
+
+
+def test_each_member_reads_the_webuis_encoding_by_its_own_text_encoder(webui, monkeypatch):
+    """The member with tiny-b's text encoder reads, at every UNet call, exactly the context the WebUI gives the UNet
+    when that checkpoint is loaded: emphasis, two 75-token chunks, prompt editing, AND, the negative prompt and the
+    padding of cond and uncond to one length, as the WebUI's own conditioning makes them."""
+    spy = ContextSpy(monkeypatch)
+    spy.watch_loaded_unet(monkeypatch)
+    reference = webui.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE,
+                              override_settings={"sd_model_checkpoint": "tiny-a-text"})
+    expected = list(spy.loaded)
+    webui.txt2img(prompt="a cat", steps=1)  # tiny-a loaded again
+    before = text_encoder_state()
+    spy.loaded.clear()
+    processed = webui.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, script_args=afa())
+    assert shared.sd_model.sd_checkpoint_info.name_for_extra == "tiny-a"
+    assert reference.images and processed.images
+    assert len(spy.members) == len(expected) == len(spy.loaded) > 0
+    for call, (loaded, members, other) in enumerate(zip(spy.loaded, spy.members, expected)):
+        assert members[0] is not None and torch.equal(members[0], loaded), call  # tiny-a: the loaded encoding
+        assert torch.equal(members[1], other), call  # tiny-a-text: its own encoder's encoding
+        assert not torch.equal(members[1], loaded)
+    # the loaded model is left as it was: its own weights, its own conditioning method
+    assert all(torch.equal(before[k], v) for k, v in shared.sd_model.cond_stage_model.state_dict().items())
+    assert "get_learned_conditioning" not in vars(shared.sd_model)
+    params = infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    assert params["AFA text encoders"] == "Each member's own"
+    assert "AFA text notes" not in params
+
+
+def test_another_text_encoder_changes_the_image_and_the_loaded_ones_does_not(webui):
+    """tiny-a and tiny-a-text have one UNet: with the loaded model's encoding for both, block averaging is tiny-a
+    bit for bit; with their own encoders, it is not. A copy of tiny-a (same encoder) costs no encoder run."""
+    base = webui.txt2img(prompt="a cat")
+    shared_text = webui.txt2img(prompt="a cat", script_args=afa(),
+                                override_settings={"afa_text_encoders": "The loaded checkpoint's"})
+    own_text = webui.txt2img(prompt="a cat", script_args=afa())
+    assert pixels(shared_text.images[0]) == pixels(base.images[0])
+    assert pixels(own_text.images[0]) != pixels(base.images[0])
+    assert infotext_utils.parse_generation_parameters(shared_text.infotexts[0])["AFA text encoders"] == \
+        "The loaded checkpoint's"
+
+    seen = []
+    harness_probe = lambda params: seen.append(getattr(sd_unet.current_unet, "text_conditioning", "none"))  # noqa: E731
+    from modules import script_callbacks
+    script_callbacks.on_cfg_denoiser(harness_probe)
+    copy_members = webui.txt2img(prompt="a cat", script_args=afa(members=("tiny-a", "tiny-a2")))
+    assert pixels(copy_members.images[0]) == pixels(base.images[0])
+    assert seen and all(text is None for text in seen)  # no member has an encoder of its own to run
+
+
+def test_sabw_weights_record_their_text_conditioning_and_a_mismatch_is_reported(webui):
+    from test_webui_extension import write_weights
+
+    path = write_weights(webui, "pair.safetensors", ["tiny-a", "tiny-a-text"])
+    # write_weights uses the default config: text_conditioning "shared", CLIP skip 1
+    assert AggregatorConfig.text_conditioning == "shared"
+    shared.opts.CLIP_stop_at_last_layers = 2
+    processed = webui.txt2img(prompt="a cat", script_args=afa(mode="SABW", weights=path.name))
+    params = infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    assert params["AFA mode"] == "SABW"
+    notes = params["AFA text notes"]
+    assert "SABW was trained with one shared text encoding, this job used each member's own text encoder" in notes
+    assert "SABW was trained at CLIP skip 1, this job used 2" in notes
+
+
+def test_a_member_whose_text_encoder_does_not_fit_reads_the_loaded_encoding(webui):
+    """A checkpoint without a text encoder (a UNet-only file) still ensembles; the infotext says what it read."""
+    models_dir = Path(sd_models.model_path)
+    tensors = {k: v for k, v in load_file(str(models_dir / "tiny-b.safetensors")).items()
+               if not k.startswith("cond_stage_model.")}
+    save_file(tensors, str(models_dir / "tiny-b-unet.safetensors"))
+    shutil.copyfile(models_dir / "tiny-b.yaml", models_dir / "tiny-b-unet.yaml")
+    sd_models.list_models()
+    processed = webui.txt2img(prompt="a cat", script_args=afa(members=("tiny-a", "tiny-b-unet")))
+    params = infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    assert params["AFA mode"] == "Block average"
+    assert "tiny-b-unet" in params["AFA text notes"] and "reads the loaded model's encoding" in params["AFA text notes"]
+
+
+def test_an_error_while_encoding_restores_the_loaded_text_encoder(webui, monkeypatch):
+    before = text_encoder_state()
+    calls = []
+    original = afa_unet.AfaUnet.activate
+
+    def activate(self):
+        original(self)
+        conditioning = self.text_conditioning
+        inner = conditioning._original
+
+        def failing(texts):
+            calls.append(texts)
+            if len(calls) == 2:  # the member pass of the job's first prompt: with the member's weights in place
+                raise RuntimeError("encoder failure")
+            return inner(texts)
+
+        conditioning._original = failing
+
+    monkeypatch.setattr(afa_unet.AfaUnet, "activate", activate)
+    with pytest.raises(Exception):
+        webui.txt2img(prompt="a cat", script_args=afa())
+    assert all(torch.equal(before[k], v) for k, v in shared.sd_model.cond_stage_model.state_dict().items())
+    monkeypatch.undo()
+    # the next job cleans up what the failed one left, and runs
+    processed = webui.txt2img(prompt="a cat", script_args=afa())
+    assert "AFA mode" in infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    assert "get_learned_conditioning" not in vars(shared.sd_model)
