@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .aggregator import Aggregator
+from .aggregator import DEFAULT_PRESET, SABW_PRESETS, Aggregator
 from .errors import AfaError
 from .hashing import file_sha256, shorthash
 from .members import check_members, read_unet_shapes, resolve_unet_params
@@ -80,12 +80,12 @@ def command_check(args) -> None:
     layout = check_members(members)
     context_keys = [k for k in members[0][1] if k.endswith("attn2.to_k.weight")]
     context_dim = members[0][1][context_keys[0]][1] if context_keys else 768
-    config = default_config(layout, len(members), context_dim,
+    config = default_config(layout, len(members), context_dim, preset=args.preset,
                             **({"hidden_channels": args.hidden} if args.hidden else {}))
     print(f"{len(members)} members can be ensembled: " + ", ".join(name for name, _ in members))
     _print_layout(layout)
-    print(f"SABW parameters for them: {_sabw_parameters(config) / 1e6:.2f}M (hidden {config.hidden_channels}, "
-          f"context {context_dim})")
+    print(f"SABW parameters for them: {_sabw_parameters(config) / 1e6:.2f}M (preset {args.preset}: design "
+          f"{config.design}, hidden {config.hidden_channels}, depth {config.transformer_depth}, context {context_dim})")
 
 
 def command_bench(args) -> None:
@@ -95,10 +95,26 @@ def command_bench(args) -> None:
         None if args.max_resolution == 0 else args.max_resolution)
     if args.train_step:
         run_train_bench(args.arch, args.members, args.latent, args.batch, args.repeats, DTYPES[args.dtype],
-                        args.hidden, max_resolution, args.gradient_checkpointing, args.seed)
+                        args.hidden, max_resolution, args.gradient_checkpointing, args.seed, preset=args.preset)
     else:
         run_bench(args.arch, args.members, args.latent, args.batch, args.repeats, DTYPES[args.dtype], args.hidden,
-                  max_resolution, args.seed)
+                  max_resolution, args.seed, preset=args.preset)
+
+
+def command_import_official(args) -> None:
+    from .official import import_official
+
+    imported = import_official(args.folder, args.members, args.output,
+                               dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.force)
+    config = imported.config
+    print(f"wrote {imported.path}")
+    print(f"imported from {args.folder} ({imported.training['imported_from']}'s training output): "
+          f"{config.num_blocks} SABW blocks, paper design (hidden {config.hidden_channels}, {config.num_heads} "
+          f"heads, depth {config.transformer_depth}, context {config.context_dim}), "
+          f"{imported.parameters:,} parameters")
+    print("members (in order):")
+    for index, member in enumerate(imported.members):
+        print(f"  {index}: {member.name}  sha256 {member.sha256}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="confirm that checkpoints can be ensembled (reads shapes only)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     check.add_argument("members", nargs="+", help="member checkpoints (at least 2)")
+    check.add_argument("--preset", choices=sorted(SABW_PRESETS), default=DEFAULT_PRESET, help="SABW design "
+                       "to count the parameters of: paper (the authors' aggregator) or fast (AFA's cheaper one)")
     check.add_argument("--hidden", type=int, help="SABW hidden width for the parameter count (default: the "
-                       "config default)")
+                       "preset's)")
     check.set_defaults(run=command_check)
 
     bench = commands.add_parser("bench", help="time one UNet vs the ensemble in every mode, random weights",
@@ -129,15 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1, help="batch size (the WebUI's CFG batches 2 per image)")
     bench.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median reported)")
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="members' and SABW's dtype")
-    bench.add_argument("--hidden", type=int, help="SABW hidden width (default: the config default)")
-    bench.add_argument("--max-resolution", type=int, help="SABW pooling size (default: the config default; "
-                       "0 = full resolution)")
+    bench.add_argument("--preset", choices=sorted(SABW_PRESETS), default=DEFAULT_PRESET, help="SABW design: "
+                       "paper (the authors' aggregator) or fast (AFA's cheaper one)")
+    bench.add_argument("--hidden", type=int, help="SABW hidden width (default: the preset's)")
+    bench.add_argument("--max-resolution", type=int, help="SABW pooling size (default: the preset's, full "
+                       "resolution for paper and 32 for fast; 0 = full resolution)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     bench.add_argument("--train-step", action="store_true", help="time a SABW training step (forward + backward) "
                        "against an ensemble forward instead of the modes")
     bench.add_argument("--gradient-checkpointing", action="store_true", help="with --train-step: recompute member "
                        "blocks in the backward pass")
     bench.set_defaults(run=command_bench)
+
+    official = commands.add_parser("import-official", help="convert the authors' trained aggregators (Tenvence/afa: "
+                                   "aggregator_{i}/ folders and model_config.json) into an AFA weights file",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    official.add_argument("folder", help="their training output folder (model_config.json, aggregator_0/ ...)")
+    official.add_argument("--members", nargs="+", required=True, help="the member checkpoints, in the order of "
+                          "their training's --model_files")
+    official.add_argument("--output", required=True, help="the AFA weights .safetensors to write")
+    official.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights to this dtype (not given: as "
+                          "stored)")
+    official.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    official.set_defaults(run=command_import_official)
     return parser
 
 

@@ -1,7 +1,8 @@
 """training/demo.py: the reduced demo end to end, and the paper's central claim at small scale.
 
 The end-to-end test runs `python training/demo.py --quick` as a user runs it (a few minutes on two CPU cores) and
-fails unless AFA's held-out denoising error is below the best member's and below block averaging's.
+fails unless the held-out denoising error of AFA, with either SABW preset ("paper" and "fast", trained on the same
+data), is below the best member's and below block averaging's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def quick_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return output, result
 
 
-def test_afa_denoises_held_out_images_better_than_every_member_and_block_averaging(quick_demo):
+@pytest.mark.parametrize("preset", demo.SABW_PRESETS)
+def test_afa_denoises_held_out_images_better_than_every_member_and_block_averaging(quick_demo, preset):
     output, result = quick_demo
     results = json.loads((output / "evaluation" / "evaluation.json").read_text())
     errors = {name: row["all"] for name, row in results["models"].items()}
@@ -44,12 +46,15 @@ def test_afa_denoises_held_out_images_better_than_every_member_and_block_averagi
     assert members == ["warm-expert", "cool-expert"]
     best_member = min(errors[name] for name in members)
     summary = ", ".join(f"{name} {value:.5f}" for name, value in errors.items())
-    assert errors["AFA"] < (1 - MARGIN) * best_member, summary
-    assert errors["AFA"] < (1 - MARGIN) * errors["block average"], summary
-    assert results["weights"]["mode"] == "sabw"
+    row = demo.afa_row(preset)
+    assert errors[row] < (1 - MARGIN) * best_member, summary
+    assert errors[row] < (1 - MARGIN) * errors["block average"], summary
+    weights, = [entry for entry in results["weights"] if entry["row"] == row]
+    assert weights["mode"] == "sabw" and weights["design"] == preset
     # The printed table shows every row.
-    for name in (*members, "block average", "noise average", "AFA"):
+    for name in (*members, "block average", "noise average", "AFA (paper)", "AFA (fast)"):
         assert f"\n{name} " in result.stdout
+    assert f"{row}'s held-out denoising error is" in result.stdout
 
 
 def test_demo_writes_kohya_data_webui_checkpoints_weights_and_figures(quick_demo):
@@ -68,9 +73,13 @@ def test_demo_writes_kohya_data_webui_checkpoints_weights_and_figures(quick_demo
         cond_stage_params = config["model"]["params"]["cond_stage_config"]["params"]
         assert cond_stage_params == {"version": str(text_encoder_folder.resolve())}
     assert (text_encoder_folder / "config.json").is_file() and (text_encoder_folder / "vocab.json").is_file()
-    info = read_weights_info(output / "afa-warm-cool.safetensors")
-    assert [member.name for member in info.members] == ["warm-expert", "cool-expert"]
-    for figure in ("denoising-capability.png", "aggregation-maps.png"):
+    for preset in demo.SABW_PRESETS:
+        info = read_weights_info(output / f"afa-warm-cool-{preset}.safetensors")
+        assert [member.name for member in info.members] == ["warm-expert", "cool-expert"]
+        assert info.config.design == preset and info.config.hidden_channels == demo.QUICK.sabw_hidden == 64
+        # Both members carry the same text encoder, so per-member conditioning is exactly the shared one.
+        assert info.config.text_conditioning == "per_member" and info.training["latents"] == "mean"
+    for figure in ("denoising-capability.png", "aggregation-maps-paper.png", "aggregation-maps-fast.png"):
         assert Image.open(output / "evaluation" / figure).size[0] > 300
     for stage in ("data", "VAE", "members", "SABW", "results"):  # each stage reports its time
         assert f"{stage} " in result.stdout.split("Timings:")[-1]

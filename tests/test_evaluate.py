@@ -49,15 +49,16 @@ def run_evaluate(members, data: Path, output_dir: Path, *extra: str) -> dict:
     return json.loads((output_dir / evaluate.RESULTS_FILE).read_text())
 
 
-def weights_for(members, path: Path) -> Path:
-    """An untrained but non-trivial aggregator bound to `members` (its output layer is re-drawn, so the weights are
-    not all 1/N)."""
+def weights_for(members, path: Path, preset: str = "paper") -> Path:
+    """An untrained but non-trivial aggregator of a preset bound to `members` (its output layer is re-drawn, so the
+    weights are not all 1/N)."""
     layout = block_layout(unet_shapes(load_member(members[0])))
     torch.manual_seed(0)
-    aggregator = Aggregator(default_config(layout, len(members), 32, hidden_channels=32))
+    aggregator = Aggregator(default_config(layout, len(members), 32, preset=preset, hidden_channels=32))
     with torch.no_grad():
         for block in [aggregator.block(index) for index in aggregator.config.aggregated_blocks]:
-            block.out[-1].weight.normal_(0, 0.5)
+            head = block.out[-1] if isinstance(block.out, torch.nn.Sequential) else block.out  # fast / paper
+            head.weight.normal_(0, 0.5)
     return save_weights(path, aggregator, [MemberRef.from_file(member) for member in members])
 
 
@@ -123,7 +124,9 @@ def test_results_json_has_every_model_and_range_and_the_pngs_their_size(checkpoi
         assert list(row) == ranges, name
         assert all(value > 0 for value in row.values())
     assert results["models"]["AFA"] != results["models"]["block average"]  # the weights are not uniform
-    assert results["weights"]["mode"] == "sabw" and results["images"] == 6 and results["draws_per_image"] == 4
+    weights_entry, = results["weights"]
+    assert weights_entry["mode"] == "sabw" and weights_entry["row"] == "AFA" and weights_entry["design"] == "paper"
+    assert results["images"] == 6 and results["draws_per_image"] == 4
 
     capability = Image.open(tmp_path / "out" / evaluate.CAPABILITY_FIGURE)
     legend = legend_entries(names) + [("tie (equal error)", TIE_COLOR)]
@@ -134,13 +137,34 @@ def test_results_json_has_every_model_and_range_and_the_pngs_their_size(checkpoi
                                     legend_entries(names), evaluate.MAPS_TITLE).size
 
 
+def test_several_weights_files_give_a_row_and_maps_each_on_the_same_draws(checkpoint_factory, held_out, tmp_path):
+    members = [checkpoint_factory(1), checkpoint_factory(2)]
+    paper = weights_for(members, tmp_path / "a.safetensors", "paper")
+    fast = weights_for(members, tmp_path / "b.safetensors", "fast")
+    results = run_evaluate(members, held_out, tmp_path / "both", "--weights", str(paper), str(fast),
+                           "--figure-images", "1")
+    assert [(entry["row"], entry["design"]) for entry in results["weights"]] == [("AFA (paper)", "paper"),
+                                                                                  ("AFA (fast)", "fast")]
+    assert results["figures"]["aggregation_maps AFA (paper)"] == "aggregation-maps-paper.png"
+    assert (tmp_path / "both" / "aggregation-maps-fast.png").is_file()
+    assert not (tmp_path / "both" / evaluate.MAPS_FIGURE).exists()
+    alone = run_evaluate(members, held_out, tmp_path / "paper", "--weights", str(paper), "--figure-images", "0")
+    assert results["models"]["AFA (paper)"] == alone["models"]["AFA"]  # the same draws, whatever else is evaluated
+    assert results["models"]["AFA (fast)"] != results["models"]["AFA (paper)"]
+    # Same designs: the rows are named by file.
+    twice = run_evaluate(members, held_out, tmp_path / "twice", "--weights", str(paper), str(paper),
+                         "--figure-images", "0")
+    assert {"AFA (a)", "AFA (a (2))"} <= set(twice["models"])
+
+
 def test_last_block_weights_evaluate_in_their_mode(checkpoint_factory, held_out, tmp_path):
     members = [checkpoint_factory(1), checkpoint_factory(2)]
     layout = block_layout(unet_shapes(load_member(members[0])))
-    aggregator = Aggregator(default_config(layout, 2, 32, hidden_channels=32, only_last_block=True))
+    aggregator = Aggregator(default_config(layout, 2, 32, hidden_channels=32, only_last_block=True,
+                                           text_conditioning="per_member"))  # as noise averaging reads the prompt
     weights = save_weights(tmp_path / "last.safetensors", aggregator, [MemberRef.from_file(m) for m in members])
     results = run_evaluate(members, held_out, tmp_path / "out", "--weights", str(weights), "--figure-images", "1")
-    assert results["weights"]["mode"] == "last-block"
+    assert [entry["mode"] for entry in results["weights"]] == ["last-block"]
     # Zero-initialised SABW gives 1/2 each: the last-block ensemble then equals noise averaging.
     assert results["models"]["AFA"] == pytest.approx(results["models"]["noise average"], rel=1e-5)
     maps = Image.open(tmp_path / "out" / evaluate.MAPS_FIGURE)  # only the last block has maps
@@ -178,6 +202,7 @@ def test_help_documents_every_flag():
                             text=True, timeout=300)
     assert result.returncode == 0
     for flag in ("--members", "--weights", "--data", "--resolution", "--samples", "--seed", "--output-dir",
-                 "--draws", "--timesteps", "--figure-images", "--figure-draws", "--map-blocks", "--cell-size"):
+                 "--draws", "--timesteps", "--figure-images", "--figure-draws", "--map-blocks", "--cell-size",
+                 "--text-conditioning", "--clip-skip"):
         assert flag in result.stdout
     assert "(default: 256)" in result.stdout  # ArgumentDefaultsHelpFormatter

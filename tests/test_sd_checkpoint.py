@@ -1,7 +1,8 @@
 """The tiny checkpoints' yaml as a real WebUI reads it: its text encoder is built by the real ldm
 `FrozenCLIPEmbedder` (stable-diffusion-sdkit's `ldm`, the same class as in the WebUI's
 repositories/stable-diffusion-stability-ai) from the folder the yaml names, offline, and encodes prompts exactly as
-the trainer does; and the text encoder folder itself (files, idempotent and parallel writes)."""
+the trainer does; the text encoder folder itself (files, idempotent and parallel writes); and what the trainer reads
+from member checkpoints (each member's own text encoder, one module for identical ones; the VAE posterior)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import pytest
 import torch
 import transformers
 import yaml
+from safetensors.torch import load_file
 
 from training.sd_checkpoint import (TEXT_ENCODER_PREFIX, TINY_CLIP_TEXT_CONFIG, TINY_TEXT_ENCODER_FOLDER_NAME,
+                                    load_text_encoders, load_vae, read_sd_config,
                                     tiny_sd_config, tiny_sd_state_dict, write_webui_checkpoint)
 from training.text_encoder import encode, load_text_encoder, tokenize, write_text_encoder_folder
 
@@ -156,3 +159,27 @@ def test_parallel_writers_leave_complete_files(tmp_path):
     assert errors == []
     assert sorted(entry.name for entry in folder.iterdir()) == [
         "config.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+
+
+# -- what the trainer reads from member checkpoints ----------------------------------------------------------------
+
+def test_each_member_gets_its_own_text_encoder_and_identical_ones_are_one_module(checkpoint_factory):
+    first, twin, other = checkpoint_factory(1), checkpoint_factory(1, name="twin"), checkpoint_factory(2)
+    encoders = load_text_encoders([first, other, twin])
+    assert encoders[0] is encoders[2] and encoders[0] is not encoders[1]
+    token_ids = tokenize(PROMPTS)
+    for path, encoder in zip([first, other], encoders):
+        config = yaml.safe_load(path.with_suffix(".yaml").read_text(encoding="utf-8"))
+        expected = load_text_encoder(load_file(str(path)), config)
+        assert torch.equal(encode(encoder, token_ids), encode(expected, token_ids))
+
+
+def test_the_vae_posterior_is_the_mean_encode_returns_and_its_clamped_std(checkpoint_factory):
+    path = checkpoint_factory(0)
+    vae = load_vae(path, read_sd_config(path))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = vae.posterior(images)
+    assert torch.equal(mean, vae.encode(images)) and mean.shape == std.shape == (2, 4, 16, 16)
+    with torch.no_grad():
+        _, log_variance = vae.parts["quant_conv"](vae.parts["encoder"](images)).chunk(2, dim=1)
+    torch.testing.assert_close(std, torch.exp(0.5 * log_variance.clamp(-30, 20)) * vae.scale_factor)

@@ -1,5 +1,7 @@
 """training/train.py end to end on tiny members: outputs, resume equality and its refusals, DDP equality,
-accumulation, bad data, what the ablation flags remove."""
+accumulation, cached posteriors, bad data, what the ablation flags remove, the presets and the parity switches
+(--latents, --crop). The runs use the defaults -- the paper preset, per-member text conditioning, posterior samples,
+random crops -- unless a test says otherwise; text conditioning has its own file (test_text_conditioning.py)."""
 
 from __future__ import annotations
 
@@ -15,22 +17,26 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from afa import AfaError, EnsembleUNet, MemberRef, load_member, load_weights, read_weights_info
+from afa import SABW_PRESETS, AfaError, EnsembleUNet, MemberRef, load_member, load_weights, read_weights_info
 from afa.host import find_webui
 from conftest import random_inputs
 from training import train
+from training.data import ImageCaptionDataset, SkipReport, collate, index_captioned_images
+from training.diffusion import draw_for_samples
+from training.metrics import prepare_batch
+from training.sd_checkpoint import load_frozen_models
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """12 captioned 40x40 images (resized and cropped to 32 by the trainer)."""
+    """12 captioned 48x40 images (resized to 38x32 and cropped to 32x32 by the trainer: 7 crop positions)."""
     folder = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     for index in range(12):
         colour = ["red", "blue", "green"][index % 3]
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
         (folder / f"{index:02d}.txt").write_text(f"a {colour} thing number {index}")
     return folder
 
@@ -56,7 +62,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def baseline(members, dataset, tmp_path_factory) -> Path:
-    """4 uninterrupted steps (2 epochs of 2 batches)."""
+    """4 uninterrupted steps (2 epochs of 2 batches) with the defaults: posterior samples, random crops of the 40 px
+    images, per-member text conditioning (members 1 and 2 have different text encoders)."""
     tmp = tmp_path_factory.mktemp("baseline")
     run_in_process(train_args(members, dataset, tmp, "baseline", "--max-steps", "4", "--save-every", "2"))
     return tmp
@@ -70,7 +77,8 @@ def test_help_documents_every_flag():
         assert action.help, action.option_strings
         assert all(option in result.stdout for option in action.option_strings)
     for flag in ("--mixed-precision", "--gradient-checkpointing", "--resume", "--no-spatial", "--no-timestep",
-                 "--no-text", "--mode", "--cache-latents", "--val-data", "--max-steps", "--gradient-accumulation"):
+                 "--no-text", "--mode", "--cache-latents", "--val-data", "--max-steps", "--gradient-accumulation",
+                 "--preset", "--text-conditioning", "--clip-skip", "--latents", "--crop"):
         assert flag in result.stdout
 
 
@@ -81,6 +89,9 @@ def test_outputs_of_a_run(baseline, members):
     assert info.members == [MemberRef.from_file(path) for path in members]
     assert info.training["steps"] == 4 and info.training["dataset_size"] == 9
     assert info.config.num_members == 2 and info.config.hidden_channels == 32 and info.mode.name == "sabw"
+    assert info.config.design == "paper" and info.config.max_resolution is None  # the default preset
+    assert info.config.text_conditioning == "per_member" and info.config.clip_skip == 1
+    assert info.training["latents"] == "sample" and info.training["crop"] == "random"
     run = baseline / "baseline"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log if "loss" in record] == [1, 2, 3, 4]
@@ -93,10 +104,11 @@ def test_outputs_of_a_run(baseline, members):
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["state"] == "state-00000004.pt"
     assert not list(run.rglob("*.tmp"))
     trained = weights(output)
-    assert trained["output_blocks.11.out.2.weight"].abs().sum() > 0  # the zero-initialised logits moved
+    assert trained["output_blocks.11.out.weight"].abs().sum() > 0  # the zero-initialised logits moved (paper design)
 
 
 def test_resumed_run_ends_with_the_same_weights(baseline, members, dataset, tmp_path):
+    """Bit for bit, with posterior samples and random crops: their draws are keyed by (seed, epoch, sample)."""
     args = train_args(members, dataset, tmp_path, "resumed")
     run_in_process(args + ["--max-steps", "1"])  # stopped mid-epoch
     run_in_process(args + ["--max-steps", "3", "--resume", "latest"])  # stopped at an epoch boundary + 1
@@ -114,8 +126,55 @@ def test_resume_refuses_changed_settings_and_accepts_a_longer_run(baseline, memb
     message = str(refused.value)
     assert "--batch-size: saved 4, given 2" in message and "--seed: saved 0, given 1" in message
     assert "--max-steps" not in message  # training longer is what resuming is for
+    with pytest.raises(AfaError) as refused:
+        train.main(args + ["--max-steps", "5", "--preset", "fast", "--text-conditioning", "shared", "--clip-skip", "2",
+                           "--latents", "mean", "--crop", "center"])
+    message = str(refused.value)
+    for expected in ("--preset: saved paper, given fast", "--text-conditioning: saved per-member, given shared",
+                     "--clip-skip: saved 1, given 2", "--latents: saved sample, given mean",
+                     "--crop: saved random, given center"):
+        assert expected in message, message
     run_in_process(args + ["--max-steps", "5"])
     assert read_weights_info(tmp_path / "longer.safetensors").training["steps"] == 5
+
+
+def test_a_state_saved_before_the_parity_flags_resumes_only_with_their_old_behaviour(baseline, members, dataset,
+                                                                                     tmp_path):
+    """A state whose command line lacks --preset, --text-conditioning, --clip-skip, --latents and --crop ran with
+    what the trainer did before they existed (fast, shared, 1, mean, center): the new defaults are refused."""
+    state = torch.load(baseline / "baseline" / "checkpoints" / "state-00000004.pt", weights_only=True)
+    for name in ("preset", "text_conditioning", "clip_skip", "latents", "crop"):
+        del state["args"][name]
+    old_state = tmp_path / "old-state.pt"
+    torch.save(state, old_state)
+    with pytest.raises(AfaError) as refused:
+        train.main(train_args(members, dataset, tmp_path, "old", "--max-steps", "5", "--resume", str(old_state)))
+    message = str(refused.value)
+    for expected in ("--preset: saved fast, given paper", "--text-conditioning: saved shared, given per-member",
+                     "--latents: saved mean, given sample", "--crop: saved center, given random"):
+        assert expected in message, message
+    assert "--clip-skip" not in message
+
+
+def test_presets_and_their_overrides(members, dataset, tmp_path):
+    def parsed(*extra):
+        return train.parse_args(["--members", *map(str, members), "--data", str(dataset), *extra])
+
+    paper, fast = parsed(), parsed("--preset", "fast")
+    assert (paper.preset, paper.hidden_channels, paper.max_resolution) == ("paper", 128, None)
+    assert (fast.preset, fast.hidden_channels, fast.max_resolution) == ("fast", 160, 32)
+    assert SABW_PRESETS["paper"]["hidden_channels"] == 128 and SABW_PRESETS["fast"]["max_resolution"] == 32
+    overridden = parsed("--preset", "fast", "--hidden-channels", "64", "--max-resolution", "0")
+    assert (overridden.hidden_channels, overridden.max_resolution) == (64, None)
+    assert parsed("--max-resolution", "8").max_resolution == 8
+
+    run_in_process(train_args(members, dataset, tmp_path, "fast", "--max-steps", "1", "--val-split", "0",
+                              "--preset", "fast", "--hidden-channels", "64"))
+    info = read_weights_info(tmp_path / "fast.safetensors")
+    assert info.config.design == "fast" and info.config.hidden_channels == 64 and info.config.max_resolution == 32
+    assert "output_blocks.11.out.2.weight" in weights(tmp_path / "fast.safetensors")  # the fast design's head
+    with pytest.raises(AfaError, match="--preset paper: .*multiple of 32, got 48"):
+        train.main(train_args(members, dataset, tmp_path, "odd", "--max-steps", "1", "--hidden-channels", "48"))
 
 
 def test_gradient_accumulation_matches_one_big_batch(baseline, members, dataset, tmp_path):
@@ -126,12 +185,66 @@ def test_gradient_accumulation_matches_one_big_batch(baseline, members, dataset,
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
 
 
-def test_cached_latents_match_on_the_fly_encoding(baseline, members, dataset, tmp_path):
-    run_in_process(train_args(members, dataset, tmp_path, "cached", "--max-steps", "4", "--cache-latents"))
-    assert list((tmp_path / "cached" / "latent-cache").glob("*/latents.safetensors"))
-    expected, got = weights(baseline / "baseline.safetensors"), weights(tmp_path / "cached.safetensors")
+@pytest.mark.parametrize("latents", ["sample", "mean"])
+def test_cached_latents_match_on_the_fly_encoding(baseline, members, dataset, tmp_path, latents):
+    """The cache holds centre crops: the posterior's mean and std (4 + 4 channels) for --latents sample, from which
+    the same samples are drawn as from the images; the mean (4 channels) for --latents mean."""
+    center = train_args(members, dataset, tmp_path, "center", "--max-steps", "4", "--crop", "center",
+                        "--latents", latents)
+    run_in_process(center)
+    run_in_process(train_args(members, dataset, tmp_path, "cached", "--max-steps", "4", "--crop", "center",
+                              "--latents", latents, "--cache-latents"))
+    cached_files = list((tmp_path / "cached" / "latent-cache").glob("*/latents.safetensors"))
+    assert len(cached_files) == 2  # the training and the validation split
+    assert load_file(str(cached_files[0]))["latents"].shape[1:] == ((8 if latents == "sample" else 4), 16, 16)
+    expected, got = weights(tmp_path / "center.safetensors"), weights(tmp_path / "cached.safetensors")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+    if latents == "sample":  # the baseline differs only by its random crops
+        random_crops = weights(baseline / "baseline.safetensors")
+        assert any(not torch.equal(random_crops[key], expected[key]) for key in expected)
+
+
+def test_cache_latents_refuses_random_crops(members, dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train.parse_args(train_args(members, dataset, tmp_path, "x", "--cache-latents"))
+    assert exited.value.code == 2
+    assert "--cache-latents stores one latent per image" in capsys.readouterr().err
+    assert train.parse_args(train_args(members, dataset, tmp_path, "x", "--cache-latents", "--crop", "center"))
+
+
+def test_a_posterior_sample_is_its_mean_plus_std_times_the_samples_own_noise(members, dataset):
+    frozen = load_frozen_models(members)
+    images = ImageCaptionDataset(index_captioned_images(dataset, SkipReport()), 32)
+    batch = collate([images[index] for index in (0, 3, 5)])
+
+    def inputs(batch, epoch=0, **options):
+        return prepare_batch(batch, frozen.vae, frozen.text_encoders, frozen.schedule, 0, torch.device("cpu"), epoch,
+                             **options)
+
+    mean, std = frozen.vae.posterior(batch["pixel_values"])
+    draws = draw_for_samples(batch["indices"], 0, 0, (4, 16, 16), 1000, 0.0, posterior_noise=True)
+    sampled, of_means = inputs(batch, sample_latents=True), inputs(batch)
+    assert torch.equal(sampled["latents"], mean + std * draws.posterior_noise)
+    assert torch.equal(of_means["latents"], frozen.vae.encode(batch["pixel_values"]))
+    # The posterior noise is drawn after the other draws, which are the same with or without it.
+    assert torch.equal(sampled["noise"], of_means["noise"]) and torch.equal(sampled["timesteps"], of_means["timesteps"])
+    assert not torch.equal(inputs(batch, epoch=1, sample_latents=True)["latents"], sampled["latents"])
+    # Cached moments give the same sample and mean; cached means cannot be sampled from.
+    moments = {key: value for key, value in batch.items() if key != "pixel_values"}
+    moments["moments"] = torch.cat([mean, std], dim=1)
+    assert torch.equal(inputs(moments, sample_latents=True)["latents"], sampled["latents"])
+    assert torch.equal(inputs(moments)["latents"], mean)
+    cached_means = {key: value for key, value in moments.items() if key != "moments"}
+    cached_means["latents"] = mean
+    with pytest.raises(ValueError, match="need its moments"):
+        inputs(cached_means, sample_latents=True)
+
+
+def test_posterior_samples_differ_from_the_mean(baseline, members, dataset, tmp_path):
+    run_in_process(train_args(members, dataset, tmp_path, "mean", "--max-steps", "4", "--latents", "mean"))
+    sampled, mean = weights(baseline / "baseline.safetensors"), weights(tmp_path / "mean.safetensors")
+    assert any(not torch.allclose(sampled[key], mean[key], rtol=1e-3, atol=1e-4) for key in sampled)
 
 
 def test_two_process_ddp_equals_one_process(baseline, members, dataset, tmp_path):
@@ -208,10 +321,12 @@ def first_block_maps(ensemble: EnsembleUNet, x: torch.Tensor, timesteps: torch.T
     return recorded[0]
 
 
-@pytest.mark.parametrize("flag, config_field, ignored, kept", [("--no-text", "use_text", "context", "timestep"),
-                                                               ("--no-timestep", "use_timestep", "timestep", "context")])
+@pytest.mark.parametrize("preset", ["paper", "fast"])
+@pytest.mark.parametrize("flag, config_field, ignored, kept",
+                         [("--no-text", "use_text", "context", "timestep"),
+                          ("--no-timestep", "use_timestep", "timestep", "context")])
 def test_ablation_flags_remove_their_condition_from_the_maps(members, dataset, tmp_path, flag, config_field, ignored,
-                                                             kept):
+                                                             kept, preset):
     """The maps of trained weights ignore the condition an ablation flag removes, and still follow the other one.
 
     Compared at input_blocks.0: the members' features there are a convolution of x alone, so only SABW's own
@@ -220,9 +335,9 @@ def test_ablation_flags_remove_their_condition_from_the_maps(members, dataset, t
     every channel on its own, which removes the timestep embedding (a per-channel constant) entirely.
     """
     run_in_process(train_args(members, dataset, tmp_path, "ablation", "--max-steps", "2", "--val-split", "0",
-                              "--learning-rate", "1e-2", "--hidden-channels", "64", flag))
+                              "--learning-rate", "1e-2", "--hidden-channels", "64", "--preset", preset, flag))
     aggregator, info = load_weights(tmp_path / "ablation.safetensors", [MemberRef.from_file(m) for m in members])
-    assert getattr(info.config, config_field) is False
+    assert getattr(info.config, config_field) is False and info.config.design == preset
     ensemble = EnsembleUNet([load_member(member) for member in members], aggregator, info.mode)
     x, timesteps, context = random_inputs(batch=2, seed=0)
     _, _, other_context = random_inputs(batch=2, seed=1)

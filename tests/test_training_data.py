@@ -1,5 +1,5 @@
-"""Captioned image datasets: the three `--data` formats, image preparation, skipping bad data (also inside DataLoader
-workers), the validation split, and the latent cache."""
+"""Captioned image datasets: the three `--data` formats, image preparation (centre and seeded random crops), skipping
+bad data (also inside DataLoader workers), the validation split, and the latent cache."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from afa.errors import AfaError
 from training.data import (CaptionedImage, ImageCaptionDataset, LatentCache, SkipReason, SkipReport,
                            caption_from_infotext, collate, index_captioned_images, load_image, split_for_validation)
+from training.diffusion import CROP_STREAM, sample_generator
 
 INFOTEXT = ("a castle on a hill,\nsunset, dramatic sky\nNegative prompt: blurry, lowres\n"
             "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x512, Model: member1")
@@ -157,6 +159,44 @@ def test_load_image_center_crops_and_scales_to_minus_one_one(tmp_path):
     assert torch.equal(load_image(tmp_path / "tall.png", 16), -torch.ones(3, 16, 16))
 
 
+def test_random_crops_are_drawn_per_sample_and_epoch_reproducibly(tmp_path):
+    """A 64x16 horizontal ramp (column c has value 4c) at resolution 16: the shorter side needs no resize, so a crop
+    at left offset L starts with the value 4L, and the offsets must be the ones torchvision's RandomCrop would draw
+    from the sample's generator (top, then left)."""
+    ramp = np.tile((np.arange(64, dtype=np.uint8) * 4)[None, :, None], (16, 1, 3))
+    for number in range(6):
+        Image.fromarray(ramp).save(tmp_path / f"{number}.png")
+        write_caption(tmp_path / f"{number}.png", f"ramp {number}")
+    records, _ = index(tmp_path)
+    dataset = ImageCaptionDataset(records, 16, crop="random", seed=3)
+
+    def crops(epoch, data=dataset):
+        return [data.for_epoch(epoch)[number]["pixel_values"] for number in range(len(records))]
+
+    epoch_zero = crops(0)
+    for number, crop in enumerate(epoch_zero):
+        generator = sample_generator(3, 0, number, CROP_STREAM)
+        assert int(torch.randint(0, 1, (1,), generator=generator)) == 0  # the top: the height fits exactly
+        left = int(torch.randint(0, 64 - 16 + 1, (1,), generator=generator))
+        assert crop.shape == (3, 16, 16) and crop[0, 0, 0].item() == pytest.approx(4 * left / 127.5 - 1)
+    assert len({crop[0, 0, 0].item() for crop in epoch_zero}) > 1  # the samples' offsets differ
+    # Reproducible: a new dataset object, DataLoader workers; another epoch or seed crops elsewhere.
+    assert all(torch.equal(a, b) for a, b in zip(epoch_zero, crops(0, ImageCaptionDataset(records, 16, "random", 3))))
+    loader = DataLoader(dataset.for_epoch(0), batch_size=2, num_workers=2, collate_fn=collate)
+    assert torch.equal(torch.cat([batch["pixel_values"] for batch in loader]), torch.stack(epoch_zero))
+    assert any(not torch.equal(a, b) for a, b in zip(epoch_zero, crops(1)))
+    assert any(not torch.equal(a, b) for a, b in zip(epoch_zero, crops(0, ImageCaptionDataset(records, 16, "random",
+                                                                                                4))))
+    # The centre crop does not depend on the epoch, and is the default.
+    center = ImageCaptionDataset(records, 16)
+    assert center.crop == "center"
+    assert all(torch.equal(center.for_epoch(5)[number]["pixel_values"], load_image(record.image_path, 16))
+               for number, record in enumerate(records))
+    assert center[0]["pixel_values"][0, 0, 0].item() == pytest.approx(4 * 24 / 127.5 - 1)
+    with pytest.raises(ValueError, match="crop must be one of"):
+        ImageCaptionDataset(records, 16, crop="left")
+
+
 # -- skipping ------------------------------------------------------------------------------------------------------
 
 def make_folder_with_bad_data(root: Path) -> None:
@@ -283,6 +323,25 @@ def test_latent_cache_encodes_each_image_once_and_serves_the_same_latents(tmp_pa
     batch = next(iter(DataLoader(reopened, batch_size=4)))
     assert batch["latents"].shape == (4, 4, 8, 8) and len(batch["caption"]) == 4
     assert not any(".tmp-" in name for name in os.listdir(tmp_path / "cache"))  # the build folder was renamed
+
+
+def test_a_cache_of_moments_serves_them_under_their_name(tmp_path):
+    for number in range(3):
+        write_caption(write_image(tmp_path / "data" / f"{number}.png", color=(number * 60, 10, 200)), f"c {number}")
+    records, _ = index(tmp_path / "data")
+    encoder = CountingEncoder()
+
+    def moments(images):  # a posterior's mean and std stacked, [B x 2C x h x w]
+        mean = encoder(images)
+        return torch.cat([mean, mean.abs() + 0.1], dim=1)
+
+    cache = LatentCache.open_or_build(records, resolution=16, vae_identity="vae-a moments", encode=moments,
+                                      cache_dir=tmp_path / "cache", item_key="moments")
+    assert cache.for_epoch(3) is cache
+    item = cache[0]
+    assert set(item) == {"moments", "caption", "index"} and item["moments"].shape == (8, 8, 8)
+    batch = collate([cache[index] for index in range(3)])
+    assert batch["moments"].shape == (3, 8, 8, 8) and "latents" not in batch
 
 
 def test_latent_cache_is_rebuilt_for_another_vae_resolution_or_changed_image(tmp_path):

@@ -19,9 +19,13 @@ dataset returns a `SkippedItem` instead of an example, and `collate` drops it fr
 `batch["skipped"]`. Because the skip travels inside the batch, it reaches the main process from DataLoader
 worker processes without any shared state; the trainer adds it to its `SkipReport` (`report.add_items(...)`).
 
-Images are loaded as diffusers' train_text_to_image prepares them (Resize of the shorter side with Lanczos, then
-CenterCrop, then scaling to [-1, 1]), with no random augmentation, so an image's tensor is a pure function of the
-file and the resolution. That is what makes caching its VAE latents (`LatentCache`) exact.
+Images are loaded as diffusers' train_text_to_image prepares them: Resize of the shorter side with Lanczos, then a
+crop to a square, then scaling to [-1, 1]. The crop is the centre (`crop="center"`, the trainer's `--crop center`),
+or, as the authors' `transforms.RandomCrop` (`--crop random`), a position drawn uniformly from a generator seeded by
+(seed, epoch, dataset index) (training/diffusion.py's `sample_generator`), so a resumed run, another DataLoader
+worker or another rank crops a sample exactly as the uninterrupted run did. With centre crops an image's tensor is a
+pure function of the file and the resolution: that is what makes caching its VAE latents (`LatentCache`) exact, and
+why the cache serves centre crops only.
 """
 
 from __future__ import annotations
@@ -45,11 +49,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from afa.errors import AfaError
 
+from .diffusion import CROP_STREAM, sample_generator
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 # Manifest column names, in order of preference.
 IMAGE_COLUMNS = ("image", "file_name", "path", "img_path", "image_path")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
+CROPS = ("center", "random")
 
 
 class SkipReason(str, enum.Enum):
@@ -292,12 +299,14 @@ def split_for_validation(records: Sequence[CaptionedImage], fraction: float, see
 
 # -- loading -------------------------------------------------------------------------------------------------------
 
-def load_image(path: str | Path, resolution: int) -> torch.Tensor:
+def load_image(path: str | Path, resolution: int, crop_generator: torch.Generator | None = None) -> torch.Tensor:
     """An image file as a training tensor, prepared like diffusers' train_text_to_image (torchvision's
     Resize(resolution, LANCZOS) + CenterCrop(resolution) + Normalize(0.5, 0.5)).
 
     EXIF orientation is applied first, so phone photos are upright. Transparency is dropped (RGB only).
 
+    :param crop_generator: None for the centre crop; else the crop's position is drawn from it as torchvision's
+        RandomCrop(resolution) draws it (top, then left, each uniform over every position that fits).
     :return: float32 tensor [3 x resolution x resolution] in [-1, 1].
     :raises Exception: whatever PIL raises for a file it cannot decode.
     """
@@ -314,8 +323,12 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     else:
         size = (int(resolution * width / height), resolution)
     image = image.resize(size, Image.Resampling.LANCZOS)
-    left = int(round((size[0] - resolution) / 2.0))
-    top = int(round((size[1] - resolution) / 2.0))
+    if crop_generator is None:
+        left = int(round((size[0] - resolution) / 2.0))
+        top = int(round((size[1] - resolution) / 2.0))
+    else:
+        top = int(torch.randint(0, size[1] - resolution + 1, (1,), generator=crop_generator))
+        left = int(torch.randint(0, size[0] - resolution + 1, (1,), generator=crop_generator))
     image = image.crop((left, top, left + resolution, top + resolution))
 
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
@@ -327,19 +340,32 @@ class ImageCaptionDataset(Dataset):
 
     An item is {"pixel_values": [3 x R x R] in [-1, 1], "caption": str, "index": int}, or a `SkippedItem` when the
     image cannot be decoded (see the module docstring for why that is found here and not while indexing).
+
+    `crop="random"` crops each item where the generator of (seed, epoch, index) says (see the module docstring);
+    `for_epoch(epoch)` gives the dataset of an epoch's crops.
     """
 
-    def __init__(self, records: Sequence[CaptionedImage], resolution: int):
+    def __init__(self, records: Sequence[CaptionedImage], resolution: int, crop: str = "center", seed: int = 0,
+                 epoch: int = 0):
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
         self.records = list(records)
-        self.resolution = resolution
+        self.resolution, self.crop, self.seed, self.epoch = resolution, crop, seed, epoch
+
+    def for_epoch(self, epoch: int) -> "ImageCaptionDataset":
+        """This dataset with the crops of `epoch` (a new object: DataLoader workers get a copy of it with the epoch
+        already set, and loaders of other epochs are left alone)."""
+        return ImageCaptionDataset(self.records, self.resolution, self.crop, self.seed, epoch)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict | SkippedItem:
         record = self.records[index]
+        crop_generator = (sample_generator(self.seed, self.epoch, index, CROP_STREAM) if self.crop == "random"
+                          else None)
         try:
-            pixel_values = load_image(record.image_path, self.resolution)
+            pixel_values = load_image(record.image_path, self.resolution, crop_generator)
         except Exception as error:  # noqa: BLE001 - any decoding failure means "skip this image", never a crash
             return SkippedItem(SkipReason.UNREADABLE_IMAGE, str(record.image_path), f"{type(error).__name__}: {error}")
         return {"pixel_values": pixel_values, "caption": record.caption, "index": index}
@@ -348,16 +374,18 @@ class ImageCaptionDataset(Dataset):
 def collate(items: list[dict | SkippedItem]) -> dict:
     """The DataLoader batch of every dataset here: the items that loaded, stacked, and the skipped ones.
 
-    Items are {"pixel_values" [3 x R x R] or "latents" [C x h x w], "caption": str, "index": int} (the index is the
-    item's position in its dataset: the key of its random draws, training/diffusion.py), or `SkippedItem`s.
+    Items are {"pixel_values" [3 x R x R], "latents" [C x h x w] or "moments" [2C x h x w] (a VAE posterior's mean
+    and standard deviation stacked, as a `LatentCache` of moments serves them), "caption": str, "index": int} (the
+    index is the item's position in its dataset: the key of its random draws, training/diffusion.py), or
+    `SkippedItem`s.
 
-    :return: {"pixel_values" or "latents": [B x ...] (absent when B is 0), "captions": B str, "indices": B int,
-        "skipped": the SkippedItems}.
+    :return: {"pixel_values", "latents" or "moments": [B x ...] (absent when B is 0), "captions": B str, "indices":
+        B int, "skipped": the SkippedItems}.
     """
     loaded = [item for item in items if not isinstance(item, SkippedItem)]
     batch = {"skipped": [item for item in items if isinstance(item, SkippedItem)],
              "indices": [item["index"] for item in loaded], "captions": [item["caption"] for item in loaded]}
-    for key in ("latents", "pixel_values"):
+    for key in ("latents", "moments", "pixel_values"):
         if loaded and key in loaded[0]:
             batch[key] = torch.stack([item[key] for item in loaded])
     return batch
@@ -389,12 +417,15 @@ class LatentCache(Dataset):
     slicing, which in the pinned safetensors 0.4.2 relies on a torch indexing form that torch deprecates.)
 
     What "latents" are is up to `encode` (a sample, the distribution's mean, or mean and std stacked): the cache
-    stores whatever tensor it returns, in its dtype.
+    stores whatever tensor it returns, in its dtype, and its items name it `item_key` ("latents", or "moments" for
+    mean and std stacked, which training/metrics.py's `prepare_batch` samples from). The images are centre crops
+    (the latents of random crops would differ every epoch).
     """
 
-    def __init__(self, folder: str | Path, records: Sequence[CaptionedImage]):
+    def __init__(self, folder: str | Path, records: Sequence[CaptionedImage], item_key: str = "latents"):
         """Opens a complete cache folder for `records` (the records it was built from, captions may differ)."""
         self.folder = Path(folder)
+        self.item_key = item_key
         index = json.loads((self.folder / "index.json").read_text(encoding="utf-8"))
         if index.get("format") != LATENT_CACHE_FORMAT:
             raise AfaError(f"{self.folder}: latent cache format {index.get('format')}, expected "
@@ -422,7 +453,7 @@ class LatentCache(Dataset):
     @classmethod
     def open_or_build(cls, records: Sequence[CaptionedImage], *, resolution: int, vae_identity: str,
                       encode: Callable[[torch.Tensor], torch.Tensor], cache_dir: str | Path, batch_size: int = 8,
-                      num_workers: int = 0) -> "LatentCache":
+                      num_workers: int = 0, item_key: str = "latents") -> "LatentCache":
         """The cache of `records`, encoding each unique image file once if no complete cache exists yet.
 
         :param encode: images [B x 3 x R x R] in [-1, 1] (float32, CPU) -> latents [B x C x R/f x R/f]; called
@@ -430,19 +461,25 @@ class LatentCache(Dataset):
         :param vae_identity: names the VAE and everything else `encode` depends on (e.g. checkpoint sha256 plus the
             latent scale factor); a different identity never reuses these latents.
         :param num_workers: DataLoader workers decoding images while building.
+        :param item_key: the name items give the stored tensor ("latents", or "moments" for a posterior's mean and
+            std stacked); it is part of what `encode` returns, so give it its own `vae_identity` too.
         """
         folder = Path(cache_dir) / cls.key(records, resolution, vae_identity)
         if not (folder / "index.json").is_file():
             _build_latent_cache(folder, records, resolution, encode, batch_size, num_workers)
-        return cls(folder, records)
+        return cls(folder, records, item_key)
+
+    def for_epoch(self, epoch: int) -> "LatentCache":
+        """The same cache: its items do not depend on the epoch (see ImageCaptionDataset.for_epoch)."""
+        return self
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        """{"latents": [C x h x w], "caption": str, "index": index}."""
+        """{item_key: [C x h x w] ("latents") or [2C x h x w] ("moments"), "caption": str, "index": index}."""
         row, caption = self.items[index]
-        return {"latents": self.latents[row], "caption": caption, "index": index}
+        return {self.item_key: self.latents[row], "caption": caption, "index": index}
 
 
 def _unique_image_paths(records: Sequence[CaptionedImage]) -> list[Path]:

@@ -15,14 +15,15 @@ Stages, each timed:
               CivitAI fine-tunes of SD 1.5: an expert on warm-coloured shapes and an expert on cool-coloured ones (all
               UNet weights, the ordinary denoising loss, 10% caption dropout). Each is written as a WebUI checkpoint
               with the same VAE and the same random but fixed tiny text encoder.
-  4. SABW     training/train.py, run as a user runs it, on the two-shape images.
+  4. SABW     training/train.py, run as a user runs it, on the two-shape images, once per SABW preset: "paper" (the
+              authors' aggregator) and "fast" (AFA's cheaper one), in parallel processes.
   5. results  training/evaluate.py on held-out two-shape images: the table of denoising errors (each member, block
-              averaging, noise averaging, AFA) and the figures (per-pixel winners, aggregation maps). Each expert is
-              better on its own colours, so an image holding both is best denoised by different members in different
-              regions: what SABW's per-pixel weights learn.
+              averaging, noise averaging, "AFA (paper)", "AFA (fast)") and the figures (per-pixel winners, each
+              preset's aggregation maps). Each expert is better on its own colours, so an image holding both is best
+              denoised by different members in different regions: what SABW's per-pixel weights learn.
 
 Everything is seeded. Each process computes with `--threads` threads (default 1), so the numbers do not depend on
-the machine's core count; the two experts train in parallel processes.
+the machine's core count; the two experts train in parallel processes, and so do the two SABW presets.
 """
 
 from __future__ import annotations
@@ -79,18 +80,22 @@ class Settings:
     sabw_steps: int  # training/train.py --max-steps
     sabw_batch: int  # training/train.py --batch-size
     sabw_learning_rate: float  # AdamW; 10x the paper's 1e-4, for a run of a few hundred steps
-    sabw_hidden: int  # training/train.py --hidden-channels (the tiny UNet's widest block has 64 channels)
+    # training/train.py --hidden-channels of both presets (the tiny UNet's widest block has 64 channels). Not 32: SABW's
+    # GroupNorm has 32 groups, which at width 32 normalise every channel on its own and so cancel the per-channel
+    # time embedding the ResNet layer adds.
+    sabw_hidden: int
     evaluation_draws: int  # timestep/noise draws per held-out image in the table
     figure_draws: int  # Monte-Carlo noise draws per pixel in the denoising-capability figure
 
 
-# Sized for a fresh CPU machine: the full run in about 10 minutes, the quick one in about 3 (2 cores, 1 thread each).
+# Sized for a fresh CPU machine: the full run in about 25 minutes, the quick one in about 5 (2 cores, 1 thread each).
 FULL = Settings(expert_images=768, mixed_images=768, held_out_images=128, vae_steps=400, vae_batch=8, base_steps=300,
                 expert_steps=400, unet_batch=16, unet_learning_rate=1e-3, sabw_steps=250, sabw_batch=16,
-                sabw_learning_rate=1e-3, sabw_hidden=32, evaluation_draws=8, figure_draws=32)
+                sabw_learning_rate=1e-3, sabw_hidden=64, evaluation_draws=8, figure_draws=32)
 QUICK = Settings(expert_images=256, mixed_images=256, held_out_images=32, vae_steps=100, vae_batch=8, base_steps=40,
                  expert_steps=80, unet_batch=16, unet_learning_rate=1e-3, sabw_steps=40, sabw_batch=16,
-                 sabw_learning_rate=1e-3, sabw_hidden=32, evaluation_draws=4, figure_draws=8)
+                 sabw_learning_rate=1e-3, sabw_hidden=64, evaluation_draws=4, figure_draws=8)
+SABW_PRESETS = ("paper", "fast")  # trained on the same data, evaluated side by side
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -344,12 +349,64 @@ def prepare_output(folder: Path) -> None:
     (folder / MARKER).write_text("written by training/demo.py; a rerun replaces this folder\n", encoding="utf-8")
 
 
+def _script_environment(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def run_script(script: str, arguments: list[str], threads: int) -> None:
     """Runs a training/ script as a user would, with the demo's thread count."""
     command = [sys.executable, str(TRAINING_DIR / script), *arguments]
     print("$ " + " ".join(command[1:]), flush=True)
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    subprocess.run(command, check=True, env=environment)
+    subprocess.run(command, check=True, env=_script_environment(threads))
+
+
+def run_scripts_in_parallel(jobs: list[tuple[str, list[str], Path]], threads: int) -> None:
+    """Runs training/ scripts at the same time, each as `run_script` runs one, given as (script, arguments, log
+    file). Their output goes to the log files, printed once all have finished: interleaved progress bars would be
+    unreadable.
+
+    Raises:
+        subprocess.CalledProcessError: for the first script that failed (after every log is printed).
+    """
+    running = []
+    for script, arguments, log in jobs:
+        command = [sys.executable, str(TRAINING_DIR / script), *arguments]
+        print("$ " + " ".join(command[1:]) + f"  > {log}", flush=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log, "w", encoding="utf-8")
+        running.append((command, log, log_file, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                                                 env=_script_environment(threads))))
+    failures = []
+    for command, log, log_file, process in running:
+        process.wait()
+        log_file.close()
+        # A progress bar rewrites its line with carriage returns: print each line as it last read.
+        lines = [line.split("\r")[-1] for line in log.read_text(encoding="utf-8").splitlines()]
+        print(f"-- {log}:\n" + "\n".join(line for line in lines if line.strip()), flush=True)
+        if process.returncode:
+            failures.append(subprocess.CalledProcessError(process.returncode, command))
+    if failures:
+        raise failures[0]
+
+
+def train_sabw_presets(members: list[Path], data: Path, output: Path, settings: Settings, seed: int,
+                       threads: int) -> dict[str, Path]:
+    """training/train.py once per SABW preset, on the same data with the same settings, in parallel processes;
+    returns the weights file of each preset."""
+    weights = {preset: output / f"afa-warm-cool-{preset}.safetensors" for preset in SABW_PRESETS}
+    jobs = [("train.py", [
+        "--members", *map(str, members), "--data", str(data), "--val-split", "0", "--preset", preset,
+        # The demo's images are exactly --resolution square, so there is nothing to crop, and its VAE is trained as
+        # a plain autoencoder of the posterior mean (train_vae): posterior samples would be noise around it. Both
+        # say so explicitly; --cache-latents needs --crop center anyway.
+        "--resolution", str(RESOLUTION), "--crop", "center", "--latents", "mean", "--cache-latents",
+        "--batch-size", str(settings.sabw_batch), "--max-steps", str(settings.sabw_steps),
+        "--learning-rate", str(settings.sabw_learning_rate), "--hidden-channels", str(settings.sabw_hidden),
+        "--num-workers", "0", "--save-every", "1000000", "--save-dtype", "fp32", "--seed", str(seed),
+        "--output", str(weights[preset]), "--run-dir", str(output / f"sabw-run-{preset}"), "--device", "cpu",
+    ], output / f"sabw-run-{preset}.log") for preset in SABW_PRESETS]
+    run_scripts_in_parallel(jobs, threads)
+    return weights
 
 
 def build_members(output: Path, loaded: dict[str, tuple[torch.Tensor, list[str]]], vae: Vae, settings: Settings,
@@ -415,19 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     members = stages.run("members", "a base UNet and two expert fine-tunes", build_members, output, loaded, vae,
                          settings, seed, threads)
 
-    weights = output / "afa-warm-cool.safetensors"
-    stages.run("SABW", "training/train.py on the two-shape images", run_script, "train.py", [
-        "--members", *map(str, members), "--data", str(folders["two-shapes"]), "--val-split", "0",
-        "--resolution", str(RESOLUTION), "--cache-latents", "--batch-size", str(settings.sabw_batch),
-        "--max-steps", str(settings.sabw_steps), "--learning-rate", str(settings.sabw_learning_rate),
-        "--hidden-channels", str(settings.sabw_hidden), "--num-workers", "0", "--save-every", "1000000",
-        "--save-dtype", "fp32", "--seed", str(seed), "--output", str(weights), "--run-dir", str(output / "sabw-run"),
-        "--device", "cpu",
-    ], threads)
+    weights = stages.run("SABW", f"training/train.py on the two-shape images, presets {' and '.join(SABW_PRESETS)}",
+                         train_sabw_presets, members, folders["two-shapes"], output, settings, seed, threads)
 
     evaluation = output / "evaluation"
     stages.run("results", "training/evaluate.py on the held-out images", run_script, "evaluate.py", [
-        "--members", *map(str, members), "--weights", str(weights), "--data", str(folders["held-out"]),
+        "--members", *map(str, members), "--weights", *(str(weights[preset]) for preset in SABW_PRESETS),
+        "--data", str(folders["held-out"]),
         "--resolution", str(RESOLUTION), "--samples", "0", "--draws", str(settings.evaluation_draws),
         "--seed", str(seed), "--batch-size", "32", "--figure-images", "4", "--figure-draws",
         str(settings.figure_draws), "--cell-size", "96", "--device", "cpu", "--output-dir", str(evaluation),
@@ -436,13 +487,23 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads((evaluation / "evaluation.json").read_text(encoding="utf-8"))
     errors = {name: row["all"] for name, row in results["models"].items()}
     best_member = min((member["name"] for member in results["members"]), key=errors.get)
-    print(f"\nAFA's held-out denoising error is {percent_below(errors['AFA'], errors[best_member])} the best member's "
-          f"({best_member}) and {percent_below(errors['AFA'], errors['block average'])} block averaging's.")
+    print()
+    for preset in SABW_PRESETS:
+        row = afa_row(preset)
+        print(f"{row}'s held-out denoising error is {percent_below(errors[row], errors[best_member])} the best "
+              f"member's ({best_member}) and {percent_below(errors[row], errors['block average'])} block "
+              f"averaging's.")
     print("Timings: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.times.items())
           + f"; total {time.time() - stages.started:.0f} s")
     print(f"Figures: {evaluation / 'denoising-capability.png'} (paper Figure 1), "
-          f"{evaluation / 'aggregation-maps.png'} (paper Figure 6)")
+          + ", ".join(str(evaluation / results["figures"][f"aggregation_maps {afa_row(preset)}"])
+                      for preset in SABW_PRESETS) + " (paper Figure 6)")
     return 0
+
+
+def afa_row(preset: str) -> str:
+    """The evaluation table's row of a preset's weights (training/evaluate.py names several files' rows by design)."""
+    return f"AFA ({preset})"
 
 
 def mean_tail(losses: list[float], fraction: float = 0.2) -> float:

@@ -1,9 +1,10 @@
 """The denoising objective (paper eq. 1 and 12) and reproducible per-sample random draws.
 
-Every random choice of a training sample -- its timestep, its noise, whether its caption is dropped -- is drawn from
-a generator seeded by (run seed, epoch, dataset index). A sample therefore gets the same draws whichever rank, batch
-position or resume point processes it, which is what makes a 2-process DDP run equal a 1-process run with the same
-global batch, and a resumed run equal an uninterrupted one.
+Every random choice of a training sample -- its timestep, its noise, whether its caption is dropped, the VAE
+posterior noise of `--latents sample`, the position of a `--crop random` crop -- is drawn from a generator seeded by
+(run seed, epoch, dataset index[, stream]). A sample therefore gets the same draws whichever rank, batch position,
+DataLoader worker or resume point processes it, which is what makes a 2-process DDP run equal a 1-process run with
+the same global batch, and a resumed run equal an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -61,25 +62,44 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return squared_error(prediction, target).mean(dim=(1, 2, 3))
 
 
+CROP_STREAM = 1
+"""The stream of `sample_generator` that random crops draw from (training/data.py), apart from the main draws."""
+
+
+def sample_generator(seed: int, epoch: int, index: int, *stream: int) -> torch.Generator:
+    """The generator of one sample's draws in one epoch: seeded by (seed, epoch, dataset index) for the main draws
+    (`draw_for_samples`), and by (seed, epoch, index, stream) for draws made elsewhere (CROP_STREAM), so that adding
+    a kind of draw never changes the others."""
+    # SeedSequence: well-mixed seeds from a tuple of integers (neighbouring indices give unrelated generators).
+    state = np.random.SeedSequence([seed, epoch, int(index), *stream]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
 @dataclass
 class Draws:
-    """The random choices for a batch: timesteps [B] (int64), noise [B x C x H x W], drop_caption [B] (bool)."""
+    """The random choices for a batch: timesteps [B] (int64), noise [B x C x H x W], drop_caption [B] (bool), and
+    posterior_noise [B x C x H x W] (the VAE posterior sample's standard normal draw) or None when not drawn."""
 
     timesteps: torch.Tensor
     noise: torch.Tensor
     drop_caption: torch.Tensor
+    posterior_noise: torch.Tensor | None = None
 
 
 def draw_for_samples(indices: list[int], seed: int, epoch: int, latent_shape: tuple[int, ...], num_timesteps: int,
-                     caption_dropout: float, timestep_range: tuple[int, int] | None = None) -> Draws:
+                     caption_dropout: float, timestep_range: tuple[int, int] | None = None,
+                     posterior_noise: bool = False) -> Draws:
     """Draws each sample's timestep (uniform over the schedule, or over `timestep_range` [low, high)), noise and
-    caption dropout from its own generator seeded by (seed, epoch, dataset index)."""
+    caption dropout -- and with `posterior_noise` the noise of its VAE posterior sample -- from its own generator
+    seeded by (seed, epoch, dataset index)."""
     low, high = timestep_range or (0, num_timesteps)
-    timesteps, noises, drops = [], [], []
+    timesteps, noises, drops, posterior_noises = [], [], [], []
     for index in indices:
-        state = np.random.SeedSequence([seed, epoch, int(index)]).generate_state(2, dtype=np.uint64)
-        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        generator = sample_generator(seed, epoch, index)
         timesteps.append(int(torch.randint(low, high, (1,), generator=generator)))
         drops.append(bool(torch.rand((), generator=generator) < caption_dropout))
         noises.append(torch.randn(latent_shape, generator=generator))
-    return Draws(torch.tensor(timesteps, dtype=torch.long), torch.stack(noises), torch.tensor(drops))
+        if posterior_noise:  # drawn last, so the draws above are the same with or without it
+            posterior_noises.append(torch.randn(latent_shape, generator=generator))
+    return Draws(torch.tensor(timesteps, dtype=torch.long), torch.stack(noises), torch.tensor(drops),
+                 torch.stack(posterior_noises) if posterior_noise else None)

@@ -4,14 +4,19 @@
     python training/evaluate.py --members A.safetensors B.safetensors --weights afa.safetensors --data held-out/
 
 Every model sees identical (x_t, t, noise, caption) for every sample (training/metrics.py), so the differences in the
-table are the models' and not the draws'. Members, VAE, text encoder and schedule are loaded as training/train.py
-loads them; AFA runs in the mode its weights file was trained for (sabw or last-block). `--data` takes the trainer's
-formats (a captioned image folder, or a JSONL/CSV manifest). Writes into --output-dir:
+table are the models' and not the draws'. Members, their text encoders, VAE and schedule are loaded as
+training/train.py loads them. Each member alone reads the prompt as its own text encoder encodes it; block and noise
+averaging read it per --text-conditioning; AFA runs as its weights file was trained: in its mode (sabw or
+last-block) and with its text conditioning (the file's config). Several weights files (e.g. the paper and the fast
+preset) give one AFA row each, "AFA (paper)", "AFA (fast)" (their designs, or their file names when the designs
+repeat), on the same draws. `--data` takes the trainer's formats (a captioned image folder, or a JSONL/CSV manifest).
+Writes into --output-dir:
 
   evaluation.json           the table (mean squared error of the eps/v prediction, overall and per timestep range)
   denoising-capability.png  the paper's Figure 1: for a few images, at several timesteps, which member has the lowest
                             denoising error at each latent pixel (squared error averaged over Monte-Carlo noise draws)
-  aggregation-maps.png      with --weights: SABW's weight maps for the same images (the paper's Figure 6)
+  aggregation-maps.png      with --weights: SABW's weight maps for the same images (the paper's Figure 6);
+                            aggregation-maps-<label>.png for each of several weights files
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from afa import AfaError, EnsembleUNet, load_weights  # noqa: E402
+from afa import AfaError, EnsembleUNet, WeightsInfo, load_weights  # noqa: E402
 from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights,  # noqa: E402
                       colorize_winners, legend_entries, render_grid)
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
@@ -40,9 +45,10 @@ from afa.unet import block_name  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.cli import run  # noqa: E402
 from training.diffusion import NoiseSchedule, squared_error  # noqa: E402
-from training.metrics import TIMESTEP_RANGES, denoising_errors, range_label  # noqa: E402
+from training.metrics import (TIMESTEP_RANGES, denoising_errors, encode_for_members, ensemble_reading,  # noqa: E402
+                              member_alone, range_label)
 from training.sd_checkpoint import load_frozen_models  # noqa: E402
-from training.text_encoder import encode, tokenize  # noqa: E402
+from training.text_encoder import tokenize  # noqa: E402
 
 BLOCK_AVERAGE, NOISE_AVERAGE, AFA = "block average", "noise average", "AFA"
 RESULTS_FILE = "evaluation.json"
@@ -62,11 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--members", nargs="+", required=True, help="2 to 6 member checkpoints (.safetensors/.ckpt), "
                        "in the order the weights were trained for")
     group.add_argument("--config", help="ldm yaml of the members (default: <name>.yaml beside each, else inferred)")
-    group.add_argument("--weights", help="SABW weights file trained for exactly these members; adds the AFA row and "
-                       "the aggregation maps")
+    group.add_argument("--weights", nargs="+", default=[], help="SABW weights files trained for exactly these "
+                       "members; each adds an AFA row and its aggregation maps")
     group.add_argument("--data", required=True, help="held-out images: a folder of images with .txt captions or "
                        "WebUI PNGs, or a JSONL/CSV manifest of image path + caption")
     group.add_argument("--resolution", type=int, default=512, help="images are resized and center-cropped to this")
+    group.add_argument("--text-conditioning", choices=["per-member", "shared"], default="per-member",
+                       help="how block and noise averaging read the prompt: member i its own text encoder's encoding, "
+                       "or every member the first member's (AFA rows read it as their weights file says)")
+    group.add_argument("--clip-skip", type=int, help="CLIP skip of every model's text encodings (default: the one "
+                       "the weights files were trained with, else 1)")
     group.add_argument("--samples", type=int, default=256, help="images evaluated, a seeded random subset of --data "
                        "when it has more (0 = all)")
     group.add_argument("--draws", type=int, default=4, help="timestep and noise draws per image (more draws, less "
@@ -97,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("draws", "figure_draws", "batch_size", "resolution", "cell_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        parser.error("--clip-skip must be at least 1")
+    args.text_conditioning = args.text_conditioning.replace("-", "_")  # as AggregatorConfig spells it
     return args
 
 
@@ -114,15 +128,69 @@ def display_names(names: Sequence[str]) -> list[str]:
     return unique
 
 
+class TrainedEnsemble(NamedTuple):
+    """One weights file's ensemble: its table row, the file, what it says about itself (afa.WeightsInfo), the
+    EnsembleUNet in the file's mode, and its aggregation-maps PNG's name."""
+
+    row: str
+    file: str
+    info: WeightsInfo
+    ensemble: EnsembleUNet
+    figure: str
+
+
+def trained_ensembles(weights_files: Sequence[str], members: Sequence[torch.nn.Module], member_refs,
+                      device: torch.device) -> list[TrainedEnsemble]:
+    """An EnsembleUNet per weights file, each refused unless trained for exactly these members. One file is the row
+    "AFA"; several are "AFA (<design>)", or "AFA (<file name>)" when designs repeat."""
+    loaded = [(str(path), *load_weights(path, member_refs, device)) for path in weights_files]
+    designs = [info.config.design for _, _, info in loaded]
+    labels = designs if len(set(designs)) == len(designs) else display_names([Path(path).stem
+                                                                              for path, _, _ in loaded])
+    single = len(loaded) == 1
+    return [TrainedEnsemble(AFA if single else f"{AFA} ({label})", path, info,
+                            EnsembleUNet(members, aggregator, info.mode),
+                            MAPS_FIGURE if single else f"{Path(MAPS_FIGURE).stem}-{_file_label(label)}.png")
+            for (path, aggregator, info), label in zip(loaded, labels)]
+
+
+def _file_label(label: str) -> str:
+    return "".join(character if character.isalnum() or character in "-_." else "_" for character in label)
+
+
 def comparison_models(members: Sequence[torch.nn.Module], member_names: Sequence[str],
-                      ensemble: EnsembleUNet | None) -> dict[str, Callable]:
-    """The table's rows: each member, block averaging, noise averaging, and the trained ensemble when given."""
-    models: dict[str, Callable] = dict(zip(member_names, members))
-    models[BLOCK_AVERAGE] = EnsembleUNet(list(members), None, AVERAGE)
-    models[NOISE_AVERAGE] = EnsembleUNet(list(members), None, NOISE)
-    if ensemble is not None:
-        models[AFA] = ensemble
+                      trained: Sequence[TrainedEnsemble] = (), text_conditioning: str = "per_member") \
+        -> dict[str, Callable]:
+    """The table's rows as metrics.ModelCall's: each member reading its own text encoder's encoding, block
+    averaging and noise averaging reading the prompt per `text_conditioning`, and each trained ensemble reading it
+    as its weights file was trained."""
+    models: dict[str, Callable] = {name: member_alone(member, index)
+                                   for index, (name, member) in enumerate(zip(member_names, members))}
+    models[BLOCK_AVERAGE] = ensemble_reading(EnsembleUNet(list(members), None, AVERAGE), text_conditioning)
+    models[NOISE_AVERAGE] = ensemble_reading(EnsembleUNet(list(members), None, NOISE), text_conditioning)
+    for entry in trained:
+        conditioning = entry.ensemble.aggregator.config.text_conditioning
+        models[entry.row] = ensemble_reading(entry.ensemble, conditioning)
     return models
+
+
+def evaluation_clip_skip(given: int | None, trained: Sequence[TrainedEnsemble]) -> int:
+    """--clip-skip, else the CLIP skip the weights files were trained with (1 without weights files).
+
+    Raises:
+        AfaError: weights files trained with different CLIP skips and no --clip-skip.
+    """
+    trained_skips = sorted({entry.info.config.clip_skip for entry in trained})
+    if given is not None:
+        for entry in trained:
+            if entry.info.config.clip_skip != given:
+                print(f"note: {entry.file} was trained with CLIP skip {entry.info.config.clip_skip}; evaluating it "
+                      f"at --clip-skip {given}")
+        return given
+    if len(trained_skips) > 1:
+        raise AfaError(f"the weights files were trained with CLIP skips {trained_skips}: give --clip-skip, or "
+                       f"evaluate them separately")
+    return trained_skips[0] if trained_skips else 1
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
@@ -153,8 +221,9 @@ class RepeatedDraws(torch.utils.data.Dataset):
 
 # -- the table -----------------------------------------------------------------------------------------------------
 
-def format_table(errors: dict[str, dict[str, float]]) -> str:
-    """The errors as a fixed-width text table, with each averaging/AFA row's change against the best member."""
+def format_table(errors: dict[str, dict[str, float]], member_names: Sequence[str] | None = None) -> str:
+    """The errors as a fixed-width text table, with each averaging/AFA row's change against the best member (the
+    members are `member_names`, by default every row but the averages and the AFA rows)."""
     columns = ["all"] + [range_label(low, high) for low, high in TIMESTEP_RANGES]
     columns = [column for column in columns if any(column in row for row in errors.values())]
     name_width = max(len(name) for name in errors) + 2
@@ -163,8 +232,11 @@ def format_table(errors: dict[str, dict[str, float]]) -> str:
     for name, row in errors.items():
         lines.append(f"{name:<{name_width}}" + "".join(f"{row[column]:>12.5f}" if column in row else f"{'-':>12}"
                                                        for column in columns))
-    ensembles = [name for name in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA) if name in errors]
-    members = [name for name in errors if name not in ensembles]
+    if member_names is None:
+        member_names = [name for name in errors if name not in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA)
+                        and not name.startswith(f"{AFA} (")]
+    members = [name for name in errors if name in member_names]
+    ensembles = [name for name in errors if name not in members]
     best = min(members, key=lambda name: errors[name]["all"])
     for name in ensembles:
         change = 100.0 * (errors[name]["all"] / errors[best]["all"] - 1.0)
@@ -175,21 +247,25 @@ def format_table(errors: dict[str, dict[str, float]]) -> str:
 # -- the figures: Figure 1 (which member denoises each pixel best) and Figure 6 (aggregation maps) -----------------
 
 class FigureImage(NamedTuple):
-    """One figure row's image: caption, RGB pixels [H x W x 3] uint8, latents [1 x C x h x w], context [1 x L x D]."""
+    """One figure row's image: caption, RGB pixels [H x W x 3] uint8, latents [1 x C x h x w], member_contexts
+    N x [1 x L x D] (the caption as each member's own text encoder encodes it)."""
 
     caption: str
     pixels: np.ndarray
     latents: torch.Tensor
-    context: torch.Tensor
+    member_contexts: list[torch.Tensor]
 
 
 @torch.no_grad()
-def prepare_figure_image(item: dict, vae, text_encoder, device: torch.device) -> FigureImage:
-    """A dataset item ({"pixel_values": [3 x H x W] in [-1, 1], "caption"}) ready for the figures."""
+def prepare_figure_image(item: dict, vae, text_encoders: Sequence[torch.nn.Module], device: torch.device,
+                         clip_skip: int = 1) -> FigureImage:
+    """A dataset item ({"pixel_values": [3 x H x W] in [-1, 1], "caption"}) ready for the figures; text_encoders:
+    each member's (FrozenModels.text_encoders)."""
     pixel_values = item["pixel_values"]
     pixels = ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     latents = vae.encode(pixel_values[None].to(device))
-    return FigureImage(item["caption"], pixels, latents, encode(text_encoder, tokenize([item["caption"]])))
+    return FigureImage(item["caption"], pixels, latents,
+                       encode_for_members(text_encoders, tokenize([item["caption"]]), clip_skip))
 
 
 def figure_noise(seed: int, image_number: int, draws: int, latent_shape: Sequence[int]) -> torch.Tensor:
@@ -201,14 +277,15 @@ def figure_noise(seed: int, image_number: int, draws: int, latent_shape: Sequenc
 
 
 @torch.no_grad()
-def per_pixel_errors(models: Sequence[Callable], latents: torch.Tensor, context: torch.Tensor,
-                     timesteps: Sequence[int], noise: torch.Tensor, schedule: NoiseSchedule,
-                     batch_size: int) -> torch.Tensor:
+def per_pixel_errors(models: Sequence[Callable], latents: torch.Tensor,
+                     context: torch.Tensor | Sequence[torch.Tensor], timesteps: Sequence[int], noise: torch.Tensor,
+                     schedule: NoiseSchedule, batch_size: int) -> torch.Tensor:
     """Each model's squared denoising error at every latent pixel, averaged over channels and noise draws.
 
     Args:
         models: callables (x_t [B x C x h x w], timesteps [B], context [B x L x D]) -> prediction (eps or v).
-        latents: [1 x C x h x w], one image; context: [1 x L x D], its caption's.
+        latents: [1 x C x h x w], one image; context: [1 x L x D], its caption's, which every model reads, or one
+            such context per model (members alone: each its own text encoder's).
         timesteps: T timesteps.
         noise: [M x C x h x w] Monte-Carlo draws, the same ones at every timestep and for every model.
     Returns:
@@ -221,8 +298,9 @@ def per_pixel_errors(models: Sequence[Callable], latents: torch.Tensor, context:
     noise = noise.to(device).repeat(len(timesteps), 1, 1, 1)  # [T*M x C x h x w], draw index fastest
     clean = latents.expand(noise.shape[0], -1, -1, -1)
     noisy, target = schedule.add_noise(clean, noise, steps), schedule.target(clean, noise, steps)
+    contexts = [context] * len(models) if isinstance(context, torch.Tensor) else list(context)
     maps = []
-    for model in models:
+    for model, context in zip(models, contexts):
         squared = []
         for start in range(0, noisy.shape[0], batch_size):
             batch = slice(start, start + batch_size)
@@ -263,8 +341,8 @@ def render_denoising_capability(members: Sequence[torch.nn.Module], member_names
     """
     rows, winners_per_image = [], []
     for image, noise in zip(images, noises):
-        winners = winner_maps(per_pixel_errors(members, image.latents, image.context, timesteps, noise, schedule,
-                                               batch_size))
+        winners = winner_maps(per_pixel_errors(members, image.latents, image.member_contexts, timesteps, noise,
+                                               schedule, batch_size))
         winners_per_image.append(winners)
         rows.append([(image.caption, image.pixels)] + [
             (f"t = {step}\n{win_shares(winners[index], len(members))}", colorize_winners(winners[index], len(members)))
@@ -279,8 +357,9 @@ def render_aggregation_maps(ensemble: EnsembleUNet, member_names: Sequence[str],
                             noises: Sequence[torch.Tensor], timesteps: Sequence[int], blocks: Sequence[int],
                             schedule: NoiseSchedule, cell_size: int) -> Image.Image:
     """SABW's weight maps (paper Figure 6): a row per image, a cell per (block, timestep), computed on that image
-    noised to the timestep with its first figure noise draw."""
+    noised to the timestep with its first figure noise draw, the prompt read as the weights were trained."""
     num_input_blocks = ensemble.num_input_blocks
+    model = ensemble_reading(ensemble, ensemble.aggregator.config.text_conditioning)
     recorder = WeightMapRecorder(blocks, batch_index=0)
     ensemble.observer = recorder
     rows = []
@@ -290,7 +369,7 @@ def render_aggregation_maps(ensemble: EnsembleUNet, member_names: Sequence[str],
             for step in timesteps:
                 step_tensor = torch.tensor([step], device=image.latents.device)
                 noisy = schedule.add_noise(image.latents, noise[:1].to(image.latents.device), step_tensor)
-                ensemble(noisy, step_tensor, image.context)
+                model(noisy, step_tensor, image.member_contexts)
             rows.append([(image.caption, image.pixels)] + [
                 (f"{block_name(block, num_input_blocks)}\nt = {step}", colorize_weights(recorder.maps[block][index]))
                 for block in blocks for index, step in enumerate(timesteps)])
@@ -322,18 +401,19 @@ def main(argv: list[str] | None = None) -> int:
 
     frozen = load_frozen_models(args.members, args.config, device)
     member_names = display_names([ref.name for ref in frozen.member_refs])
-    vae, text_encoder, schedule = frozen.vae, frozen.text_encoder, frozen.schedule
-    ensemble, weights_info = None, None
-    if args.weights:
-        aggregator, weights_info = load_weights(args.weights, frozen.member_refs, device)
-        ensemble = EnsembleUNet(frozen.members, aggregator, weights_info.mode)
-    blocks = map_blocks(args.map_blocks, ensemble) if ensemble is not None else []
+    vae, schedule = frozen.vae, frozen.schedule
+    trained = trained_ensembles(args.weights, frozen.members, frozen.member_refs, device)
+    blocks = {entry.row: map_blocks(args.map_blocks, entry.ensemble) for entry in trained}
     invalid = [step for step in args.timesteps if not 0 <= step < schedule.num_timesteps]
     if invalid:
         raise AfaError(f"--timesteps {invalid}: the members' schedule has timesteps 0 to {schedule.num_timesteps - 1}")
-    models = comparison_models(frozen.members, member_names, ensemble)
-    print(f"loaded {len(frozen.members)} members ({', '.join(map(str, frozen.member_refs))}) on {device}"
-          + (f"; AFA weights {args.weights} (mode {weights_info.mode})" if weights_info else ""))
+    clip_skip = evaluation_clip_skip(args.clip_skip, trained)
+    models = comparison_models(frozen.members, member_names, trained, args.text_conditioning)
+    print(f"loaded {len(frozen.members)} members ({', '.join(map(str, frozen.member_refs))}) on {device}, "
+          f"{frozen.distinct_text_encoders} distinct text encoders; averages read the prompt "
+          f"{args.text_conditioning.replace('_', '-')}; CLIP skip {clip_skip}"
+          + "".join(f"; {entry.row}: {entry.file} ({entry.info.config.design} design, mode {entry.info.mode}, text "
+                    f"conditioning {entry.info.config.text_conditioning})" for entry in trained))
 
     report = datasets.SkipReport()
     records = select_records(datasets.index_captioned_images(args.data, report), args.samples, args.seed)
@@ -348,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             report.add_items(batch["skipped"])
             yield batch
 
-    errors = denoising_errors(models, batches(), vae, text_encoder, schedule, args.seed, device)
-    print(format_table(errors))
+    errors = denoising_errors(models, batches(), vae, frozen.text_encoders, schedule, args.seed, device,
+                              clip_skip=clip_skip)
+    print(format_table(errors, member_names))
     if report.total:
         print(report.summary())
 
@@ -358,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {}
     if args.figure_images:
         figure_items = [dataset[index] for index in range(min(args.figure_images, len(dataset)))]
-        images = [prepare_figure_image(item, vae, text_encoder, device) for item in figure_items
+        images = [prepare_figure_image(item, vae, frozen.text_encoders, device, clip_skip) for item in figure_items
                   if not isinstance(item, datasets.SkippedItem)]
         noises = [figure_noise(args.seed, number, args.figure_draws, image.latents.shape[1:])
                   for number, image in enumerate(images)]
@@ -366,18 +447,21 @@ def main(argv: list[str] | None = None) -> int:
                                                     schedule, args.batch_size, args.cell_size)
         capability.save(output_dir / CAPABILITY_FIGURE)
         figures["denoising_capability"] = CAPABILITY_FIGURE
-        if ensemble is not None:
-            maps = render_aggregation_maps(ensemble, member_names, images, noises, args.timesteps, blocks, schedule,
-                                           args.cell_size)
-            maps.save(output_dir / MAPS_FIGURE)
-            figures["aggregation_maps"] = MAPS_FIGURE
+        for entry in trained:
+            maps = render_aggregation_maps(entry.ensemble, member_names, images, noises, args.timesteps,
+                                           blocks[entry.row], schedule, args.cell_size)
+            maps.save(output_dir / entry.figure)
+            figures["aggregation_maps" if len(trained) == 1 else f"aggregation_maps {entry.row}"] = entry.figure
 
     results = {
         "models": errors,
         "members": [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
                     for name, path, ref in zip(member_names, args.members, frozen.member_refs)],
-        "weights": None if weights_info is None else {"file": str(args.weights), "mode": weights_info.mode.name,
-                                                      "training": weights_info.training},
+        "weights": [{"row": entry.row, "file": entry.file, "mode": entry.info.mode.name,
+                     "design": entry.info.config.design, "text_conditioning": entry.info.config.text_conditioning,
+                     "clip_skip": entry.info.config.clip_skip, "training": entry.info.training}
+                    for entry in trained],
+        "averages_text_conditioning": args.text_conditioning, "clip_skip": clip_skip,
         "data": str(args.data), "images": len(records), "skipped": report.total, "draws_per_image": args.draws,
         "seed": args.seed, "resolution": args.resolution,
         "timestep_ranges": [range_label(low, high) for low, high in TIMESTEP_RANGES],

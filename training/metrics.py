@@ -3,7 +3,7 @@ identical draws: every model sees the same (x_t, t, noise, caption) for every sa
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -17,36 +17,106 @@ def range_label(low: int, high: int) -> str:
     return f"t {low}-{high - 1}"
 
 
-@torch.no_grad()
-def prepare_batch(batch: dict, vae, text_encoder, schedule: NoiseSchedule, seed: int, device: torch.device,
-                  epoch: int = VALIDATION_EPOCH, caption_dropout: float = 0.0) -> dict:
-    """The model inputs of a batch (training/data.py's `collate`: "latents" [B x C x h x w] or "pixel_values"
-    [B x 3 x H x W], "captions", "indices"), with its draws -- the same for training (its epoch, caption dropout)
-    and evaluation (VALIDATION_EPOCH, no dropout).
+ModelCall = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+"""A model as `denoising_errors` calls it: (x_t [B x C x h x w], timesteps [B], member_contexts N x [B x 77 x D])
+-> prediction [B x C x h x w]; member_contexts[i] is the prompt as member i's own text encoder encodes it."""
 
-    Returns {"noisy", "timesteps", "context", "target", "latents", "noise"} on `device`: noisy, target, latents and
-    noise [B x C x h x w], timesteps [B] (int64), context [B x 77 x D].
+
+def member_alone(unet: Callable, member_index: int) -> ModelCall:
+    """Member `member_index` run on its own, reading its own text encoder's encoding (as a user runs it)."""
+    def call(noisy, timesteps, member_contexts):
+        return unet(noisy, timesteps, member_contexts[member_index])
+    return call
+
+
+def ensemble_reading(ensemble: Callable, text_conditioning: str) -> ModelCall:
+    """An EnsembleUNet reading the prompt as `text_conditioning` says: "per_member" (member i reads member i's
+    encoding, SABW their mean) or "shared" (every member and SABW read the first member's)."""
+    if text_conditioning == "per_member":
+        return lambda noisy, timesteps, member_contexts: ensemble(noisy, timesteps, member_contexts=member_contexts)
+    if text_conditioning == "shared":
+        return lambda noisy, timesteps, member_contexts: ensemble(noisy, timesteps, member_contexts[0])
+    raise ValueError(f"text_conditioning must be per_member or shared, got {text_conditioning!r}")
+
+
+@torch.no_grad()
+def encode_for_members(text_encoders: Sequence[torch.nn.Module], token_ids: torch.Tensor,
+                       clip_skip: int = 1) -> list[torch.Tensor]:
+    """Each member's context for token ids [B x 77]: N x [B x 77 x D]. Each distinct encoder module runs once, and
+    members sharing a module get the same tensor object (which EnsembleUNet reads as one shared context)."""
+    by_module: dict[int, torch.Tensor] = {}
+    for encoder in text_encoders:
+        if id(encoder) not in by_module:
+            by_module[id(encoder)] = encode(encoder, token_ids, clip_skip)
+    return [by_module[id(encoder)] for encoder in text_encoders]
+
+
+def mean_context(member_contexts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """What SABW reads with per-member contexts, [B x 77 x D]: their mean over the N members, as EnsembleUNet
+    computes it; the tensor itself when every member reads the same one."""
+    if all(context is member_contexts[0] for context in member_contexts):
+        return member_contexts[0]
+    return torch.stack([context.float() for context in member_contexts]).mean(dim=0)
+
+
+@torch.no_grad()
+def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | torch.nn.Module,
+                  schedule: NoiseSchedule, seed: int, device: torch.device, epoch: int = VALIDATION_EPOCH,
+                  caption_dropout: float = 0.0, clip_skip: int = 1, sample_latents: bool = False) -> dict:
+    """The model inputs of a batch (training/data.py's `collate`: "latents" [B x C x h x w], "moments"
+    [B x 2C x h x w] or "pixel_values" [B x 3 x H x W], "captions", "indices"), with its draws -- the same for
+    training (its epoch, caption dropout) and evaluation (VALIDATION_EPOCH, no dropout).
+
+    Args:
+        text_encoders: the encoder each member reads (FrozenModels.text_encoders_for), or one encoder every member
+            reads. Each distinct module runs once.
+        clip_skip: the CLIP skip of the encodings (1 = the last layer).
+        sample_latents: train on a sample of the VAE posterior (`--latents sample`, mean + std * noise, the noise
+            drawn per sample, training/diffusion.py) instead of its mean. Needs "pixel_values" or "moments".
+
+    Returns {"noisy", "timesteps", "member_contexts", "context", "target", "latents", "noise"} on `device`: noisy,
+    target, latents and noise [B x C x h x w], timesteps [B] (int64), member_contexts N x [B x 77 x D] (members
+    sharing an encoder share the tensor), context [B x 77 x D] (their mean: what SABW reads).
     """
-    latents = (batch["latents"].to(device) if "latents" in batch
-               else vae.encode(batch["pixel_values"].to(device)))
-    draws = draw_for_samples(batch["indices"], seed, epoch, tuple(latents.shape[1:]), schedule.num_timesteps,
-                             caption_dropout)
+    if isinstance(text_encoders, torch.nn.Module):
+        text_encoders = [text_encoders]
+    mean, std = _posterior(batch, vae, device, sample_latents)
+    draws = draw_for_samples(batch["indices"], seed, epoch, tuple(mean.shape[1:]), schedule.num_timesteps,
+                             caption_dropout, posterior_noise=sample_latents)
+    latents = mean + std * draws.posterior_noise.to(device) if sample_latents else mean
     captions = ["" if drop else caption for caption, drop in zip(batch["captions"], draws.drop_caption)]
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
+    member_contexts = encode_for_members(text_encoders, tokenize(captions), clip_skip)
     return {"noisy": schedule.add_noise(latents, noise, timesteps), "timesteps": timesteps,
-            "context": encode(text_encoder, tokenize(captions)),
+            "member_contexts": member_contexts, "context": mean_context(member_contexts),
             "target": schedule.target(latents, noise, timesteps), "latents": latents, "noise": noise}
 
 
+def _posterior(batch: dict, vae, device: torch.device, need_std: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's VAE posterior: (mean, std) [B x C x h x w] each (std None when not needed)."""
+    if "moments" in batch:
+        mean, std = batch["moments"].to(device).chunk(2, dim=1)
+        return mean, std
+    if "latents" in batch:
+        if need_std:
+            raise ValueError("latents sampled from the VAE posterior need its moments or the images, not cached means")
+        return batch["latents"].to(device), None
+    pixel_values = batch["pixel_values"].to(device)
+    return vae.posterior(pixel_values) if need_std else (vae.encode(pixel_values), None)
+
+
 @torch.no_grad()
-def denoising_errors(models: Mapping[str, Callable], loader: Iterable[dict], vae, text_encoder,
-                     schedule: NoiseSchedule, seed: int, device: torch.device,
-                     ranges: tuple[tuple[int, int], ...] = TIMESTEP_RANGES) -> dict[str, dict[str, float]]:
+def denoising_errors(models: Mapping[str, ModelCall], loader: Iterable[dict], vae,
+                     text_encoders: Sequence[torch.nn.Module], schedule: NoiseSchedule, seed: int,
+                     device: torch.device, ranges: tuple[tuple[int, int], ...] = TIMESTEP_RANGES,
+                     clip_skip: int = 1) -> dict[str, dict[str, float]]:
     """Mean squared error of each model's prediction (eps or v) against the target, overall and per timestep range.
 
     Args:
-        models: name -> callable(x_t [B x C x h x w], timesteps [B], context [B x 77 x D]) -> prediction.
+        models: name -> `ModelCall` (wrap a member in `member_alone`, an ensemble in `ensemble_reading`).
         loader: batches as training/data.py's `collate` makes them (with "indices": the keys of the draws).
+        text_encoders: each member's own text encoder (FrozenModels.text_encoders); the latents are the VAE
+            posterior means.
     Returns:
         {name: {"all": mse, "t 0-249": mse, ...}}; a range without samples is left out.
     """
@@ -55,14 +125,14 @@ def denoising_errors(models: Mapping[str, Callable], loader: Iterable[dict], vae
     for batch in loader:
         if not batch["indices"]:
             continue
-        inputs = prepare_batch(batch, vae, text_encoder, schedule, seed, device)
+        inputs = prepare_batch(batch, vae, text_encoders, schedule, seed, device, clip_skip=clip_skip)
         labels = [["all"] + [range_label(low, high) for low, high in ranges if low <= int(t) < high]
                   for t in inputs["timesteps"]]
         for sample_labels in labels:
             for label in sample_labels:
                 counts[label] = counts.get(label, 0) + 1
         for name, model in models.items():
-            prediction = model(inputs["noisy"], inputs["timesteps"], inputs["context"])
+            prediction = model(inputs["noisy"], inputs["timesteps"], inputs["member_contexts"])
             per_sample = per_sample_mse(prediction, inputs["target"]).tolist()
             for error, sample_labels in zip(per_sample, labels):
                 for label in sample_labels:

@@ -22,6 +22,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from afa.aggregator import TEXT_CONDITIONINGS
 from afa.members import MemberRef, check_members, load_member, read_prefixed_tensors, unet_shapes
 from afa.unet import PRESETS, UNET_KEY_PREFIX, UNET_TARGET, BlockLayout, build_unet
 
@@ -159,7 +160,8 @@ def write_webui_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor]
     return path
 
 
-# -- reading the non-UNet parts of a checkpoint (the trainer takes VAE, text encoder and schedule from member 1) --
+# -- reading the non-UNet parts of a checkpoint (the trainer takes VAE and schedule from member 1, and each member's
+#    own text encoder) --
 
 # The VAE of every SD 1.x/2.x checkpoint (v1-inference.yaml's first_stage_config).
 SD_VAE_DDCONFIG = dict(
@@ -196,13 +198,20 @@ class Vae(torch.nn.Module):
         self.scale_factor = scale_factor
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B x 3 x H x W] in [-1, 1] -> latents [B x 4 x H/f x W/f].
-
-        Uses the posterior mean, not a sample: latents are then a deterministic function of the image, so they can
-        be cached and a resumed run sees the same latents."""
+        """images [B x 3 x H x W] in [-1, 1] -> latents [B x 4 x H/f x W/f]: the posterior mean (`--latents mean`),
+        a deterministic function of the image."""
         moments = self.parts["quant_conv"](self.parts["encoder"](images))
         mean, _ = moments.chunk(2, dim=1)
         return mean * self.scale_factor
+
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B x 3 x H x W] in [-1, 1] -> (mean, std), each [B x 4 x H/f x W/f] and scaled like the latents:
+        ldm's DiagonalGaussianDistribution (log-variance clamped to [-30, 20]), whose `sample()` -- what the
+        authors train on, `--latents sample` -- is mean + std * standard normal noise."""
+        moments = self.parts["quant_conv"](self.parts["encoder"](images))
+        mean, log_variance = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
+        return mean * self.scale_factor, std * self.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B x 4 x h x w] -> images [B x 3 x h*f x w*f] in about [-1, 1]."""
@@ -250,34 +259,90 @@ class FrozenModels:
         member_refs: name and sha256 of each member, in the given order (what a weights file is bound to).
         members: the members' ldm UNets.
         layout: their shared block layout.
-        vae, text_encoder, schedule: the first member's VAE, SD1 text encoder and noise schedule.
+        vae, schedule: the first member's VAE and noise schedule.
+        text_encoders: each member's own SD1 text encoder (transformers' CLIPTextModel, float32), in member order.
+            Members whose text-encoder weights are identical share one module object, so each distinct encoder is
+            held once and runs once per batch (training/metrics.py's `encode_for_members`). One SD1 text encoder is
+            123M parameters (0.5 GB in float32).
     """
 
     member_refs: list[MemberRef]
     members: list[torch.nn.Module]
     layout: BlockLayout
     vae: Vae
-    text_encoder: torch.nn.Module  # transformers' CLIPTextModel
+    text_encoders: list[torch.nn.Module]
     schedule: NoiseSchedule
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first member's text encoder (what every member reads with shared text conditioning)."""
+        return self.text_encoders[0]
+
+    @property
+    def distinct_text_encoders(self) -> int:
+        return len({id(encoder) for encoder in self.text_encoders})
+
+    def text_encoders_for(self, text_conditioning: str) -> list[torch.nn.Module]:
+        """The encoder each member reads under a text conditioning (AggregatorConfig.text_conditioning):
+        "per_member", its own; "shared", the first member's for every member (so only that one runs)."""
+        if text_conditioning not in TEXT_CONDITIONINGS:
+            raise ValueError(f"text_conditioning must be one of {', '.join(TEXT_CONDITIONINGS)}, "
+                             f"got {text_conditioning!r}")
+        if text_conditioning == "shared":
+            return [self.text_encoders[0]] * len(self.text_encoders)
+        return list(self.text_encoders)
+
+
+def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    """Whether two modules hold identical tensors under identical names (compared exactly, value by value)."""
+    first_state, second_state = first.state_dict(), second.state_dict()
+    return first_state.keys() == second_state.keys() and all(
+        first_state[key].shape == second_state[key].shape and torch.equal(first_state[key], second_state[key])
+        for key in first_state)
+
+
+def load_text_encoders(member_paths: list[str | Path], config: str | Path | None = None,
+                       device: torch.device | str = "cpu") -> list[torch.nn.Module]:
+    """Each member's own frozen SD1 text encoder (`cond_stage_model.*`, float32, on `device`), in member order;
+    members whose encoders have identical weights get the same module object.
+
+    Raises:
+        CheckpointError: a member holds no SD1 text encoder, or one that does not match its yaml (named).
+    """
+    from .text_encoder import load_text_encoder  # imports transformers: only when needed
+
+    distinct: list[torch.nn.Module] = []
+    encoders = []
+    for path in member_paths:
+        tensors = {f"cond_stage_model.{k}": v for k, v in read_prefixed_tensors(path, "cond_stage_model.").items()}
+        encoder = load_text_encoder(tensors, read_sd_config(path, config), checkpoint_name=str(path))
+        del tensors
+        # Loaded (float32) weights are compared, so an fp16 file of an fp32 encoder counts as another encoder
+        # exactly when its rounding changed a value.
+        shared = next((other for other in distinct if same_weights(other, encoder)), None)
+        if shared is None:
+            shared = encoder
+            distinct.append(shared)
+        encoders.append(shared)
+    for encoder in distinct:  # on the CPU until compared; Module.to moves in place, so shared stays shared
+        encoder.to(device)
+    return encoders
 
 
 def load_frozen_models(member_paths: list[str | Path], config: str | Path | None = None,
                        device: torch.device | str = "cpu", member_dtype: torch.dtype | None = None) -> FrozenModels:
-    """Loads the members (cast to `member_dtype`) and the first member's VAE, text encoder and schedule: what
-    training/train.py trains with and training/evaluate.py evaluates with. The VAE and text encoder stay float32.
+    """Loads the members (cast to `member_dtype`), each member's own text encoder, and the first member's VAE and
+    schedule: what training/train.py trains with and training/evaluate.py evaluates with. The VAE and text encoders
+    stay float32.
 
     Raises:
         AfaError: a checkpoint is unreadable, or the members cannot be ensembled (the message names the file).
     """
-    from .text_encoder import load_text_encoder  # imports transformers: only when needed
-
     member_refs = [MemberRef.from_file(path) for path in member_paths]
     members = [load_member(path, member_dtype, device, config) for path in member_paths]
     layout = check_members([(ref.name, unet_shapes(member)) for ref, member in zip(member_refs, members)])
     first = member_paths[0]
     sd_config = read_sd_config(first, config)
     vae = load_vae(first, sd_config, device)
-    text_encoder = load_text_encoder({f"cond_stage_model.{k}": v for k, v in
-                                      read_prefixed_tensors(first, "cond_stage_model.").items()},
-                                     sd_config, checkpoint_name=str(first)).to(device)
-    return FrozenModels(member_refs, members, layout, vae, text_encoder, load_schedule(first, sd_config))
+    text_encoders = load_text_encoders(member_paths, config, device)
+    return FrozenModels(member_refs, members, layout, vae, text_encoders, load_schedule(first, sd_config))

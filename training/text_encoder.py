@@ -6,10 +6,11 @@ same text model (transformers' `CLIPTextModel`) from a config written out here o
 checkpoint's yaml names, with the weights taken from the checkpoint itself (`cond_stage_model.transformer.*`).
 `write_text_encoder_folder` writes such a folder (a text config and SD1's tokenizer files) for AFA's tiny models.
 
-Conditioning matches the WebUI's for plain prompts (no emphasis syntax, at most 75 tokens) at CLIP skip 1, its
-default. Two WebUI behaviours are not reproduced: `(word:1.2)` emphasis, and prompts longer than 75 tokens, which
-the WebUI splits into several 75-token chunks and concatenates (the context grows to 154, 231, ... tokens); here they
-are truncated to 75 tokens, as ldm's own `FrozenCLIPEmbedder` does.
+Conditioning matches the WebUI's for plain prompts (no emphasis syntax, at most 75 tokens) at any CLIP skip (`encode`;
+the trainer's --clip-skip, the WebUI's "Clip skip" setting, 1 by default). Two WebUI behaviours are not reproduced:
+`(word:1.2)` emphasis, and prompts longer than 75 tokens, which the WebUI splits into several 75-token chunks and
+concatenates (the context grows to 154, 231, ... tokens); here they are truncated to 75 tokens, as ldm's own
+`FrozenCLIPEmbedder` does.
 """
 
 from __future__ import annotations

@@ -3,17 +3,21 @@
 
     python training/train.py --members A.safetensors B.safetensors --data my-captioned-images/
 
-Members, VAE and text encoder are frozen; only the aggregator trains, on the ordinary denoising loss of the
-ensembled UNet. The VAE, text encoder and noise schedule come from the first member. The result is a weights file for
-the WebUI extension, bound to the members by their sha256 (by default into the WebUI's `models/AFA/` when this
-extension sits in a WebUI, else `--output`).
+Members, VAE and text encoders are frozen; only the aggregator trains, on the ordinary denoising loss of the
+ensembled UNet. The VAE and noise schedule come from the first member. By default (`--text-conditioning per-member`,
+the authors' code) each member reads the prompt as its own checkpoint's text encoder encodes it and SABW reads the
+mean of those encodings; members with identical text encoders share one, which runs once per batch. The defaults
+follow the authors' training: the paper SABW design (`--preset paper`), latents sampled from the VAE posterior
+(`--latents sample`), random crops (`--crop random`). The result is a weights file for the WebUI extension, bound to
+the members by their sha256 (by default into the WebUI's `models/AFA/` when this extension sits in a WebUI, else
+`--output`); its config records the design, the text conditioning and the CLIP skip.
 
 Runs unchanged under `torchrun --nproc_per_node K` (DDP; gloo on CPU, nccl on GPU). `--batch-size` is the global
-batch per optimizer step, split over ranks and `--gradient-accumulation` micro-steps; every sample's timestep, noise
-and caption dropout are drawn from its own seeded generator (training/diffusion.py), so the number of processes and
-resuming do not change the result. `--resume latest` continues a run where it stopped; it refuses flags that would
-change the result from the ones the run was started with (RESULT_SETTINGS), and takes a larger --max-steps or
---epochs to train longer.
+batch per optimizer step, split over ranks and `--gradient-accumulation` micro-steps; every sample's timestep, noise,
+caption dropout, posterior noise and crop are drawn from its own seeded generator (training/diffusion.py), so the
+number of processes and resuming do not change the result. `--resume latest` continues a run where it stopped; it
+refuses flags that would change the result from the ones the run was started with (RESULT_SETTINGS), and takes a
+larger --max-steps or --epochs to train longer.
 """
 
 from __future__ import annotations
@@ -38,15 +42,15 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from afa import (AfaError, Aggregator, AggregatorConfig, EnsembleUNet, MemberRef, default_config,  # noqa: E402
-                 save_weights)
+from afa import (DEFAULT_PRESET, SABW_PRESETS, AfaError, Aggregator, AggregatorConfig, EnsembleUNet,  # noqa: E402
+                 MemberRef, default_config, save_weights)
 from afa.host import find_webui  # noqa: E402
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
 from afa.modes import AVERAGE, LAST_BLOCK, SABW, parse_mode, trained_mode  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.cli import run  # noqa: E402
 from training.diffusion import per_sample_mse  # noqa: E402
-from training.metrics import denoising_errors, prepare_batch  # noqa: E402
+from training.metrics import denoising_errors, ensemble_reading, member_alone, prepare_batch  # noqa: E402
 from training.sd_checkpoint import FrozenModels, load_frozen_models  # noqa: E402
 
 STATE_FORMAT = 1
@@ -63,21 +67,45 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--val-data", help="held-out data in the same formats (default: --val-split of --data)")
     group.add_argument("--val-split", type=float, default=0.05, help="fraction of --data held out for validation "
                        "when --val-data is not given")
-    group.add_argument("--resolution", type=int, default=512, help="images are resized and center-cropped to this")
+    group.add_argument("--resolution", type=int, default=512, help="images are resized (shorter side) and cropped "
+                       "to this square (--crop)")
+    group.add_argument("--crop", choices=["random", "center"], default="random", help="the square crop: a position "
+                       "drawn per sample and epoch (the authors' RandomCrop) or the centre; validation images are "
+                       "always centre-cropped")
+    group.add_argument("--latents", choices=["sample", "mean"], default="sample", help="train on a sample of the "
+                       "VAE posterior, drawn per sample and epoch (the authors' latent_dist.sample()), or on its mean; "
+                       "validation uses the mean")
     group.add_argument("--cache-latents", action="store_true", help="encode every image with the VAE once and "
-                       "train on cached latents")
+                       "train on cached latents (the posterior's mean and std with --latents sample); needs "
+                       "--crop center")
     group.add_argument("--latent-cache-dir", help="where cached latents go (default: <run-dir>/latent-cache)")
 
+    group = parser.add_argument_group("text conditioning")
+    group.add_argument("--text-conditioning", choices=["per-member", "shared"], default="per-member",
+                       help="per-member: each member reads the prompt as its own checkpoint's text encoder encodes "
+                       "it and SABW their mean (the authors' code; one frozen text encoder per distinct encoder, "
+                       "123M parameters each for SD1); shared: every member reads the first member's encoding")
+    group.add_argument("--clip-skip", type=int, default=1, help="CLIP skip of the text encodings (1 = the last "
+                       "layer); recorded in the weights file")
+
     group = parser.add_argument_group("aggregator (paper ablations as flags)")
+    group.add_argument("--preset", choices=list(SABW_PRESETS), default=DEFAULT_PRESET,
+                       help="SABW design: paper (the authors' aggregator: a ResNet layer and 2 transformer blocks "
+                       "with self-attention at every block's full resolution, width 128) or fast (AFA's cheaper "
+                       "block: cross-attention only, features pooled to 32x32, width 160)")
     group.add_argument("--mode", choices=[SABW.name, LAST_BLOCK.name], default=SABW.name,
                        help="SABW after every block, or only on the members' predictions")
     group.add_argument("--no-spatial", action="store_true", help="one weight per member per block, no maps")
     group.add_argument("--no-timestep", action="store_true", help="SABW without the timestep embedding")
     group.add_argument("--no-text", action="store_true", help="SABW without cross-attention to the prompt")
-    group.add_argument("--hidden-channels", type=int, default=AggregatorConfig.hidden_channels,
-                       help="SABW width (multiple of 32)")
-    group.add_argument("--max-resolution", type=int, default=AggregatorConfig.max_resolution,
-                       help="SABW computes weights on features pooled to at most this size (0 = full size)")
+    # SUPPRESS: not given means the preset's value (parse_args fills it in), not a fixed number.
+    group.add_argument("--hidden-channels", type=int, default=argparse.SUPPRESS,
+                       help="SABW width, a multiple of 32 (default: the preset's; paper "
+                       f"{SABW_PRESETS['paper']['hidden_channels']}, fast {SABW_PRESETS['fast']['hidden_channels']})")
+    group.add_argument("--max-resolution", type=int, default=argparse.SUPPRESS,
+                       help="SABW computes weights on features pooled to at most this size, 0 = full size (default: "
+                       "the preset's; paper full size, fast "
+                       f"{SABW_PRESETS['fast']['max_resolution']})")
 
     group = parser.add_argument_group("optimisation (paper defaults)")
     group.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate")
@@ -127,7 +155,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--caption-dropout must be in [0, 1]")
     if args.max_steps is None and args.epochs < 1:
         parser.error("--epochs must be at least 1")
-    args.max_resolution = args.max_resolution or None
+    if args.clip_skip < 1:
+        parser.error("--clip-skip must be at least 1")
+    if args.cache_latents and args.crop == "random":
+        parser.error("--cache-latents stores one latent per image, its centre crop, so it cannot serve --crop "
+                     "random: add --crop center, or drop --cache-latents")
+    preset = SABW_PRESETS[args.preset]
+    if getattr(args, "hidden_channels", None) is None:
+        args.hidden_channels = preset["hidden_channels"]
+    max_resolution = getattr(args, "max_resolution", None)
+    args.max_resolution = preset["max_resolution"] if max_resolution is None else (max_resolution or None)
     run_name = Path(args.output).stem if args.output else f"afa-{len(args.members)}members"
     if args.output is None:
         webui = find_webui()
@@ -192,8 +229,9 @@ def grad_scaler(enabled: bool) -> torch.cuda.amp.GradScaler:
 
 
 def build_datasets(args, distributed: Distributed, vae, vae_identity: str):
-    """(train dataset, validation dataset, skip report). Items are {"latents" | "pixel_values", "caption", "index"}
-    (training/data.py's `collate` batches them)."""
+    """(train dataset, validation dataset, skip report). Items are {"pixel_values" | "latents" | "moments",
+    "caption", "index"} (training/data.py's `collate` batches them; "moments" are the cached posterior mean and std
+    of --latents sample). Training images are cropped per --crop, validation images at the centre."""
     report = datasets.SkipReport()
     records = datasets.index_captioned_images(args.data, report)
     if args.val_data:
@@ -203,23 +241,32 @@ def build_datasets(args, distributed: Distributed, vae, vae_identity: str):
     if not train_records:
         raise AfaError(f"no usable training images in {args.data}\n{report.summary()}")
     if not args.cache_latents:
-        return (datasets.ImageCaptionDataset(train_records, args.resolution),
+        return (datasets.ImageCaptionDataset(train_records, args.resolution, crop=args.crop, seed=args.seed),
                 datasets.ImageCaptionDataset(val_records, args.resolution), report)
 
     cache_dir = Path(args.latent_cache_dir or args.run_dir / "latent-cache")
+    # --latents sample draws a new posterior sample every epoch: cache the posterior (mean and std), not a sample.
+    cache_moments = args.latents == "sample"
+    item_key = "moments" if cache_moments else "latents"
+    if cache_moments:
+        vae_identity += " posterior mean and std"
 
     def encode_images(images):
-        return vae.encode(images.to(distributed.device, next(vae.parameters()).dtype)).float()
+        images = images.to(distributed.device, next(vae.parameters()).dtype)
+        if cache_moments:
+            return torch.cat(vae.posterior(images), dim=1).float()  # [B x 2C x h x w]
+        return vae.encode(images).float()
 
     caches = []
     for split_records in (train_records, val_records):
         if distributed.is_main:  # one process encodes; the others open the finished cache
             datasets.LatentCache.open_or_build(split_records, resolution=args.resolution, encode=encode_images,
                                                vae_identity=vae_identity, cache_dir=cache_dir,
-                                               num_workers=args.num_workers)
+                                               num_workers=args.num_workers, item_key=item_key)
         distributed.barrier()
         cache = datasets.LatentCache.open_or_build(split_records, resolution=args.resolution, encode=encode_images,
-                                                   vae_identity=vae_identity, cache_dir=cache_dir)
+                                                   vae_identity=vae_identity, cache_dir=cache_dir,
+                                                   item_key=item_key)
         report.merge(cache.skip_report)
         caches.append(cache)
     return caches[0], caches[1], report
@@ -254,11 +301,22 @@ class EpochBatches:
 
 
 def aggregator_config(args, frozen: FrozenModels) -> AggregatorConfig:
-    """A new run's aggregator architecture, from the ablation flags."""
-    return default_config(frozen.layout, len(frozen.members), frozen.text_encoder.config.hidden_size,
-                          hidden_channels=args.hidden_channels, max_resolution=args.max_resolution,
-                          spatial=not args.no_spatial, use_timestep=not args.no_timestep, use_text=not args.no_text,
-                          only_last_block=parse_mode(args.mode) is LAST_BLOCK)
+    """A new run's aggregator: the --preset's architecture with the width, pooling and ablation flags, and the text
+    conditioning and CLIP skip it is trained with (so that inference can feed it the same way)."""
+    try:
+        return default_config(frozen.layout, len(frozen.members), frozen.text_encoder.config.hidden_size,
+                              preset=args.preset, hidden_channels=args.hidden_channels,
+                              max_resolution=args.max_resolution, spatial=not args.no_spatial,
+                              use_timestep=not args.no_timestep, use_text=not args.no_text,
+                              only_last_block=parse_mode(args.mode) is LAST_BLOCK,
+                              text_conditioning=text_conditioning(args), clip_skip=args.clip_skip)
+    except ValueError as error:  # e.g. a --hidden-channels the preset's heads do not divide
+        raise AfaError(f"--preset {args.preset}: {error}") from None
+
+
+def text_conditioning(args) -> str:
+    """--text-conditioning as AggregatorConfig spells it ("per_member" or "shared")."""
+    return args.text_conditioning.replace("-", "_")
 
 
 def build_ensemble(config: AggregatorConfig, members: list[torch.nn.Module], seed: int,
@@ -281,8 +339,9 @@ def build_ensemble(config: AggregatorConfig, members: list[torch.nn.Module], see
 
 def epoch_loader(train_set, batches: EpochBatches, epoch: int, start_batch: int,
                  num_workers: int) -> torch.utils.data.DataLoader:
-    """This rank's micro-batches of an epoch, from global batch `start_batch` on."""
-    return torch.utils.data.DataLoader(train_set, collate_fn=datasets.collate, num_workers=num_workers,
+    """This rank's micro-batches of an epoch (with the epoch's random crops), from global batch `start_batch` on."""
+    return torch.utils.data.DataLoader(train_set.for_epoch(epoch), collate_fn=datasets.collate,
+                                       num_workers=num_workers,
                                        batch_sampler=list(batches.rank_micro_batches(epoch, start_batch)))
 
 
@@ -291,11 +350,17 @@ def epoch_loader(train_set, batches: EpochBatches, epoch: int, start_batch: int,
 class MicroBatchLoss:
     """The loss of one rank's micro-batch: the sum of its samples' denoising MSEs, scaled by processes /
     --batch-size, so that DDP's gradient average over ranks and the sum over accumulation micro-steps give the mean
-    over the global batch."""
+    over the global batch.
 
-    def __init__(self, frozen: FrozenModels, seed: int, caption_dropout: float, batch_size: int,
-                 autocast: contextlib.AbstractContextManager, distributed: Distributed):
+    Each member reads the prompt per the aggregator's `text_conditioning` (its own encoder's encoding, or the first
+    member's) at its `clip_skip`; the latents are the VAE posterior's mean or a sample of it (`sample_latents`)."""
+
+    def __init__(self, frozen: FrozenModels, config: AggregatorConfig, sample_latents: bool, seed: int,
+                 caption_dropout: float, batch_size: int, autocast: contextlib.AbstractContextManager,
+                 distributed: Distributed):
         self.frozen, self.seed, self.caption_dropout, self.batch_size = frozen, seed, caption_dropout, batch_size
+        self.text_encoders = frozen.text_encoders_for(config.text_conditioning)
+        self.clip_skip, self.sample_latents = config.clip_skip, sample_latents
         self.autocast, self.device, self.world_size = autocast, distributed.device, distributed.world_size
 
     def __call__(self, model: torch.nn.Module, batch: dict, epoch: int) -> torch.Tensor | None:
@@ -304,10 +369,10 @@ class MicroBatchLoss:
         if not batch["indices"]:
             return None
         frozen = self.frozen
-        inputs = prepare_batch(batch, frozen.vae, frozen.text_encoder, frozen.schedule, self.seed, self.device, epoch,
-                               self.caption_dropout)
+        inputs = prepare_batch(batch, frozen.vae, self.text_encoders, frozen.schedule, self.seed, self.device, epoch,
+                               self.caption_dropout, clip_skip=self.clip_skip, sample_latents=self.sample_latents)
         with self.autocast:
-            prediction = model(inputs["noisy"], inputs["timesteps"], inputs["context"])
+            prediction = model(inputs["noisy"], inputs["timesteps"], member_contexts=inputs["member_contexts"])
         return per_sample_mse(prediction, inputs["target"]).sum() * self.world_size / self.batch_size
 
 
@@ -341,14 +406,19 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler,
 @torch.no_grad()
 def validate(ensemble: EnsembleUNet, val_set, frozen: FrozenModels, batch_size: int, seed: int,
              device: torch.device, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Held-out denoising MSE of every member, of block averaging and of the current AFA, on the same draws."""
+    """Held-out denoising MSE of every member (reading its own text encoder's encoding), of block averaging and of
+    the current AFA (reading the prompt per the run's text conditioning), on the same draws (posterior means)."""
     ensemble.eval()
-    models = {ref.name: member for ref, member in zip(frozen.member_refs, ensemble.members)}
-    models["block average"] = EnsembleUNet(list(ensemble.members), None, AVERAGE)
-    models["AFA"] = ensemble
+    config = ensemble.aggregator.config
+    models = {ref.name: member_alone(member, index)
+              for index, (ref, member) in enumerate(zip(frozen.member_refs, ensemble.members))}
+    models["block average"] = ensemble_reading(EnsembleUNet(list(ensemble.members), None, AVERAGE),
+                                               config.text_conditioning)
+    models["AFA"] = ensemble_reading(ensemble, config.text_conditioning)
     loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, collate_fn=datasets.collate, num_workers=0)
     with autocast:
-        errors = denoising_errors(models, loader, frozen.vae, frozen.text_encoder, frozen.schedule, seed, device)
+        errors = denoising_errors(models, loader, frozen.vae, frozen.text_encoders, frozen.schedule, seed, device,
+                                  clip_skip=config.clip_skip)
     return {name: result["all"] for name, result in errors.items()}
 
 
@@ -398,7 +468,11 @@ class RunLog:
 # result by rounding only (the tests compare those runs to the plain one).
 RESULT_SETTINGS = ("config", "data", "val_data", "val_split", "resolution", "batch_size", "seed", "learning_rate",
                    "weight_decay", "caption_dropout", "mixed_precision", "mode", "no_spatial", "no_timestep",
-                   "no_text", "hidden_channels", "max_resolution")
+                   "no_text", "preset", "hidden_channels", "max_resolution", "text_conditioning", "clip_skip",
+                   "latents", "crop")
+# What the result settings added later were before they had a flag: a state saved then ran with these.
+SETTINGS_BEFORE_THEIR_FLAGS = {"preset": "fast", "text_conditioning": "shared", "clip_skip": 1, "latents": "mean",
+                               "crop": "center"}
 
 
 @dataclass
@@ -461,7 +535,7 @@ def load_resume_state(args) -> tuple[dict, Path]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
         raise AfaError(f"{path}: not a training state of this trainer (format {state.get('format')})")
-    saved, given = state.get("args", {}), vars_for_state(args)
+    saved, given = {**SETTINGS_BEFORE_THEIR_FLAGS, **state.get("args", {})}, vars_for_state(args)
     changed = [f"  --{name.replace('_', '-')}: saved {saved[name]}, given {given[name]}"
                for name in RESULT_SETTINGS if name in saved and saved[name] != given[name]]
     if changed:
@@ -509,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     member_dtype, autocast, use_scaler = precision(args.mixed_precision, device)
     state, state_path = load_resume_state(args) if args.resume else (None, None)
 
-    # Members (frozen), and VAE, text encoder and schedule of the first member.
+    # Members and their text encoders (frozen), and VAE and schedule of the first member.
     distributed.print_main(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
     frozen = load_frozen_models(args.members, args.config, device, member_dtype)
     if state is not None:
@@ -527,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
               else aggregator_config(args, frozen))
     aggregator, ensemble, model = build_ensemble(config, frozen.members, args.seed, args.gradient_checkpointing,
                                                  distributed)
+    distributed.print_main(
+        f"SABW: {config.design} design, {sum(p.numel() for p in aggregator.parameters()):,} parameters; text "
+        f"conditioning {config.text_conditioning} ({frozen.distinct_text_encoders} distinct text encoders), CLIP skip "
+        f"{config.clip_skip}; latents: the VAE posterior's {args.latents}; crop: {args.crop}")
     optimizer = torch.optim.AdamW(aggregator.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scaler = grad_scaler(use_scaler)
     progress = Progress()
@@ -535,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed.print_main(f"resumed from {state_path} at step {progress.step} (epoch {progress.epoch + 1}, "
                                f"batch {progress.batch_in_epoch})")
 
-    micro_batch_loss = MicroBatchLoss(frozen, args.seed, args.caption_dropout, args.batch_size, autocast, distributed)
+    micro_batch_loss = MicroBatchLoss(frozen, config, args.latents == "sample", args.seed, args.caption_dropout,
+                                      args.batch_size, autocast, distributed)
     run_log = RunLog(args.run_dir, distributed.is_main, args.tensorboard)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not distributed.is_main, desc="training SABW",
                dynamic_ncols=True)
@@ -577,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         output = save_weights(args.output, aggregator, frozen.member_refs, training={
             "steps": progress.step, "epochs": round(progress.step / len(batches), 3), "dataset_size": len(train_set),
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "resolution": args.resolution,
+            "latents": args.latents, "crop": args.crop,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "processes": distributed.world_size, "final_loss": loss,
         }, dtype=torch.float16 if args.save_dtype == "fp16" else torch.float32)
