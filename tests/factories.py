@@ -27,3 +27,17 @@ def lora_pair(weight: torch.Tensor, rank: int, scale: float, generator: torch.Ge
         up = torch.randn(weight.shape[0], rank, generator=generator) * scale
     return {"lora_down.weight": down.contiguous(), "lora_up.weight": up.contiguous(),
             "alpha": torch.tensor(float(rank))}
+
+
+def write_captioned_images(folder, count: int = 12, width: int = 32, height: int = 32):
+    """`count` random RGB PNGs of width x height with kohya-style `.txt` captions ("a red thing number 3") in
+    `folder`; returns the folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        colour = ["red", "blue", "green"][index % 3]
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
+        (folder / f"{index:02d}.txt").write_text(f"a {colour} thing number {index}")
+    return folder

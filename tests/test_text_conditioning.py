@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from ldm.modules.attention import SpatialTransformer
-from PIL import Image
+
+from factories import write_captioned_images
 
 from afa import Aggregator, MemberRef, default_config, read_weights_info, save_weights
 from training import evaluate, metrics, train
@@ -30,12 +30,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """12 captioned 32 px images."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
-        (folder / f"{index:02d}.txt").write_text(f"a {['red', 'blue', 'green'][index % 3]} thing number {index}")
-    return folder
+    return write_captioned_images(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

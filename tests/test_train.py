@@ -11,15 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from afa import SABW_PRESETS, AfaError, EnsembleUNet, MemberRef, load_member, load_weights, read_weights_info
 from afa.host import find_webui
 from conftest import random_inputs
+from factories import write_captioned_images
 from training import train
 from training.data import ImageCaptionDataset, SkipReport, collate, index_captioned_images
 from training.diffusion import draw_for_samples
@@ -32,13 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """12 captioned 48x40 images (resized to 38x32 and cropped to 32x32 by the trainer: 7 crop positions)."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        colour = ["red", "blue", "green"][index % 3]
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
-        (folder / f"{index:02d}.txt").write_text(f"a {colour} thing number {index}")
-    return folder
+    return write_captioned_images(tmp_path_factory.mktemp("data"), width=48, height=40)
 
 
 @pytest.fixture(scope="module")
