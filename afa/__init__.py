@@ -20,7 +20,8 @@ from .weights import FORMAT_VERSION, WeightsInfo, load_weights, read_weights_inf
 __version__ = "0.1.0"
 
 __all__ = [
-    "Aggregator", "AggregatorConfig", "DEFAULT_PRESET", "SABW_PRESETS", "preset_config", "MODES", "Mode", "parse_mode", "EnsembleUNet", "mix", "AfaError",
+    "Aggregator", "AggregatorConfig", "DEFAULT_PRESET", "SABW_PRESETS", "preset_config", "MODES", "Mode",
+    "parse_mode", "EnsembleUNet", "mix", "AfaError",
     "CheckpointError", "IncompatibleMembersError", "MembersMismatchError", "WeightsFileError", "file_sha256",
     "shorthash", "MemberRef",
     "check_members", "load_member", "read_unet_shapes", "read_unet_state_dict", "unet_shapes", "PRESETS",

@@ -12,8 +12,9 @@ At a UNet call the context is [B x 77k x D]: the WebUI encodes each 75-token chu
 concatenates them; it pads a shorter cond or uncond with the empty prompt's chunk, and lengthens the shorter parts
 of an AND prompt by repeating their last token vector. So the loaded encoding is looked up chunk by chunk (exact
 equality, after the cast the WebUI applies before the UNet) in a table filled by the wrapper, each member gets its
-own chunks, and a repeated last vector is repeated from each member's own. A chunk that is not in the table (another extension made the
-conditioning) keeps the loaded encoding for every member, and the job's infotext says so.
+own chunks, and a repeated last vector is repeated from each member's own. A chunk that is not in the table
+(another extension made the conditioning) keeps the loaded encoding for every member, and the job's infotext says
+so.
 
 Members whose encoder equals the loaded one (the loaded checkpoint itself, or a fine-tune that kept its text
 encoder) read the loaded encoding and cost nothing. The rest cost one extra text-encoder pass each per prompt, and
