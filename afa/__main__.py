@@ -1,4 +1,4 @@
-"""Command line: `python -m afa {inspect,check,bench}`; run `python -m afa --help`."""
+"""Command line: `python -m afa {inspect,check,bench,import-official}`; run `python -m afa --help`."""
 
 from __future__ import annotations
 
