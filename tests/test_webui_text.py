@@ -125,6 +125,29 @@ def test_each_member_reads_the_webuis_encoding_by_its_own_text_encoder(webui, mo
     assert "AFA text notes" not in params
 
 
+def test_batches_of_different_prompts_and_the_hires_pass_read_each_members_own_encoding(webui, monkeypatch):
+    """Two batches of two images with four different prompts (one of them long), and a hires pass with its own
+    prompt: every call of every pass and batch, the member with its own encoder reads what the WebUI gives that
+    checkpoint. The AFA job takes none of its conditioning from the cache of the reference job before it."""
+    prompts = ["a red cat", "a blue dog on a mat", PROMPT, "(green:1.3) bird"]
+    job = dict(prompt=prompts, negative_prompt=NEGATIVE, batch_size=2, n_iter=2, steps=2, enable_hr=True,
+               hr_scale=2.0, hr_second_pass_steps=1, hr_prompt="a painting", hr_negative_prompt="")
+    spy = ContextSpy(monkeypatch)
+    spy.watch_loaded_unet(monkeypatch)
+    webui.txt2img(**job, override_settings={"sd_model_checkpoint": "tiny-a-text"})
+    expected = list(spy.loaded)
+    webui.txt2img(**job)  # tiny-a loaded again, and its conditioning of these prompts in the WebUI's cache
+    spy.loaded.clear()
+    processed = webui.txt2img(**job, script_args=afa())
+    assert len(processed.images) - processed.index_of_first_image == 4  # (a grid first)
+    assert len(spy.members) == len(expected) == len(spy.loaded) > 0
+    for call, (loaded, members, other) in enumerate(zip(spy.loaded, spy.members, expected)):
+        assert torch.equal(members[0], loaded), call
+        assert torch.equal(members[1], other), call
+    assert all("AFA text notes" not in infotext_utils.parse_generation_parameters(text)
+               for text in processed.infotexts)
+
+
 def test_another_text_encoder_changes_the_image_and_the_loaded_ones_does_not(webui):
     """tiny-a and tiny-a-text have one UNet: with the loaded model's encoding for both, block averaging is tiny-a
     bit for bit; with their own encoders, it is not. A copy of tiny-a (same encoder) costs no encoder run."""
