@@ -51,14 +51,6 @@ def encode_for_members(text_encoders: Sequence[torch.nn.Module], token_ids: torc
     return [by_module[id(encoder)] for encoder in text_encoders]
 
 
-def mean_context(member_contexts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """What SABW reads with per-member contexts, [B x 77 x D]: their mean over the N members, as EnsembleUNet
-    computes it; the tensor itself when every member reads the same one."""
-    if all(context is member_contexts[0] for context in member_contexts):
-        return member_contexts[0]
-    return torch.stack([context.float() for context in member_contexts]).mean(dim=0)
-
-
 @torch.no_grad()
 def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | torch.nn.Module,
                   schedule: NoiseSchedule, seed: int, device: torch.device, epoch: int = VALIDATION_EPOCH,
@@ -74,9 +66,9 @@ def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | t
         sample_latents: train on a sample of the VAE posterior (`--latents sample`, mean + std * noise, the noise
             drawn per sample, training/diffusion.py) instead of its mean. Needs "pixel_values" or "moments".
 
-    Returns {"noisy", "timesteps", "member_contexts", "context", "target", "latents", "noise"} on `device`: noisy,
-    target, latents and noise [B x C x h x w], timesteps [B] (int64), member_contexts N x [B x 77 x D] (members
-    sharing an encoder share the tensor), context [B x 77 x D] (their mean: what SABW reads).
+    Returns {"noisy", "timesteps", "member_contexts", "target", "latents", "noise"} on `device`: noisy, target,
+    latents and noise [B x C x h x w], timesteps [B] (int64), member_contexts N x [B x 77 x D] (members sharing an
+    encoder share the tensor; EnsembleUNet gives SABW their mean).
     """
     if isinstance(text_encoders, torch.nn.Module):
         text_encoders = [text_encoders]
@@ -88,7 +80,7 @@ def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | t
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
     member_contexts = encode_for_members(text_encoders, tokenize(captions), clip_skip)
     return {"noisy": schedule.add_noise(latents, noise, timesteps), "timesteps": timesteps,
-            "member_contexts": member_contexts, "context": mean_context(member_contexts),
+            "member_contexts": member_contexts,
             "target": schedule.target(latents, noise, timesteps), "latents": latents, "noise": noise}
 
 
