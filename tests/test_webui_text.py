@@ -225,3 +225,31 @@ def test_an_error_while_encoding_restores_the_loaded_text_encoder(webui, monkeyp
     processed = webui.txt2img(prompt="a cat", script_args=afa())
     assert "AFA mode" in infotext_utils.parse_generation_parameters(processed.infotexts[0])
     assert "get_learned_conditioning" not in vars(shared.sd_model)
+
+
+def test_a_text_encoder_lora_applies_to_each_members_encoder_and_leaves_the_loaded_one_intact(tmp_path, monkeypatch):
+    """A prompt LoRA on the text encoder: the member with its own encoder reads that encoder with the LoRA (what the
+    WebUI gives tiny-a-text with the LoRA), and after the job the loaded model's LoRA-merged encoder is as it was,
+    so a plain job gives the image it gave before."""
+    with harness.webui(tmp_path, extensions=[EXTENSION_ROOT], checkpoints=CHECKPOINTS, builtin_lora=True) as w:
+        write_text_variant(Path(sd_models.model_path), "tiny-a-text", "tiny-a", "tiny-b")
+        layers = [name for name in harness.lora_network_layer_names() if name.startswith("transformer_text_model_")
+                  and isinstance(harness.lora_network_layer_names()[name], torch.nn.Linear)]
+        harness.write_lora(w.data_dir / "models" / "Lora" / "words.safetensors", layers, scale=0.5)
+        prompt = "a cat <lora:words:1>"
+        spy = ContextSpy(monkeypatch)
+        spy.watch_loaded_unet(monkeypatch)
+        w.txt2img(prompt=prompt, override_settings={"sd_model_checkpoint": "tiny-a-text"})
+        expected = list(spy.loaded)
+        plain_before = w.txt2img(prompt=prompt)
+        assert pixels(plain_before.images[0]) != pixels(w.txt2img(prompt="a cat").images[0])  # the LoRA acts
+        w.txt2img(prompt=prompt)
+        spy.loaded.clear()
+        w.txt2img(prompt=prompt, script_args=afa())
+        assert len(spy.members) == len(expected) > 0
+        for call, (members, other) in enumerate(zip(spy.members, expected)):
+            assert torch.equal(members[1], other), call
+        plain_after = w.txt2img(prompt=prompt)
+        assert pixels(plain_after.images[0]) == pixels(plain_before.images[0])
+    monkeypatch.undo()  # the spy's own patch
+    assert harness.leaked_patches() == []

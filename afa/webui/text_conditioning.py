@@ -46,11 +46,26 @@ def text_encoder_module(sd_model) -> torch.nn.Module | None:
     return getattr(cond_stage, "wrapped", cond_stage)
 
 
+def _checkpoint_name(name: str) -> str:
+    """A module path under its checkpoint name: the hijack wraps the token embedding in `EmbeddingsWithFixes`
+    (sd_hijack.py, v1.10), which adds a `.wrapped` level the checkpoint does not have."""
+    return ".".join(part for part in name.split(".") if part != "wrapped")
+
+
 def checkpoint_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The module's parameters under their checkpoint names: the hijack wraps the token embedding in
-    `EmbeddingsWithFixes` (sd_hijack.py, v1.10), which adds a `.wrapped` level the checkpoint does not have."""
-    return {".".join(part for part in name.split(".") if part != "wrapped"): parameter
-            for name, parameter in module.named_parameters()}
+    """The module's parameters under their checkpoint names."""
+    return {_checkpoint_name(name): parameter for name, parameter in module.named_parameters()}
+
+
+_LORA_STATE = ("network_current_names", "network_weights_backup", "network_bias_backup")
+"""What the built-in Lora extension keeps on a layer it merges into (networks.py v1.10)."""
+
+
+def _member_backup(module: torch.nn.Module, name: str, encoder: dict[str, torch.Tensor]):
+    """A member's weights in the form of the layer's `network_weights_backup` (a tuple for MultiheadAttention)."""
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return (encoder[f"{name}.in_proj_weight"].clone(), encoder[f"{name}.out_proj.weight"].clone())
+    return encoder[f"{name}.weight"].clone()
 
 
 def checkpoint_key(key: str) -> str:
@@ -126,7 +141,8 @@ class MemberTextConditioning:
         self.encoders = encoders
         self.module = text_encoder_module(sd_model)
         self.parameters = checkpoint_parameters(self.module)
-        self.loaded_state: dict[str, torch.Tensor] | None = None
+        self.lora_modules = {_checkpoint_name(name): module for name, module in self.module.named_modules()
+                             if getattr(module, "network_layer_name", None) is not None}
         self.keys: list[torch.Tensor] = []  # loaded chunks [77 x D]
         self.values: list[list[torch.Tensor]] = [[] for _ in encoders]  # per distinct encoder, its chunks
         self._stacked: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
@@ -145,8 +161,6 @@ class MemberTextConditioning:
         encodes the empty prompt, which the WebUI uses to pad cond and uncond to one length."""
         if not self.needed or self._original is not None:
             return
-        self.loaded_state = {name: parameter.detach().to("cpu", copy=True)
-                             for name, parameter in self.parameters.items()}
         self._original = self.sd_model.get_learned_conditioning
         self.sd_model.get_learned_conditioning = self.get_learned_conditioning
         empty = getattr(self.sd_model, "cond_stage_model_empty_prompt", None)
@@ -162,7 +176,6 @@ class MemberTextConditioning:
         if vars(self.sd_model).get("get_learned_conditioning") == self.get_learned_conditioning:
             del self.sd_model.get_learned_conditioning
         self._original = None
-        self.loaded_state = None
 
     def get_learned_conditioning(self, texts):
         """The WebUI's conditioning of `texts` [B x 77k x D], unchanged; each distinct member encoder's is kept."""
@@ -178,17 +191,39 @@ class MemberTextConditioning:
 
     @contextlib.contextmanager
     def _weights(self, encoder: dict[str, torch.Tensor]):
-        """The loaded text encoder with a member's weights, restored on exit (also on errors). copy_ writes into the
-        parameters wherever they are (--lowvram moves the encoder to the GPU only while it runs)."""
+        """The loaded text encoder with a member's weights for one pass; on exit (also on errors) every parameter
+        and the Lora extension's state get back exactly what they held. copy_ writes into the parameters wherever
+        they are (--lowvram moves the encoder to the GPU only while it runs).
+
+        Prompt LoRAs: the built-in Lora extension merges a LoRA into a layer's weight on its first forward and keeps
+        the unmerged weight as `network_weights_backup` (networks.py v1.10: network_apply_weights). For the member's
+        pass, the backups become the member's weights and the layers are marked unmerged, so Lora merges the same
+        LoRA into the member's weights; afterwards the loaded merged weights, backups and marks are put back."""
+        saved = {name: parameter.detach().clone() for name, parameter in self.parameters.items()}
+        lora_states = {name: (module, {key: getattr(module, key) for key in _LORA_STATE if hasattr(module, key)})
+                       for name, module in self.lora_modules.items()}
         try:
             with torch.no_grad():
                 for name, parameter in self.parameters.items():
                     parameter.copy_(encoder[name])
+            for name, (module, state) in lora_states.items():
+                if state.get("network_weights_backup") is not None:
+                    module.network_weights_backup = _member_backup(module, name, encoder)
+                    bias = encoder.get(f"{name}.bias")
+                    if state.get("network_bias_backup") is not None and bias is not None:
+                        module.network_bias_backup = bias.to(state["network_bias_backup"].dtype)
+                module.network_current_names = ()
             yield
         finally:
             with torch.no_grad():
                 for name, parameter in self.parameters.items():
-                    parameter.copy_(self.loaded_state[name])
+                    parameter.copy_(saved[name])
+            for module, state in lora_states.values():
+                for key in _LORA_STATE:
+                    if key in state:
+                        setattr(module, key, state[key])
+                    elif hasattr(module, key):
+                        delattr(module, key)
 
     def _remember(self, loaded: torch.Tensor, members: list[torch.Tensor]) -> None:
         """Adds the chunks of encodings [B x 77k x D] (loaded, and the same prompts per distinct encoder)."""
