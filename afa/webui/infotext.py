@@ -44,8 +44,8 @@ ENABLED_KEY = "AFA enabled"
 """The enabled checkbox's label for "Send to"; the infotext itself has no such entry (MODE_KEY says it)."""
 NOT_APPLIED_KEY = "AFA not applied"
 TEXT_ENCODERS_KEY = settings.TEXT_ENCODERS_INFOTEXT
-"""The "Members' text encoders" setting the images were made with (the setting's infotext name: pasting offers it as
-an override setting, infotext_utils v1.10)."""
+"""The "Members' text encoders" setting the images were made with, under the setting's infotext name (which
+infotext_utils v1.10 maps back to the setting when pasting; not tried in a browser)."""
 TEXT_NOTES_KEY = "AFA text notes"
 
 _HASHED = re.compile(r"\[[0-9a-fA-F]{6,64}\]$")
