@@ -339,3 +339,70 @@ def test_ablation_flags_remove_their_condition_from_the_maps(members, dataset, t
                "timestep": first_block_maps(ensemble, x, timesteps.flip(0), context)}
     assert torch.equal(changed[ignored], maps)
     assert (changed[kept] - maps).abs().max() > 1e-4
+
+
+class StopAfter(train.TrainingEvents):
+    """Records what a run reports and asks it to stop after `stop_after` steps."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after, self.calls, self.validations = stop_after, [], []
+
+    def started(self, progress, total_steps, dataset_size, skip_report):
+        self.calls.append(("started", progress.step, total_steps, dataset_size))
+
+    def stepped(self, progress, total_steps, loss):
+        self.calls.append(("stepped", progress.step, total_steps))
+        assert loss > 0
+
+    def validated(self, progress, errors):
+        self.validations.append((progress.step, errors))
+
+    def should_stop(self):
+        return self.stop_after is not None and self.calls[-1][1] >= self.stop_after
+
+
+def test_a_stopped_run_saves_its_state_and_resumes_to_the_same_weights(baseline, members, dataset, tmp_path):
+    """What the WebUI's Cancel and Resume rest on: `train()` stopped by its events after step 3 (mid-epoch, no
+    state due by --save-every) saves that step's state and writes no weights; resuming it ends bit for bit as the
+    uninterrupted run. The resumed run is given member 1's UNet already loaded (as the WebUI gives its cached ones).
+    """
+    args = train_args(members, dataset, tmp_path, "stopped", "--max-steps", "4", "--save-every", "100")
+    events = StopAfter(stop_after=3)
+    outcome = train.train(train.parse_args(args), events)
+    assert outcome.stopped and outcome.output is None and outcome.steps == 3 and outcome.total_steps == 4
+    assert outcome.state_path.name == "state-00000003.pt" and outcome.state_path.is_file()
+    assert not (tmp_path / "stopped.safetensors").exists()
+    assert events.calls == [("started", 0, 4, 9), ("stepped", 1, 4), ("stepped", 2, 4), ("stepped", 3, 4)]
+    assert [step for step, _ in events.validations] == [2]  # the end of epoch 1; no validation of a stopped run
+
+    events = StopAfter()
+    outcome = train.train(train.parse_args(args + ["--resume", "latest"]), events,
+                          members=[load_member(members[0]), None])
+    assert not outcome.stopped and outcome.output == tmp_path / "stopped.safetensors" and outcome.steps == 4
+    assert events.calls[0] == ("started", 3, 4, 9) and events.calls[-1] == ("stepped", 4, 4)
+    expected, got = weights(baseline / "baseline.safetensors"), weights(outcome.output)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_validate_every_and_at_the_end_of_a_run_leave_the_result_unchanged(baseline, members, dataset, tmp_path):
+    """--validate-every 1 validates after every step, and a run ending mid-epoch validates at its end; neither
+    changes the weights (validation draws from its own generators)."""
+    events = StopAfter()
+    train.train(train.parse_args(train_args(members, dataset, tmp_path, "often", "--max-steps", "4",
+                                            "--validate-every", "1")), events)
+    assert [step for step, _ in events.validations] == [1, 2, 3, 4]
+    expected, got = weights(baseline / "baseline.safetensors"), weights(tmp_path / "often.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+    events = StopAfter()
+    train.train(train.parse_args(train_args(members, dataset, tmp_path, "short", "--max-steps", "1")), events)
+    assert [step for step, _ in events.validations] == [1]
+
+
+def test_parse_args_can_raise_instead_of_exiting(members, dataset):
+    with pytest.raises(train.UsageError, match="--batch-size must be a multiple of --gradient-accumulation"):
+        train.parse_args(["--members", *map(str, members), "--data", str(dataset), "--batch-size", "3",
+                          "--gradient-accumulation", "2"], exit_on_error=False)
+    with pytest.raises(train.UsageError, match="invalid choice: 'huge'"):
+        train.parse_args(["--members", *map(str, members), "--data", str(dataset), "--preset", "huge"],
+                         exit_on_error=False)

@@ -330,16 +330,24 @@ def load_text_encoders(member_paths: list[str | Path], config: str | Path | None
 
 
 def load_frozen_models(member_paths: list[str | Path], config: str | Path | None = None,
-                       device: torch.device | str = "cpu", member_dtype: torch.dtype | None = None) -> FrozenModels:
+                       device: torch.device | str = "cpu", member_dtype: torch.dtype | None = None,
+                       members: list[torch.nn.Module | None] | None = None) -> FrozenModels:
     """Loads the members (cast to `member_dtype`), each member's own text encoder, and the first member's VAE and
     schedule: what training/train.py trains with and training/evaluate.py evaluates with. The VAE and text encoders
     stay float32.
+
+    `members` may give UNets already in memory for some of the paths (None entries are read from their files):
+    they are used as they are (their dtype and device), frozen and in eval mode.
 
     Raises:
         AfaError: a checkpoint is unreadable, or the members cannot be ensembled (the message names the file).
     """
     member_refs = [MemberRef.from_file(path) for path in member_paths]
-    members = [load_member(path, member_dtype, device, config) for path in member_paths]
+    given = list(members) if members is not None else [None] * len(member_paths)
+    if len(given) != len(member_paths):
+        raise ValueError(f"members: {len(given)} UNets for {len(member_paths)} member files")
+    members = [load_member(path, member_dtype, device, config) if unet is None else unet.eval().requires_grad_(False)
+               for path, unet in zip(member_paths, given)]
     layout = check_members([(ref.name, unet_shapes(member)) for ref, member in zip(member_refs, members)])
     first = member_paths[0]
     sd_config = read_sd_config(first, config)

@@ -56,9 +56,9 @@ from training.sd_checkpoint import FrozenModels, load_frozen_models  # noqa: E40
 STATE_FORMAT = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = parser_class(description=__doc__.split("\n\n")[0],
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("members and data")
     group.add_argument("--members", nargs="+", required=True, help="2 to 6 member checkpoints (.safetensors/.ckpt)")
     group.add_argument("--config", help="ldm yaml of the members (default: <name>.yaml beside each, else inferred)")
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "inside a WebUI, else ./<run name>.safetensors)")
     group.add_argument("--run-dir", help="training state and logs (default: runs/<output name>)")
     group.add_argument("--save-every", type=int, default=500, help="write the training state every N steps")
+    group.add_argument("--validate-every", type=int, default=0, help="also validate every N steps (0: at the end "
+                       "of each epoch and of the run only); validation reads no random state of training, so it "
+                       "never changes the result")
     group.add_argument("--keep-checkpoints", type=int, default=3, help="training states kept (oldest deleted)")
     group.add_argument("--resume", help="'latest' (the run dir's newest state) or a state file; give the run's "
                        "flags again (a larger --max-steps or --epochs trains longer)")
@@ -138,8 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
+class UsageError(AfaError):
+    """A flag refused by `parse_args(..., exit_on_error=False)` (what argparse would print before exiting)."""
+
+
+class RaisingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise UsageError instead of printing the usage and exiting (for callers that
+    are not a command line: the WebUI's training tab and its API)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str] | None = None, exit_on_error: bool = True) -> argparse.Namespace:
+    """The command line, checked. With `exit_on_error=False` a refused flag raises UsageError (argparse's message)
+    instead of exiting."""
+    parser = build_parser(argparse.ArgumentParser if exit_on_error else RaisingParser)
     args = parser.parse_args(argv)
 
     if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
@@ -147,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("batch_size", "gradient_accumulation", "save_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.validate_every < 0:
+        parser.error("--validate-every must be 0 or more")
     if args.batch_size % args.gradient_accumulation:
         parser.error("--batch-size must be a multiple of --gradient-accumulation")
     if not 0 <= args.val_split < 1:
@@ -576,8 +595,56 @@ def restore_rng_states(states: dict) -> None:
 
 # -- the run ------------------------------------------------------------------------------------------------------
 
+class TrainingEvents:
+    """What a caller that is not a terminal hears of a run, and how it stops one (the WebUI's training tab; the
+    command line uses these defaults, which do nothing). Called on the main process, between optimizer steps.
+
+    A stop is honoured before the next step: the training state of the steps done is saved (a run resumed from it
+    ends as the uninterrupted run would) and no weights file is written. Single-process runs only (one rank deciding
+    to stop alone would leave the others waiting in DDP)."""
+
+    def started(self, progress: "Progress", total_steps: int, dataset_size: int, skip_report) -> None:
+        """The members, data and aggregator are ready; `progress` is where the run starts (resumed or 0)."""
+
+    def stepped(self, progress: "Progress", total_steps: int, loss: float) -> None:
+        """An optimizer step is done; `loss` is its batch's mean per-sample loss."""
+
+    def validated(self, progress: "Progress", errors: dict[str, float]) -> None:
+        """A validation is done: held-out denoising MSE of each member, "block average" and "AFA"."""
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainingOutcome:
+    """How a run ended. `output` is the weights file written (None when it was stopped); `state_path` the last
+    training state saved (what `--resume latest` continues)."""
+
+    output: Path | None
+    state_path: Path | None
+    steps: int
+    total_steps: int
+    stopped: bool
+    skip_report: datasets.SkipReport
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    train(parse_args(argv))
+    return 0
+
+
+def train(args: argparse.Namespace, events: TrainingEvents | None = None,
+          members: list[torch.nn.Module | None] | None = None) -> TrainingOutcome:
+    """Runs the training `args` (from `parse_args`) describe.
+
+    Args:
+        events: progress and stop requests (TrainingEvents; None: none).
+        members: UNets already in memory for some of `args.members` (None entries are read from their files), e.g.
+            the WebUI's loaded and cached ones: they must hold exactly the file's UNet weights (the weights file is
+            bound to the files' sha256), and are used in their own dtype and device, frozen.
+    """
+    events = events or TrainingEvents()
     distributed = Distributed(args.device)
     device = distributed.device
     member_dtype, autocast, use_scaler = precision(args.mixed_precision, device)
@@ -585,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Members and their text encoders (frozen), and VAE and schedule of the first member.
     distributed.print_main(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
-    frozen = load_frozen_models(args.members, args.config, device, member_dtype)
+    frozen = load_frozen_models(args.members, args.config, device, member_dtype, members=members)
     if state is not None:
         check_resumed_members(state, state_path, frozen.member_refs)
 
@@ -618,13 +685,35 @@ def main(argv: list[str] | None = None) -> int:
     run_log = RunLog(args.run_dir, distributed.is_main, args.tensorboard)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not distributed.is_main, desc="training SABW",
                dynamic_ncols=True)
+    validated_at = None
+
+    def run_validation() -> None:
+        nonlocal validated_at
+        if not (distributed.is_main and len(val_set)) or validated_at == progress.step:
+            return
+        errors = validate(ensemble, val_set, frozen, args.batch_size, args.seed, device, autocast)
+        validated_at = progress.step
+        run_log.write({"epoch": progress.epoch + 1, "step": progress.step, "validation": errors})
+        bar.write(f"step {progress.step} (epoch {progress.epoch + 1}) validation MSE: " + ", ".join(
+            f"{name} {value:.5f}" for name, value in errors.items()))
+        events.validated(progress, errors)
+        aggregator.train()
+
+    def save_training_state() -> Path:
+        return save_state(args.run_dir, training_state(aggregator, optimizer, scaler, progress, frozen.member_refs,
+                                                       args), progress.step, args.keep_checkpoints)
+
+    events.started(progress, total_steps, len(train_set), skip_report)
     started = time.time()
     aggregator.train()
-    loss = None
-    while progress.step < total_steps:
+    loss, stopped, saved_at = None, False, None
+    while progress.step < total_steps and not stopped:
         micro_batches = iter(epoch_loader(train_set, batches, progress.epoch, progress.batch_in_epoch,
                                           args.num_workers))
         while progress.batch_in_epoch < len(batches) and progress.step < total_steps:
+            if events.should_stop():
+                stopped = True
+                break
             step_batches = [next(micro_batches) for _ in range(args.gradient_accumulation)]
             for batch in step_batches:
                 skip_report.add_items(batch["skipped"])
@@ -635,37 +724,44 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             run_log.write({"step": progress.step, "epoch": progress.epoch + 1, "loss": loss,
                            "lr": args.learning_rate, "seconds": round(time.time() - started, 2)})
+            events.stepped(progress, total_steps, loss)
             if progress.step % args.save_every == 0 and distributed.is_main:
-                save_state(args.run_dir, training_state(aggregator, optimizer, scaler, progress, frozen.member_refs,
-                                                        args), progress.step, args.keep_checkpoints)
+                state_path, saved_at = save_training_state(), progress.step
+            if args.validate_every and progress.step % args.validate_every == 0:
+                run_validation()
+        if stopped:
+            break
         if progress.batch_in_epoch >= len(batches):  # epoch complete: validate, then move on
-            if distributed.is_main and len(val_set):
-                errors = validate(ensemble, val_set, frozen, args.batch_size, args.seed, device, autocast)
-                run_log.write({"epoch": progress.epoch + 1, "step": progress.step, "validation": errors})
-                bar.write(f"epoch {progress.epoch + 1} validation MSE: " + ", ".join(
-                    f"{name} {value:.5f}" for name, value in errors.items()))
+            run_validation()
             distributed.barrier()
             progress.epoch += 1
             progress.batch_in_epoch = 0
             aggregator.train()
     bar.close()
 
+    output = None
     if distributed.is_main:
-        save_state(args.run_dir, training_state(aggregator, optimizer, scaler, progress, frozen.member_refs, args),
-                   progress.step, args.keep_checkpoints)
-        output = save_weights(args.output, aggregator, frozen.member_refs, training={
-            "steps": progress.step, "epochs": round(progress.step / len(batches), 3), "dataset_size": len(train_set),
-            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "resolution": args.resolution,
-            "latents": args.latents, "crop": args.crop,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "processes": distributed.world_size, "final_loss": loss,
-        }, dtype=torch.float16 if args.save_dtype == "fp16" else torch.float32)
-        print(f"wrote {output} ({progress.step} steps)")
+        if saved_at != progress.step:
+            state_path = save_training_state()
+        if stopped:
+            print(f"stopped at step {progress.step} of {total_steps}; the training state is {state_path} "
+                  f"(--resume latest continues it)")
+        else:
+            run_validation()  # the end of a run that did not end an epoch
+            output = save_weights(args.output, aggregator, frozen.member_refs, training={
+                "steps": progress.step, "epochs": round(progress.step / len(batches), 3),
+                "dataset_size": len(train_set), "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                "resolution": args.resolution, "latents": args.latents, "crop": args.crop,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "processes": distributed.world_size, "final_loss": loss,
+            }, dtype=torch.float16 if args.save_dtype == "fp16" else torch.float32)
+            print(f"wrote {output} ({progress.step} steps)")
         if skip_report.total:
             print(skip_report.summary())
     run_log.close()
     distributed.close()
-    return 0
+    return TrainingOutcome(output=output, state_path=state_path, steps=progress.step, total_steps=total_steps,
+                           stopped=stopped, skip_report=skip_report)
 
 
 if __name__ == "__main__":
