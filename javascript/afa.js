@@ -24,3 +24,17 @@
         onUiLoaded(afaAddTitles);
     }
 })();
+
+// The AFA Training tab's Start and Resume buttons (`_js` of their click events), as A1111's Train tab starts a
+// training (javascript/textualInversion.js): a task id for the run, and the WebUI's progress bar (step, ETA) polling
+// /internal/progress for it until the run ends. The Python handler receives the id as its first argument.
+function afa_start_training() {
+    var id = randomId();
+    var container = gradioApp().getElementById("afa_train_progress");
+    if (container) {
+        requestProgress(id, container, null, function() {});
+    }
+    var res = Array.from(arguments);
+    res[0] = id;
+    return res;
+}

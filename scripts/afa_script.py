@@ -1,12 +1,14 @@
 """AFA ensemble for AUTOMATIC1111's WebUI (1.10): registration only. The work is done in `afa.webui`.
 
 Reads top-down: the script (accordion and job hooks), the settings section, the SD Unet option, callbacks, X/Y/Z
-axes, API routes, the unload handler. Importing this file scans no folder and loads no model.
+axes, the training tab and the trainer it runs, API routes, the unload handler. Importing this file scans no folder
+and loads no model.
 """
 
 from modules import script_callbacks, scripts
 
-from afa.webui import api, hooks, infotext, sd_unet_option, settings, ui, xyz
+from afa.webui import api, hooks, infotext, sd_unet_option, settings, training_job, training_ui, ui, xyz
+from training import service as training_service
 
 
 class AfaEnsembleScript(scripts.Script):
@@ -24,7 +26,7 @@ class AfaEnsembleScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        controls = ui.build_accordion(self.elem_id)
+        controls = ui.build_accordion(self.elem_id, "img2img" if is_img2img else "txt2img")
         self.infotext_fields = infotext.infotext_fields(controls.enabled, controls.members, controls.weights,
                                                         controls.mode)
         self.paste_field_names = infotext.PASTE_FIELD_NAMES
@@ -51,5 +53,7 @@ script_callbacks.on_list_unets(sd_unet_option.list_unets)
 script_callbacks.on_cfg_denoiser(hooks.on_cfg_denoiser)
 script_callbacks.on_model_loaded(hooks.on_model_loaded)
 script_callbacks.on_before_ui(xyz.add_axes)
+training_job.use_trainer(training_service)
+script_callbacks.on_ui_tabs(training_ui.create_tab)
 script_callbacks.on_app_started(lambda demo, app: api.add_routes(app))
 script_callbacks.on_script_unloaded(hooks.on_script_unloaded)

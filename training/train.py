@@ -527,7 +527,9 @@ def save_state(run_dir: Path, state: dict, step: int, keep: int) -> Path:
     torch.save(state, temporary)
     os.replace(temporary, path)
     pointer = folder / "latest.json"
-    pointer.with_name("latest.json.tmp").write_text(json.dumps({"state": path.name, "step": step}))
+    # the command line too, so that a caller can offer to resume the run without reading the state
+    pointer.with_name("latest.json.tmp").write_text(json.dumps({"state": path.name, "step": step,
+                                                                "args": state["args"]}))
     os.replace(pointer.with_name("latest.json.tmp"), pointer)
     for old in sorted(folder.glob("state-*.pt"))[:-keep]:
         old.unlink()

@@ -4,6 +4,10 @@
 
     GET  /afa/v1/weights   the weights files in the weights folder with their members (metadata only, no tensors)
     POST /afa/v1/unload    frees the cached member UNets and SABW weights; waits for the running job (queue lock)
+    POST /afa/v1/train     starts a training run (body: train.py's flags by name, see training_job.plan_run);
+                           400 with the reason when it does not start, 409 when the WebUI or a run is busy
+    GET  /afa/v1/train     the run's status: state, step of total, losses, validations, weights written, message
+    POST /afa/v1/train/cancel   stops the run after its current step (its state is saved: "resume": true continues)
 
 Generation itself goes through the WebUI's /sdapi/v1/txt2img and /img2img with
 `"alwayson_scripts": {"AFA ensemble": {"args": [enabled, members, weights, mode, show_maps]}}`.
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from secrets import compare_digest
 
-from fastapi import Depends, HTTPException
+from fastapi import Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from modules import call_queue, shared
@@ -23,6 +27,7 @@ from afa.weights import read_weights_info
 
 from . import checkpoints, folders
 from .member_cache import cache
+from .training_job import TrainingBusy, job
 from .infotext import public_text
 
 
@@ -54,6 +59,24 @@ def unload() -> dict:
     return {"freed_members": freed.members, "freed_tensors": freed.tensors, "freed_bytes": freed.bytes}
 
 
+def start_training(request: dict = Body(..., examples=[{"members": ["a.safetensors", "b.safetensors"],
+                                                             "max_steps": 1000, "batch_size": 8}])) -> dict:
+    try:
+        return job.start(request)
+    except TrainingBusy as error:
+        raise HTTPException(status_code=409, detail=public_text(str(error))) from None
+    except AfaError as error:
+        raise HTTPException(status_code=400, detail=str(error)) from None
+
+
+def training_status() -> dict:
+    return job.status.to_dict()
+
+
+def cancel_training() -> dict:
+    return job.cancel()
+
+
 def basic_auth(api_auth: str):
     """The `--api-auth "user:password,user2:password2"` check of A1111's API (modules/api/api.py v1.10, Api.auth)."""
     credentials = dict(pair.split(":", 1) for pair in api_auth.split(","))
@@ -75,3 +98,6 @@ def add_routes(app) -> None:
     dependencies = [Depends(basic_auth(cmd_opts.api_auth))] if cmd_opts.api_auth else []
     app.add_api_route("/afa/v1/weights", list_weights, methods=["GET"], dependencies=dependencies)
     app.add_api_route("/afa/v1/unload", unload, methods=["POST"], dependencies=dependencies)
+    app.add_api_route("/afa/v1/train", start_training, methods=["POST"], dependencies=dependencies)
+    app.add_api_route("/afa/v1/train", training_status, methods=["GET"], dependencies=dependencies)
+    app.add_api_route("/afa/v1/train/cancel", cancel_training, methods=["POST"], dependencies=dependencies)

@@ -60,7 +60,12 @@ def current_title(name: str) -> str:
     return info.title if info is not None else name
 
 
-def build_accordion(elem_id: Callable[[str], str]) -> AccordionControls:
+# The accordions of the UI being built, by tab ("txt2img", "img2img"): the training tab's "Use these weights" fills
+# them. (Only the ones built for the page: the training tab, built after them, wires to what is here then.)
+ACCORDIONS: dict[str, AccordionControls] = {}
+
+
+def build_accordion(elem_id: Callable[[str], str], tab: str | None = None) -> AccordionControls:
     defaults = default_values()
     with InputAccordion(False, label="AFA ensemble", elem_id=elem_id("enabled")) as enabled:
         with FormRow():
@@ -81,7 +86,10 @@ def build_accordion(elem_id: Callable[[str], str]) -> AccordionControls:
     weights.input(fn=weights_chosen, inputs=[weights, members_dropdown, mode],
                   outputs=[members_dropdown, mode, status], show_progress=False)
     mode.input(fn=mode_chosen, inputs=[weights, mode], outputs=[status], show_progress=False)
-    return AccordionControls(enabled, members_dropdown, weights, mode, show_maps)
+    controls = AccordionControls(enabled, members_dropdown, weights, mode, show_maps)
+    if tab is not None:
+        ACCORDIONS[tab] = controls
+    return controls
 
 
 # -- event handlers --------------------------------------------------------------------------------------------------

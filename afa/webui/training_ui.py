@@ -1,0 +1,271 @@
+"""The "AFA Training" tab: train SABW weights for 2 to 6 installed checkpoints on the WebUI's own images.
+
+Left, the run's settings (as train.py's flags) and Start / Cancel / Resume; right, the run: status with the WebUI's
+progress bar, the training loss, the held-out denoising error of every member, block averaging and AFA at each
+validation (plot and table), the skipped files, and "Use these weights" once a run has written its file.
+
+Building the tab only reads (the checkpoint list, the runs folder); the work is `training_job`'s. The right column is
+refreshed by a hidden ticker that gradio polls every 2 s (a component value with `every`, which A1111's queue
+serves), and by the ticker's change; so a run started through the API shows here too.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+import pandas as pd
+
+from modules import devices, progress, shared
+from modules.ui_components import ToolButton
+
+from afa.aggregator import DEFAULT_PRESET, SABW_PRESETS
+from afa.errors import AfaError
+from afa.modes import SABW
+
+from . import folders, training_job
+from .training_job import FINISHED, job
+from .ui import ACCORDIONS, REFRESH_SYMBOL
+
+DATA_OUTPUTS = "WebUI outputs (txt2img and img2img images; prompts from their infotext)"
+DATA_PATH = "A folder or manifest on the server"
+LENGTH_EPOCHS, LENGTH_STEPS = "Epochs", "Steps"
+PRECISIONS = {"fp16 (CUDA)": "fp16", "bf16": "bf16", "fp32": "no"}
+POLL_SECONDS = 2.0
+
+
+def default_precision() -> str:
+    return "fp16 (CUDA)" if devices.device.type == "cuda" else "fp32"
+
+
+def resumable_runs() -> list[str]:
+    """Names of the runs in the runs folder that have a training state to continue."""
+    root = training_job.runs_dir()
+    if not root.is_dir() or training_job.trainer is None:
+        return []
+    names = []
+    for pointer in sorted(root.rglob("checkpoints/latest.json")):
+        run_dir = pointer.parent.parent
+        if training_job.trainer.saved_arguments(run_dir) is not None:
+            name = run_dir.relative_to(root).as_posix()
+            if not (folders.weights_dir() / f"{name}{folders.WEIGHTS_SUFFIX}").exists() or name == job.status.name:
+                names.append(name)
+    return names
+
+
+def request_from_form(members, preset, data_source, data_path, resolution, validation_percent, length_unit, epochs,
+                      steps, batch_size, precision, gradient_checkpointing, validate_every, output) -> dict:
+    """The tab's settings as a training request (the body POST /afa/v1/train takes)."""
+    request = {"members": list(members or []), "preset": preset,
+               "data": (data_path or "").strip() if data_source == DATA_PATH else "",
+               "resolution": int(resolution), "val_split": float(validation_percent) / 100.0,
+               "batch_size": int(batch_size),
+               "mixed_precision": PRECISIONS.get(precision, precision),
+               "gradient_checkpointing": bool(gradient_checkpointing),
+               "validate_every": int(validate_every or 0), "output": (output or "").strip() or None}
+    if data_source == DATA_PATH and not request["data"]:
+        raise training_job.TrainingRefused("name the folder or manifest to train on")
+    if length_unit == LENGTH_STEPS:
+        request["max_steps"] = int(steps)
+    else:
+        request["epochs"] = int(epochs)
+    return request
+
+
+# -- the right column ----------------------------------------------------------------------------------------------
+
+def status_html(status: dict, error: str = "") -> str:
+    parts = []
+    if error:
+        parts.append(f"<p class='afa-train-error' style='color: var(--error-text-color, #e33)'>"
+                     f"{html.escape(error)}</p>")
+    state = status["state"]
+    if status["name"]:
+        steps = f"step {status['step']} of {status['total_steps']}" if status["total_steps"] else ""
+        parts.append(f"<p><b>{html.escape(status['name'])}</b>: {html.escape(state)}"
+                     + (f", {steps}" if steps else "")
+                     + (f"; {status['dataset_size']} training images" if status["dataset_size"] else "") + "</p>")
+        if status["members"]:
+            parts.append(f"<p>Members: {html.escape(', '.join(status['members']))}</p>")
+    if status["message"]:
+        parts.append(f"<p>{html.escape(status['message'])}</p>")
+    if not parts:
+        parts.append("<p>No training run yet. Choose 2 to 6 members and press Start.</p>")
+    return "<div class='afa-train-status'>" + "".join(parts) + "</div>"
+
+
+def loss_frame(status: dict) -> pd.DataFrame:
+    return pd.DataFrame(status["losses"], columns=["step", "loss"])
+
+
+def validation_frame(status: dict) -> pd.DataFrame:
+    rows = [(entry["step"], model, error) for entry in status["validation"] for model, error in entry["errors"].items()]
+    return pd.DataFrame(rows, columns=["step", "model", "MSE"])
+
+
+def validation_table(status: dict) -> pd.DataFrame:
+    """The last validation, best first, with each model's error relative to the best member's."""
+    if not status["validation"]:
+        return pd.DataFrame(columns=["model", "MSE", "vs best member"])
+    errors = status["validation"][-1]["errors"]
+    members = [v for k, v in errors.items() if k not in ("AFA", "block average")]
+    best = min(members) if members else None
+    rows = [(model, round(error, 6), f"{(error / best - 1) * 100:+.1f}%" if best else "")
+            for model, error in sorted(errors.items(), key=lambda item: item[1])]
+    return pd.DataFrame(rows, columns=["model", "MSE", "vs best member"])
+
+
+def ticker_value() -> str:
+    """What changes when the right column should be redrawn (polled every POLL_SECONDS)."""
+    status = job.status
+    return f"{status.state}|{status.name}|{status.step}|{len(status.validation)}|{status.message}"
+
+
+def refresh(error: str = ""):
+    """The right column from the job's status: status, loss plot, validation plot and table, skipped files, the
+    "Use these weights" button, the resumable runs, and (when a run has just written weights) the accordions'
+    weights lists."""
+    status = job.status.to_dict()
+    finished = status["state"] == FINISHED and status["weights"]
+    accordion_updates = [gr.update(choices=folders.weights_choices()) if finished else gr.update()
+                         for _ in accordion_weights()]
+    return [status_html(status, error), loss_frame(status), validation_frame(status), validation_table(status),
+            gr.update(value=status["skipped"], visible=bool(status["skipped"])),
+            gr.update(visible=bool(finished), value=f"Use {status['weights']}" if finished else "Use these weights"),
+            gr.update(choices=resumable_runs()), *accordion_updates]
+
+
+def accordion_weights() -> list:
+    return [controls.weights for controls in ACCORDIONS.values()]
+
+
+# -- actions -------------------------------------------------------------------------------------------------------
+
+def refused(id_task, error: AfaError):
+    if id_task:
+        progress.finish_task(id_task)  # the progress bar the Start button opened closes at once
+    return refresh(str(error))
+
+
+def start(id_task, *form):
+    try:
+        job.start(request_from_form(*form), id_task=id_task)
+    except AfaError as error:
+        return refused(id_task, error)
+    return refresh()
+
+
+def resume(id_task, name, length_unit, epochs, steps):
+    if not name:
+        return refresh("choose the run to resume")
+    request = {"resume": True, "output": name}
+    if length_unit == LENGTH_STEPS:
+        request["max_steps"] = int(steps)
+    try:
+        job.start(request, id_task=id_task)
+    except AfaError as error:
+        return refused(id_task, error)
+    return refresh()
+
+
+def cancel():
+    job.cancel()
+    return refresh()
+
+
+def use_weights():
+    """Fills the txt2img and img2img accordions with the finished run: enabled, its members, its weights, SABW."""
+    status = job.status.to_dict()
+    updates = []
+    for _ in ACCORDIONS.values():
+        if status["state"] != FINISHED or not status["weights"]:
+            updates += [gr.update()] * 4
+            continue
+        updates += [gr.update(value=True),
+                    gr.update(choices=shared.list_checkpoint_tiles(False), value=status["members"]),
+                    gr.update(choices=folders.weights_choices(), value=status["weights"]),
+                    gr.update(value=SABW.label)]
+    return updates
+
+
+# -- the tab -------------------------------------------------------------------------------------------------------
+
+def create_tab():
+    """on_ui_tabs: [(the tab's Blocks, its label, its id)]."""
+    with gr.Blocks(analytics_enabled=False) as tab:
+        id_task = gr.Textbox(visible=False, elem_id="afa_train_id_task")
+        with gr.Row(equal_height=False):
+            with gr.Column(variant="compact", scale=1):
+                with gr.Row():
+                    members = gr.Dropdown(label="Members (2 to 6 checkpoints)", multiselect=True,
+                                          choices=shared.list_checkpoint_tiles(False), elem_id="afa_train_members")
+                    refresh_members = ToolButton(value=REFRESH_SYMBOL, elem_id="afa_train_refresh_members")
+                preset = gr.Radio(label="SABW design", choices=list(SABW_PRESETS), value=DEFAULT_PRESET,
+                                  info="paper: the authors' aggregator; fast: cheaper, pooled to 32x32",
+                                  elem_id="afa_train_preset")
+                data_source = gr.Radio(label="Training images", choices=[DATA_OUTPUTS, DATA_PATH],
+                                       value=DATA_OUTPUTS, elem_id="afa_train_data_source")
+                data_path = gr.Textbox(label="Folder (images with .txt captions or WebUI PNGs) or JSONL/CSV "
+                                             "manifest", visible=False, elem_id="afa_train_data_path")
+                resolution = gr.Slider(label="Resolution (SD 1.x 512, SD 2.x-v 768)", minimum=32, maximum=2048,
+                                       step=32, value=512, elem_id="afa_train_resolution")
+                validation_percent = gr.Slider(label="Held out for validation (%)", minimum=0, maximum=50, step=1,
+                                               value=5, elem_id="afa_train_validation_percent")
+                with gr.Row():
+                    length_unit = gr.Radio(label="Train for", choices=[LENGTH_EPOCHS, LENGTH_STEPS],
+                                           value=LENGTH_EPOCHS, elem_id="afa_train_length_unit")
+                    epochs = gr.Number(label="Epochs", value=10, precision=0, minimum=1, elem_id="afa_train_epochs")
+                    steps = gr.Number(label="Steps", value=1000, precision=0, minimum=1, elem_id="afa_train_steps")
+                with gr.Row():
+                    batch_size = gr.Slider(label="Batch size", minimum=1, maximum=64, step=1, value=8,
+                                           elem_id="afa_train_batch_size")
+                    precision = gr.Dropdown(label="Precision of the members", choices=list(PRECISIONS),
+                                            value=default_precision(), elem_id="afa_train_precision")
+                with gr.Row():
+                    gradient_checkpointing = gr.Checkbox(label="Gradient checkpointing (less VRAM, slower)",
+                                                         value=False, elem_id="afa_train_gradient_checkpointing")
+                    validate_every = gr.Number(label="Validate every N steps (0: each epoch)", value=0,
+                                               precision=0, minimum=0, elem_id="afa_train_validate_every")
+                output = gr.Textbox(label="Output name (weights folder)", placeholder="afa-<member>+<member>",
+                                    elem_id="afa_train_output")
+                with gr.Row():
+                    start_button = gr.Button("Start", variant="primary", elem_id="afa_train_start")
+                    cancel_button = gr.Button("Cancel", elem_id="afa_train_cancel")
+                with gr.Row():
+                    resume_run = gr.Dropdown(label="Stopped run", choices=resumable_runs(),
+                                             elem_id="afa_train_resume_run")
+                    resume_button = gr.Button("Resume", elem_id="afa_train_resume")
+            with gr.Column(scale=1):
+                progress_box = gr.HTML(elem_id="afa_train_progress")
+                status = gr.HTML(status_html(job.status.to_dict()), elem_id="afa_train_status")
+                loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, width=520,
+                                        elem_id="afa_train_loss_plot")
+                validation_plot = gr.LinePlot(x="step", y="MSE", color="model", title="Held-out denoising error "
+                                              "(lower is better)", height=260, width=520, tooltip=["model", "MSE"],
+                                              elem_id="afa_train_validation_plot")
+                table = gr.Dataframe(label="Last validation", headers=["model", "MSE", "vs best member"],
+                                     interactive=False, elem_id="afa_train_validation_table")
+                skipped = gr.Textbox(label="Skipped files", lines=4, visible=False, interactive=False,
+                                     elem_id="afa_train_skipped")
+                use_button = gr.Button("Use these weights", visible=False, variant="primary",
+                                       elem_id="afa_train_use_weights")
+                ticker = gr.Textbox(ticker_value, every=POLL_SECONDS, visible=False, elem_id="afa_train_ticker")
+
+        view = [status, loss_plot, validation_plot, table, skipped, use_button, resume_run, *accordion_weights()]
+        form = [members, preset, data_source, data_path, resolution, validation_percent, length_unit, epochs, steps,
+                batch_size, precision, gradient_checkpointing, validate_every, output]
+        refresh_members.click(fn=lambda: gr.update(choices=shared.list_checkpoint_tiles(False)), outputs=[members],
+                              show_progress=False)
+        data_source.change(fn=lambda source: gr.update(visible=source == DATA_PATH), inputs=[data_source],
+                           outputs=[data_path], show_progress=False)
+        start_button.click(fn=start, _js="afa_start_training", inputs=[id_task, *form], outputs=view,
+                           show_progress=False)
+        resume_button.click(fn=resume, _js="afa_start_training", inputs=[id_task, resume_run, length_unit, epochs,
+                                                                          steps], outputs=view, show_progress=False)
+        cancel_button.click(fn=cancel, outputs=view, show_progress=False)
+        ticker.change(fn=refresh, outputs=view, show_progress=False)
+        accordion_outputs = [component for controls in ACCORDIONS.values()
+                             for component in (controls.enabled, controls.members, controls.weights, controls.mode)]
+        use_button.click(fn=use_weights, _js="switch_to_txt2img", outputs=accordion_outputs, show_progress=False)
+    return [(tab, "AFA Training", "afa_training")]
+

@@ -1,0 +1,63 @@
+"""The trainer as a library, for the WebUI's training tab: the same code as `python training/train.py`, with errors
+raised instead of printed, and the data snapshot the tab trains on.
+
+`afa/` never imports `training/`: scripts/afa_script.py hands this module to `afa.webui.training_job.use_trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from training import data as datasets
+import torch
+
+from training.train import (RESULT_SETTINGS, TrainingEvents, TrainingOutcome, UsageError, parse_args,  # noqa: F401
+                            precision, train)
+
+DATA_SNAPSHOT_NAME = "data.jsonl"
+
+
+def snapshot_data(sources: list[str | Path], manifest: str | Path) -> tuple[int, datasets.SkipReport]:
+    """Indexes every source (folders of captioned images or WebUI PNGs, or manifests: what `--data` takes) with the
+    trainer's own indexer and writes what it found as one JSONL manifest (absolute image path and caption per row),
+    under a temporary name and then renamed.
+
+    A run trains on this snapshot, so images saved after it started (the WebUI keeps writing into its outputs
+    folders) do not change what a resumed run trains on.
+
+    Returns:
+        (the number of captioned images written, the report of what was skipped and why).
+    """
+    report = datasets.SkipReport()
+    records = []
+    for source in sources:
+        if Path(source).exists():
+            records += datasets.index_captioned_images(source, report)
+    manifest = Path(manifest)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    temporary = manifest.with_name(manifest.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps({"image": str(Path(record.image_path).resolve()), "caption": record.caption}) + "\n")
+    os.replace(temporary, manifest)
+    return len(records), report
+
+
+def member_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The dtype train.py holds the members in for --mixed-precision on `device`."""
+    return precision(mixed_precision, device)[0]
+
+
+def saved_arguments(run_dir: str | Path) -> dict | None:
+    """The command line (train.py's `vars`, plus "step") of a run's latest training state, from the run's
+    `checkpoints/latest.json`; None when the run has no state to resume."""
+    pointer = Path(run_dir) / "checkpoints" / "latest.json"
+    try:
+        latest = json.loads(pointer.read_text(encoding="utf-8"))
+        if not (pointer.parent / latest["state"]).is_file():
+            return None
+        return {**latest["args"], "step": latest["step"]}
+    except (OSError, ValueError, KeyError, TypeError):  # no pointer, or one from before it held the arguments
+        return None
