@@ -35,6 +35,17 @@ TRAIN = {"members": ["tiny-a", "tiny-b"], "resolution": 32, "batch_size": 2, "ma
 WAIT = 120  # seconds: generous for a shared CPU
 
 
+@pytest.fixture(autouse=True)
+def no_run_left():
+    """The job is the process's (it outlives a UI reload): each test starts with none and leaves none running."""
+    training_job.job.status = training_job.Status()
+    yield
+    training_job.job.cancel()
+    training_job.job.wait(WAIT)
+    assert not training_job.job.running and not call_queue.queue_lock.locked()
+    training_job.job.status = training_job.Status()
+
+
 @pytest.fixture
 def webui(tmp_path):
     with harness.webui(tmp_path, extensions=[EXTENSION_ROOT]) as instance:
@@ -156,3 +167,161 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
     processed = webui.txt2img(script_args={"AFA ensemble": [True, members["value"], "same-data.safetensors", "SABW",
                                                             False]})
     assert "AFA weights: same-data" in processed.infotexts[0] and "AFA not applied" not in processed.infotexts[0]
+
+
+def test_refusals_name_the_problem_and_start_nothing(webui, tmp_path):
+    """Each bad request: HTTP 400 (409 when busy) with one clear reason; no run, no folder, no weights."""
+    client = webui.client()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "a.png").write_bytes(b"not a png")
+    (unreadable / "b.jpg").write_bytes(b"")
+
+    def refused(body, status=400) -> str:
+        response = client.post("/afa/v1/train", json=body)
+        assert response.status_code == status, response.text
+        return response.json()["detail"]
+
+    assert "choose 2 to 6 members" in refused({**TRAIN, "members": ["tiny-a"]})
+    assert "not an installed checkpoint" in refused({**TRAIN, "members": ["tiny-a", "nope"]})
+    assert "is a path" in refused({**TRAIN, "members": ["tiny-a", "/etc/passwd"]})
+    assert "chosen twice" in refused({**TRAIN, "members": ["tiny-a", "tiny-a.safetensors"]})
+    assert "no captioned images" in refused({**TRAIN, "data": str(empty)})
+    message = refused({**TRAIN, "data": str(unreadable)})
+    assert "no captioned images" in message and "a.png" in message and "b.jpg" in message
+    assert "no such folder or manifest" in refused({**TRAIN, "data": str(tmp_path / "missing")})
+    assert "no captioned images" in refused(TRAIN)  # the WebUI's outputs folders are empty
+    assert "--device, --run-dir: set by the WebUI" in refused({**TRAIN, "run_dir": "/tmp/x", "device": "cuda"})
+    assert "unrecognized arguments: --colour" in refused({**TRAIN, "colour": "red"})
+    assert "--batch-size must be a multiple" in refused({**TRAIN, "gradient_accumulation": 3})
+    assert "is a path" in refused({**TRAIN, "output": "../outside"})
+    assert "resume: no stopped run named 'never'" in refused({"resume": True, "output": "never"})
+    folders.weights_dir().mkdir(parents=True, exist_ok=True)
+    (folders.weights_dir() / "taken.safetensors").write_bytes(b"user's file")
+    assert "already exist" in refused({**TRAIN, "output": "taken"})
+    assert (folders.weights_dir() / "taken.safetensors").read_bytes() == b"user's file"
+
+    with call_queue.queue_lock:  # a generation is running
+        assert "the WebUI is busy" in refused({**TRAIN, "data": str(EXTENSION_ROOT / "tests")}, status=409)
+    assert not training_job.runs_dir().exists() or not any(training_job.runs_dir().iterdir())
+    assert training_job.job.status.state == training_job.IDLE
+    assert client.get("/afa/v1/train").json()["state"] == training_job.IDLE
+
+
+def test_different_architectures_and_no_free_disk_are_refused(webui, monkeypatch, tmp_path):
+    from training.sd_checkpoint import tiny_sd_state_dict, write_webui_checkpoint
+    from afa.unet import PRESETS
+    from modules import sd_models
+
+    wide = dict(PRESETS["tiny"], model_channels=64)
+    write_webui_checkpoint(Path(sd_models.model_path) / "tiny-wide.safetensors", tiny_sd_state_dict(5, wide))
+    sd_models.list_models()
+    client = webui.client()
+    response = client.post("/afa/v1/train", json={**TRAIN, "members": ["tiny-a", "tiny-wide"]})
+    assert response.status_code == 400 and "tiny-wide" in response.json()["detail"], response.text
+
+    data = harness_images(tmp_path)
+    monkeypatch.setattr(training_job.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
+    response = client.post("/afa/v1/train", json={**TRAIN, "data": str(data)})
+    assert response.status_code == 400 and "not enough free disk" in response.json()["detail"], response.text
+
+
+def harness_images(tmp_path) -> Path:
+    from factories import write_captioned_images
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return write_captioned_images(folder, count=8, width=40, height=40)
+
+
+def test_a_generation_queues_behind_a_run_and_interrupt_stops_the_run(webui, monkeypatch, tmp_path):
+    """While a run holds the GPU a generation waits in the WebUI's queue (no error, no image mixed into the run) and
+    runs when the run ends; the WebUI's Interrupt stops the run like Cancel. Through the API, with its status."""
+    data = harness_images(tmp_path)
+    hold = HoldAt(monkeypatch, step=1)
+    client = webui.client()
+    response = client.post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "queued"})
+    assert response.status_code == 200 and response.json()["state"] == training_job.PREPARING, response.text
+    hold.wait()
+    status = client.get("/afa/v1/train").json()
+    assert status["state"] == training_job.TRAINING and status["step"] == 1 and status["losses"][0][0] == 1
+    assert status["members"][0].startswith("tiny-a") and status["total_steps"] == 4
+
+    again = client.post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "second"})
+    assert again.status_code == 409 and "already running" in again.json()["detail"]
+
+    generated = {}
+
+    def generate():
+        generated["response"] = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 1, "width": 64,
+                                                                        "height": 64})
+
+    generation = threading.Thread(target=generate)
+    generation.start()
+    generation.join(2.0)
+    assert generation.is_alive() and "response" not in generated  # queued behind the run
+
+    shared.state.interrupt()  # the WebUI's Interrupt button / POST /sdapi/v1/interrupt
+    hold.release()
+    final = training_job.job.wait(WAIT)
+    assert final["state"] == training_job.CANCELLED and final["step"] == 1, final
+    generation.join(WAIT)
+    assert generated["response"].status_code == 200 and len(generated["response"].json()["images"]) == 1
+
+
+def test_the_loaded_checkpoint_is_a_member_as_it_is_and_others_come_from_the_member_cache(webui, monkeypatch,
+                                                                                          tmp_path):
+    """The loaded tiny-a's own UNet trains as member 1 (frozen for the run, its flags restored after); tiny-b is the
+    member cache's UNet, which the ensemble then uses without reading its file again."""
+    from afa.webui.member_cache import cache
+
+    data = harness_images(tmp_path)
+    base = shared.sd_model.model.diffusion_model
+    flags = [p.requires_grad for p in base.parameters()]
+    seen = {}
+    original = training_job.trainer.train
+
+    started = training_job.Events.started
+
+    def train(args, events=None, members=None):
+        seen["members"] = list(members)
+        return original(args, events, members=members)
+
+    def started_frozen(events, *args):
+        seen["frozen"] = all(not p.requires_grad for p in seen["members"][0].parameters())
+        started(events, *args)
+
+    monkeypatch.setattr(training_job.trainer, "train", train)
+    monkeypatch.setattr(training_job.Events, "started", started_frozen)
+    response = webui.client().post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "reuse",
+                                                           "max_steps": 1})
+    assert response.status_code == 200, response.text
+    assert training_job.job.wait(WAIT)["state"] == training_job.FINISHED
+    assert seen["members"][0] is base and seen["frozen"]
+    assert seen["members"][1] in cache.unets.values()
+    assert [p.requires_grad for p in base.parameters()] == flags
+    # a LoRA left merged into the loaded UNet by the last generation: its weights are not the checkpoint's
+    next(base.modules()).network_current_names = ("some-lora",)
+    response = webui.client().post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "fresh",
+                                                           "max_steps": 1})
+    assert response.status_code == 200, response.text
+    assert training_job.job.wait(WAIT)["state"] == training_job.FINISHED
+    assert seen["members"][0] is not base
+    del next(base.modules()).network_current_names
+
+
+def test_the_training_routes_need_the_api_credentials(tmp_path):
+    with harness.webui(tmp_path, extensions=[EXTENSION_ROOT],
+                       argv=harness.DEFAULT_ARGV + ("--api-auth", "alice:secret")) as instance:
+        client = instance.client()
+        assert client.get("/afa/v1/train").status_code == 401
+        assert client.post("/afa/v1/train/cancel").status_code == 401
+        assert client.post("/afa/v1/train", json=TRAIN).status_code == 401
+        assert client.get("/afa/v1/train", auth=("alice", "secret")).json()["state"] == training_job.IDLE
+
+
+def test_the_tab_reports_a_refused_start_and_closes_its_progress_bar(webui):
+    [view] = webui.event(tab_component(webui, "afa_train_start"), inputs=form_values(["tiny-a"], 4, ""))
+    assert "choose 2 to 6 members" in view[0] and "task(test-start)" in progress.finished_tasks
+    assert training_job.job.status.state == training_job.IDLE

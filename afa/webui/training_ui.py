@@ -39,18 +39,14 @@ def default_precision() -> str:
 
 
 def resumable_runs() -> list[str]:
-    """Names of the runs in the runs folder that have a training state to continue."""
+    """Names of the runs in the runs folder with a training state to continue: stopped ones, and finished ones (to
+    train them longer with more steps)."""
     root = training_job.runs_dir()
     if not root.is_dir() or training_job.trainer is None:
         return []
-    names = []
-    for pointer in sorted(root.rglob("checkpoints/latest.json")):
-        run_dir = pointer.parent.parent
-        if training_job.trainer.saved_arguments(run_dir) is not None:
-            name = run_dir.relative_to(root).as_posix()
-            if not (folders.weights_dir() / f"{name}{folders.WEIGHTS_SUFFIX}").exists() or name == job.status.name:
-                names.append(name)
-    return names
+    return [pointer.parent.parent.relative_to(root).as_posix()
+            for pointer in sorted(root.rglob("checkpoints/latest.json"))
+            if training_job.trainer.saved_arguments(pointer.parent.parent) is not None]
 
 
 def request_from_form(members, preset, data_source, data_path, resolution, validation_percent, length_unit, epochs,
