@@ -92,9 +92,9 @@ def test_outputs_of_a_run(baseline, members):
     assert len(validations) == 2 and set(validations[0]) == member_names | {"block average", "AFA"}
     # fresh SABW starts as block averaging; after training it differs
     assert validations[0]["AFA"] != validations[0]["block average"]
-    states = sorted((run / "checkpoints").glob("state-*.pt"))
-    assert [p.name for p in states] == ["state-00000002.pt", "state-00000004.pt"]
-    assert json.loads((run / "checkpoints" / "latest.json").read_text())["state"] == "state-00000004.pt"
+    states = sorted((run / "checkpoints").glob("state-*.safetensors"))
+    assert [p.name for p in states] == ["state-00000002.safetensors", "state-00000004.safetensors"]
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["state"] == "state-00000004.safetensors"
     assert not list(run.rglob("*.tmp"))
     trained = weights(output)
     assert trained["output_blocks.11.out.weight"].abs().sum() > 0  # the zero-initialised logits moved (paper design)
@@ -106,13 +106,13 @@ def test_resumed_run_ends_with_the_same_weights(baseline, members, dataset, tmp_
     run_in_process(args + ["--max-steps", "1"])  # stopped mid-epoch
     run_in_process(args + ["--max-steps", "3", "--resume", "latest"])  # stopped at an epoch boundary + 1
     run_in_process(args + ["--max-steps", "4", "--resume", str(tmp_path / "resumed" / "checkpoints" /
-                                                             "state-00000003.pt")])
+                                                             "state-00000003.safetensors")])
     expected, got = weights(baseline / "baseline.safetensors"), weights(tmp_path / "resumed.safetensors")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_resume_refuses_changed_settings_and_accepts_a_longer_run(baseline, members, dataset, tmp_path):
-    state = baseline / "baseline" / "checkpoints" / "state-00000004.pt"
+    state = baseline / "baseline" / "checkpoints" / "state-00000004.safetensors"
     args = train_args(members, dataset, tmp_path, "longer", "--resume", str(state))
     with pytest.raises(AfaError) as refused:
         train.main(args + ["--max-steps", "5", "--batch-size", "2", "--seed", "1"])
@@ -135,7 +135,7 @@ def test_a_state_saved_before_the_parity_flags_resumes_only_with_their_old_behav
                                                                                      tmp_path):
     """A state whose command line lacks --preset, --text-conditioning, --clip-skip, --latents and --crop ran with
     what the trainer did before they existed (fast, shared, 1, mean, center): the new defaults are refused."""
-    state = torch.load(baseline / "baseline" / "checkpoints" / "state-00000004.pt", weights_only=True)
+    state = train.read_state_file(baseline / "baseline" / "checkpoints" / "state-00000004.safetensors")
     for name in ("preset", "text_conditioning", "clip_skip", "latents", "crop"):
         del state["args"][name]
     old_state = tmp_path / "old-state.pt"
@@ -370,7 +370,7 @@ def test_a_stopped_run_saves_its_state_and_resumes_to_the_same_weights(baseline,
     events = StopAfter(stop_after=3)
     outcome = train.train(train.parse_args(args), events)
     assert outcome.stopped and outcome.output is None and outcome.steps == 3 and outcome.total_steps == 4
-    assert outcome.state_path.name == "state-00000003.pt" and outcome.state_path.is_file()
+    assert outcome.state_path.name == "state-00000003.safetensors" and outcome.state_path.is_file()
     assert not (tmp_path / "stopped.safetensors").exists()
     assert events.calls == [("started", 0, 4, 9), ("stepped", 1, 4), ("stepped", 2, 4), ("stepped", 3, 4)]
     assert [step for step, _ in events.validations] == [2]  # the end of epoch 1; no validation of a stopped run
@@ -406,3 +406,22 @@ def test_parse_args_can_raise_instead_of_exiting(members, dataset):
     with pytest.raises(train.UsageError, match="invalid choice: 'huge'"):
         train.parse_args(["--members", *map(str, members), "--data", str(dataset), "--preset", "huge"],
                          exit_on_error=False)
+
+
+def test_training_states_are_safetensors_without_pickle(baseline):
+    """A state opens with safetensors alone (no pickle: what A1111's patched torch.load refuses for newer torch's zip
+    layout never comes into play), and round-trips the optimizer's integer keys, tuples and RNG states."""
+    from safetensors import safe_open
+
+    path = baseline / "baseline" / "checkpoints" / "state-00000004.safetensors"
+    with safe_open(str(path), framework="pt") as file:
+        assert train.STATE_METADATA_KEY in file.metadata()
+    state = train.read_state_file(path)
+    assert state["format"] == train.STATE_FORMAT and state["step"] == 4
+    assert all(isinstance(key, int) for key in state["optimizer"]["state"])
+    assert state["rng"]["torch"].dtype == torch.uint8 and isinstance(state["rng"]["python"][0], int)
+    tensors = {}
+    value = {"a": (1, 2.5, None), 3: [torch.ones(2)], "b": {"c": torch.zeros(())}}
+    decoded = train.decode_state(train.encode_state(value, tensors), tensors)
+    assert decoded["a"] == (1, 2.5, None) and torch.equal(decoded[3][0], torch.ones(2))
+    assert torch.equal(decoded["b"]["c"], torch.zeros(()))

@@ -129,7 +129,7 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
     assert "task(test-start)" in progress.finished_tasks
     assert not (folders.weights_dir() / "tab-run.safetensors").exists()
     run_dir = training_job.runs_dir() / "tab-run"
-    assert (run_dir / "checkpoints" / "state-00000002.pt").is_file()
+    assert (run_dir / "checkpoints" / "state-00000002.safetensors").is_file()
     snapshot = [json.loads(line) for line in (run_dir / "data.jsonl").read_text().splitlines()]
     assert len(snapshot) == 8 and {row["caption"] for row in snapshot} == {"a photo of a red cat"}
     assert "tab-run" in training_ui.resumable_runs()

@@ -518,20 +518,80 @@ def training_state(aggregator: Aggregator, optimizer: torch.optim.Optimizer, sca
             "members": [{"name": m.name, "sha256": m.sha256} for m in member_refs], "args": vars_for_state(args)}
 
 
+# A training state is a safetensors file: its tensors, and everything else as JSON in its metadata, where each
+# tensor is {"__tensor__": its key}. No pickle: the WebUI replaces torch.load with a checker that refuses the zip
+# layout of newer torch versions, and a state file should be as safe to open as a weights file. (States written as
+# torch .pt files by earlier versions still resume, through torch.load(weights_only=True).)
+STATE_SUFFIX = ".safetensors"
+STATE_METADATA_KEY = "afa_training_state"
+
+
+def encode_state(value, tensors: dict, key: str = "s"):
+    """`value` as JSON-safe data; its tensors go into `tensors` under unique keys."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: encode_state(v, tensors, f"{key}.{k}") for k, v in value.items()}
+        return {"__items__": [[k, encode_state(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    return value
+
+
+def decode_state(value, tensors: dict):
+    """The inverse of encode_state."""
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__items__" in value:
+            return {k: decode_state(v, tensors) for k, v in value["__items__"]}
+        if "__tuple__" in value:
+            return tuple(decode_state(v, tensors) for v in value["__tuple__"])
+        return {k: decode_state(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_state(v, tensors) for v in value]
+    return value
+
+
+def write_state_file(path: Path, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = encode_state(state, tensors)
+    save_file(tensors, str(path), metadata={STATE_METADATA_KEY: json.dumps(encoded)})
+
+
+def read_state_file(path: Path) -> dict:
+    """A saved training state (safetensors, or a .pt of earlier versions); {} when it is not one."""
+    if path.suffix == ".pt":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        if STATE_METADATA_KEY not in metadata:
+            return {}
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    return decode_state(json.loads(metadata[STATE_METADATA_KEY]), tensors)
+
+
 def save_state(run_dir: Path, state: dict, step: int, keep: int) -> Path:
     """Writes training state N (temporary name, then rename), points `latest.json` at it, deletes old states."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"state-{step:08d}.pt"
+    path = folder / f"state-{step:08d}{STATE_SUFFIX}"
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
+    write_state_file(temporary, state)
     os.replace(temporary, path)
     pointer = folder / "latest.json"
     # the command line too, so that a caller can offer to resume the run without reading the state
     pointer.with_name("latest.json.tmp").write_text(json.dumps({"state": path.name, "step": step,
                                                                 "args": state["args"]}))
     os.replace(pointer.with_name("latest.json.tmp"), pointer)
-    for old in sorted(folder.glob("state-*.pt"))[:-keep]:
+    for old in sorted(folder.glob("state-*" + STATE_SUFFIX))[:-keep]:
         old.unlink()
     return path
 
@@ -553,8 +613,11 @@ def load_resume_state(args) -> tuple[dict, Path]:
     """(the training state --resume names, its path), refused unless this trainer wrote it with the same
     RESULT_SETTINGS as given now."""
     path = resolve_resume(args.run_dir, args.resume)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
+    try:
+        state = read_state_file(path)
+    except Exception as error:  # noqa: BLE001 -- a damaged or foreign file
+        raise AfaError(f"{path}: not a readable training state ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise AfaError(f"{path}: not a training state of this trainer (format {state.get('format')})")
     saved, given = {**SETTINGS_BEFORE_THEIR_FLAGS, **state.get("args", {})}, vars_for_state(args)
     changed = [f"  --{name.replace('_', '-')}: saved {saved[name]}, given {given[name]}"

@@ -6,7 +6,8 @@ stays fast and never imports playwright.
 
 The `webui` fixture (one per session) writes a temporary data dir (`--data-dir`): five tiny SD1-layout checkpoints
 (tiny-a, tiny-a2 = an identical copy of tiny-a, tiny-b, tiny-c, tiny-a-text = tiny-a with tiny-b's text encoder), a SABW weights file for tiny-b + tiny-c
-(models/AFA/pair.safetensors), a strong random LoRA (models/Lora/strong.safetensors) and extensions/afa -> this
+(models/AFA/pair.safetensors), a strong random LoRA (models/Lora/strong.safetensors), 8 captioned images
+(training-images/) and extensions/afa -> this
 checkout; then starts the WebUI on a free loopback port with the API on, on the CPU, and loads tiny-a. Everything
 the WebUI writes (config.json, cache.json, params.txt, its log webui.log) stays in that data dir.
 """
@@ -118,11 +119,28 @@ def write_strong_lora(path: Path, seed: int = 0, rank: int = 4, scale: float = 0
     return path
 
 
+TRAINING_IMAGES = "training-images"  # in the data dir: what the training tests train on
+
+
+def write_training_images(folder: Path, count: int = 8) -> Path:
+    """`count` random 40x40 PNGs with kohya-style .txt captions."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
+        (folder / f"{index:02d}.txt").write_text(f"a {['red', 'blue'][index % 2]} thing number {index}")
+    return folder
+
+
 def write_data_dir(data_dir: Path) -> None:
     models = data_dir / "models"
     checkpoints = write_checkpoints(models / "Stable-diffusion")
     write_pair_weights(models / "AFA" / "pair.safetensors", [checkpoints[name] for name in PAIR_MEMBERS])
     write_strong_lora(models / "Lora" / "strong.safetensors")
+    write_training_images(data_dir / TRAINING_IMAGES)
     (data_dir / "extensions").mkdir(parents=True, exist_ok=True)
     (data_dir / "extensions" / "afa").symlink_to(REPO, target_is_directory=True)
 

@@ -202,3 +202,69 @@ def test_infotext_parser(infotext_parser):
     assert params["AFA members"] == "x [0123456789], y [abcdef0123]"
     assert params["AFA not applied"] == 'fewer than 2: "x"'
     assert params["Version"] == "1.10.1"
+
+
+# -- training (POST/GET /afa/v1/train, /afa/v1/train/cancel) -----------------------------------------------------------
+
+TRAINING_IMAGES = "training-images"  # conftest.py writes them into the data dir
+
+
+def training_body(webui, output: str, **extra) -> dict:
+    return {"members": ["tiny-a", "tiny-b"], "data": str(webui.data_dir / TRAINING_IMAGES), "resolution": 32,
+            "batch_size": 2, "val_split": 0.25, "preset": "fast", "hidden_channels": 32, "save_dtype": "fp32",
+            "output": output, **extra}
+
+
+def wait_for_training(webui, until, timeout: float = 600) -> dict:
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = webui.get("/afa/v1/train")
+        if until(status):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"training did not get there in {timeout} s: {status}")
+
+
+def test_training_through_the_api_cancels_resumes_to_the_same_weights_and_runs_as_sabw(webui):
+    """Started, polled, cancelled mid-run, resumed: the weights equal an uninterrupted run's bit for bit, the
+    weights list names the file, and it runs as SABW."""
+    from safetensors.torch import load_file
+    import torch
+
+    ended = ("finished", "cancelled", "failed")
+    status = webui.post("/afa/v1/train", training_body(webui, "api-interrupted", max_steps=60))
+    assert status["state"] == "preparing", status
+    status = wait_for_training(webui, lambda s: s["step"] >= 3 or s["state"] in ended)
+    assert status["state"] == "training" and status["total_steps"] == 60, status
+    webui.post("/afa/v1/train/cancel")
+    status = wait_for_training(webui, lambda s: s["state"] in ended)
+    assert status["state"] == "cancelled" and 3 <= status["step"] < 60, status
+    stopped_at = status["step"]
+    status = webui.post("/afa/v1/train", {"resume": True, "output": "api-interrupted"})
+    status = wait_for_training(webui, lambda s: s["state"] in ended)
+    assert status["state"] == "finished" and status["weights"] == "api-interrupted.safetensors", status["message"]
+    assert status["validation"] and status["losses"][-1][0] == 60
+
+    webui.post("/afa/v1/train", training_body(webui, "api-uninterrupted", max_steps=60))
+    status = wait_for_training(webui, lambda s: s["state"] in ended and s["name"] == "api-uninterrupted")
+    assert status["state"] == "finished", status
+    folder = webui.data_dir / "models" / "AFA"
+    first, second = (load_file(str(folder / f"api-{name}.safetensors")) for name in ("interrupted", "uninterrupted"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    print(f"real A1111: cancelled at step {stopped_at} of 60, resumed; weights equal the uninterrupted run's")
+
+    listed = {entry["name"]: entry for entry in webui.get("/afa/v1/weights")}
+    assert "api-interrupted.safetensors" in listed and listed["api-interrupted.safetensors"]["mode"] == "SABW"
+    generation = webui.txt2img(afa=afa(members=("tiny-a", "tiny-b"), weights="api-interrupted", mode="SABW"))
+    assert_ensembled(generation, "SABW")
+    assert generation.params["AFA weights"].startswith("api-interrupted")
+
+
+def test_training_refusals_through_the_api(webui):
+    for body, expected in ((training_body(webui, "x", members=["tiny-a"]), "choose 2 to 6 members"),
+                           (training_body(webui, "x", data="/nonexistent"), "no such folder"),
+                           (training_body(webui, "x", device="cuda"), "--device: set by the WebUI")):
+        with pytest.raises(AssertionError, match="HTTP 400") as refused:  # conftest's WebUIError
+            webui.post("/afa/v1/train", body)
+        assert expected in str(refused.value)
