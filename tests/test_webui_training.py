@@ -107,7 +107,7 @@ def form_values(members, steps: int, output: str) -> list:
 def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_the_accordion(webui, monkeypatch):
     generate_outputs(webui)
     hold = HoldAt(monkeypatch, step=2)
-    start = tab_component(webui, "afa_train_start")
+    start = tab_component(webui, "afa_train_generate")
     [view] = webui.event(start, inputs=form_values(["tiny-a", "tiny-b"], 4, "tab-run"))
     hold.wait()
 
@@ -121,7 +121,7 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
     assert reported["active"] and reported["progress"] == pytest.approx(0.5) and reported["eta"] is not None
     assert call_queue.queue_lock.locked()  # generations queue behind the run
 
-    [view] = webui.event(tab_component(webui, "afa_train_cancel"))
+    [view] = webui.event(tab_component(webui, "afa_train_interrupt"))
     final = training_job.job.wait(WAIT)
     assert final["state"] == training_job.CANCELLED and final["step"] == 2, final
     assert "Resume continues it" in final["message"]
@@ -158,6 +158,12 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
 
     # the accordion lists the new weights, "Use these weights" fills it, and the file runs as SABW
     outputs = training_ui.refresh()
+    losses, plot, table = outputs[1], outputs[2], outputs[3]
+    assert list(losses["step"]) == [1, 2, 3, 4]
+    assert set(plot["value"]["model"]) == {"tiny-a", "tiny-b", "block average", "AFA"}
+    low, high = plot["y_lim"]
+    assert low <= plot["value"]["MSE"].min() and plot["value"]["MSE"].max() <= high and low > 0
+    assert list(table.columns) == ["model", "MSE", "vs best member"] and len(table) == 4
     weights_updates = outputs[7:]
     assert len(weights_updates) == 2 and all("same-data.safetensors" in u["choices"] for u in weights_updates)
     filled = webui.event(tab_component(webui, "afa_train_use_weights"))[0]
@@ -322,6 +328,6 @@ def test_the_training_routes_need_the_api_credentials(tmp_path):
 
 
 def test_the_tab_reports_a_refused_start_and_closes_its_progress_bar(webui):
-    [view] = webui.event(tab_component(webui, "afa_train_start"), inputs=form_values(["tiny-a"], 4, ""))
+    [view] = webui.event(tab_component(webui, "afa_train_generate"), inputs=form_values(["tiny-a"], 4, ""))
     assert "choose 2 to 6 members" in view[0] and "task(test-start)" in progress.finished_tasks
     assert training_job.job.status.state == training_job.IDLE

@@ -99,6 +99,17 @@ def validation_frame(status: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "model", "MSE"])
 
 
+def validation_plot(status: dict):
+    """The validation plot, its y axis fitted to the errors (the models differ by a few percent; from 0 their lines
+    would coincide)."""
+    frame = validation_frame(status)
+    if frame.empty:
+        return gr.update(value=frame)
+    low, high = float(frame["MSE"].min()), float(frame["MSE"].max())
+    margin = max((high - low) * 0.1, high * 1e-3)
+    return gr.update(value=frame, y_lim=[low - margin, high + margin])
+
+
 def validation_table(status: dict) -> pd.DataFrame:
     """The last validation, best first, with each model's error relative to the best member's."""
     if not status["validation"]:
@@ -125,7 +136,7 @@ def refresh(error: str = ""):
     finished = status["state"] == FINISHED and status["weights"]
     accordion_updates = [gr.update(choices=folders.weights_choices()) if finished else gr.update()
                          for _ in accordion_weights()]
-    return [status_html(status, error), loss_frame(status), validation_frame(status), validation_table(status),
+    return [status_html(status, error), loss_frame(status), validation_plot(status), validation_table(status),
             gr.update(value=status["skipped"], visible=bool(status["skipped"])),
             gr.update(visible=bool(finished), value=f"Use {status['weights']}" if finished else "Use these weights"),
             gr.update(choices=resumable_runs()), *accordion_updates]
@@ -225,8 +236,10 @@ def create_tab():
                 output = gr.Textbox(label="Output name (weights folder)", placeholder="afa-<member>+<member>",
                                     elem_id="afa_train_output")
                 with gr.Row():
-                    start_button = gr.Button("Start", variant="primary", elem_id="afa_train_start")
-                    cancel_button = gr.Button("Cancel", elem_id="afa_train_cancel")
+                    # The ids end like txt2img's Generate and Interrupt buttons: the WebUI's keyboard shortcuts
+                    # (script.js: Ctrl+Enter, Esc) look for those in the current tab and fail on a tab without them.
+                    start_button = gr.Button("Start", variant="primary", elem_id="afa_train_generate")
+                    cancel_button = gr.Button("Cancel", elem_id="afa_train_interrupt")
                 with gr.Row():
                     resume_run = gr.Dropdown(label="Stopped run", choices=resumable_runs(),
                                              elem_id="afa_train_resume_run")

@@ -323,3 +323,62 @@ def test_xyz_plot_weights_axis(page):
     assert not any("AFA not applied" in text for text in info["infotexts"]), info["infotexts"]
     assert page.page.locator("#txt2img_gallery img").count() >= 1
     page.shot("07-xyz-grid")
+
+
+def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, webui):
+    """The AFA Training tab in a browser: members, a folder of captioned images, Start; the WebUI's progress bar and
+    the loss curve while it trains; Cancel; Resume of the stopped run; the validation plot and table; "Use these
+    weights" fills the txt2img accordion (members, the new weights, SABW) and the job runs as SABW."""
+    p = page.page
+    page.open_tab("AFA Training", "tab_afa_training")
+    page.pick("afa_train_members", "tiny-a.safetensors")
+    page.pick("afa_train_members", "tiny-b.safetensors")
+    p.locator("#afa_train_preset label", has_text="fast").click()
+    p.locator("#afa_train_data_source label", has_text="A folder or manifest").click()
+    p.fill("#afa_train_data_path textarea", str(webui.data_dir / "training-images"))
+    page.set_number("afa_train_resolution", 32)
+    page.set_number("afa_train_validation_percent", 25)
+    p.locator("#afa_train_length_unit label", has_text="Steps").click()
+    page.set_number("afa_train_steps", 80)
+    page.set_number("afa_train_batch_size", 2)
+    page.set_number("afa_train_validate_every", 10)
+    p.fill("#afa_train_output textarea", "browser-run")
+    p.click("#afa_train_generate")
+
+    # the WebUI's progress bar (javascript/progressbar.js) above the status, fed by /internal/progress
+    p.wait_for_selector("#tab_afa_training .progressDiv", state="visible", timeout=GENERATION_TIMEOUT_MS)
+    p.wait_for_function("() => /step (1[0-9]|[2-9][0-9]) of 80/.test("
+                        "document.querySelector('#afa_train_status').innerText)", timeout=GENERATION_TIMEOUT_MS)
+    page.shot("10-training-running", "#tab_afa_training")
+    p.click("#afa_train_interrupt")
+    p.wait_for_function("() => document.querySelector('#afa_train_status').innerText.includes('cancelled')",
+                        timeout=GENERATION_TIMEOUT_MS)
+    status = p.inner_text("#afa_train_status")
+    assert "Resume continues it" in status, status
+    assert not (webui.data_dir / "models" / "AFA" / "browser-run.safetensors").exists()
+
+    page.pick("afa_train_resume_run", "browser-run")
+    p.click("#afa_train_resume")
+    p.wait_for_function("() => document.querySelector('#afa_train_status').innerText.includes('wrote browser-run')",
+                        timeout=GENERATION_TIMEOUT_MS)
+    p.wait_for_selector("#afa_train_validation_table td", state="visible")
+    p.wait_for_timeout(1500)  # the plots redraw
+    page.shot("11-training-finished", "#tab_afa_training")
+    table = p.inner_text("#afa_train_validation_table")
+    for model in ("AFA", "block average", "tiny-a", "tiny-b"):
+        assert model in table, table
+    assert (webui.data_dir / "models" / "AFA" / "browser-run.safetensors").is_file()
+    page.assert_no_errors("training tab")
+
+    p.click("#afa_train_use_weights")
+    p.wait_for_selector("#txt2img_prompt textarea", state="visible")
+    p.wait_for_function(
+        "id => document.querySelector(`#${id}-checkbox input`).checked", arg=accordion_id("txt2img", "enabled"))
+    p.wait_for_timeout(500)
+    state = page.accordion("txt2img")
+    assert starts(state["members"], "tiny-a.safetensors", "tiny-b.safetensors"), state
+    assert state["weights"] == "browser-run.safetensors" and state["mode"] == "SABW", state
+    page.small_job()
+    info = page.generate()
+    assert "AFA weights: browser-run" in info["infotexts"][0] and "AFA not applied" not in info["infotexts"][0]
+    page.shot("12-use-these-weights", "#txt2img_settings")
