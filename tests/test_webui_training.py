@@ -136,8 +136,7 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
 
     # images saved after the start do not enter the resumed run (it trains on the snapshot)
     generate_outputs(webui, 8)
-    [view] = webui.event(tab_component(webui, "afa_train_resume"), inputs=["task(test-resume)", "tab-run",
-                                                                            training_ui.LENGTH_EPOCHS, 10, 4])
+    [view] = webui.event(tab_component(webui, "afa_train_resume"), inputs=["task(test-resume)", "tab-run"])
     final = training_job.job.wait(WAIT)
     assert final["state"] == training_job.FINISHED, final
     assert final["weights"] == "tab-run.safetensors" and final["step"] == 4
@@ -164,6 +163,9 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
     low, high = plot["y_lim"]
     assert low <= plot["value"]["MSE"].min() and plot["value"]["MSE"].max() <= high and low > 0
     assert list(table.columns) == ["model", "MSE", "vs best member"] and len(table) == 4
+    # the same through gradio's processing of the ticker's change event (what a browser polling the tab gets)
+    [processed] = webui.event(tab_component(webui, "afa_train_ticker"), event="change", inputs=[])
+    assert len(processed) == len(outputs) and processed[2]["value"] is not None
     weights_updates = outputs[7:]
     assert len(weights_updates) == 2 and all("same-data.safetensors" in u["choices"] for u in weights_updates)
     filled = webui.event(tab_component(webui, "afa_train_use_weights"))[0]
@@ -274,6 +276,15 @@ def test_a_generation_queues_behind_a_run_and_interrupt_stops_the_run(webui, mon
     assert final["state"] == training_job.CANCELLED and final["step"] == 1, final
     generation.join(WAIT)
     assert generated["response"].status_code == 200 and len(generated["response"].json()["images"]) == 1
+
+    # resuming keeps the run's settings; only its length may change
+    response = client.post("/afa/v1/train", json={"resume": True, "output": "queued", "batch_size": 4})
+    assert response.status_code == 400 and "only max_steps, epochs may change" in response.json()["detail"]
+    response = client.post("/afa/v1/train", json={"resume": True, "output": "queued", "max_steps": 5})
+    assert response.status_code == 200, response.text
+    final = training_job.job.wait(WAIT)
+    assert final["state"] == training_job.FINISHED and final["step"] == 5 and final["total_steps"] == 5, final
+    assert read_weights_info(folders.weights_dir() / "queued.safetensors").training["steps"] == 5
 
 
 def test_the_loaded_checkpoint_is_a_member_as_it_is_and_others_come_from_the_member_cache(webui, monkeypatch,

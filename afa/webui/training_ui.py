@@ -32,6 +32,8 @@ DATA_PATH = "A folder or manifest on the server"
 LENGTH_EPOCHS, LENGTH_STEPS = "Epochs", "Steps"
 PRECISIONS = {"fp16 (CUDA)": "fp16", "bf16": "bf16", "fp32": "no"}
 POLL_SECONDS = 2.0
+VALIDATION_PLOT = dict(x="step", y="MSE", color="model", title="Held-out denoising error (lower is better)",
+                       tooltip=["model", "MSE"], height=260, width=520)
 
 
 def default_precision() -> str:
@@ -107,7 +109,8 @@ def validation_plot(status: dict):
         return gr.update(value=frame)
     low, high = float(frame["MSE"].min()), float(frame["MSE"].max())
     margin = max((high - low) * 0.1, high * 1e-3)
-    return gr.update(value=frame, y_lim=[low - margin, high + margin])
+    # gradio 3.41 rebuilds the chart from the properties an update gives, and needs x and y among them
+    return gr.update(value=frame, y_lim=[low - margin, high + margin], **VALIDATION_PLOT)
 
 
 def validation_table(status: dict) -> pd.DataFrame:
@@ -162,14 +165,13 @@ def start(id_task, *form):
     return refresh()
 
 
-def resume(id_task, name, length_unit, epochs, steps):
+def resume(id_task, name):
+    """Continues the chosen run with the settings it was saved with (the form's settings are not used: they may be
+    another run's). Training it longer is the API's `"max_steps"` with `"resume": true`."""
     if not name:
-        return refresh("choose the run to resume")
-    request = {"resume": True, "output": name}
-    if length_unit == LENGTH_STEPS:
-        request["max_steps"] = int(steps)
+        return refused(id_task, training_job.TrainingRefused("choose the run to resume"))
     try:
-        job.start(request, id_task=id_task)
+        job.start({"resume": True, "output": name}, id_task=id_task)
     except AfaError as error:
         return refused(id_task, error)
     return refresh()
@@ -249,9 +251,7 @@ def create_tab():
                 status = gr.HTML(status_html(job.status.to_dict()), elem_id="afa_train_status")
                 loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, width=520,
                                         elem_id="afa_train_loss_plot")
-                validation_plot = gr.LinePlot(x="step", y="MSE", color="model", title="Held-out denoising error "
-                                              "(lower is better)", height=260, width=520, tooltip=["model", "MSE"],
-                                              elem_id="afa_train_validation_plot")
+                validation_plot = gr.LinePlot(**VALIDATION_PLOT, elem_id="afa_train_validation_plot")
                 table = gr.Dataframe(label="Last validation", headers=["model", "MSE", "vs best member"],
                                      interactive=False, elem_id="afa_train_validation_table")
                 skipped = gr.Textbox(label="Skipped files", lines=4, visible=False, interactive=False,
@@ -269,8 +269,8 @@ def create_tab():
                            outputs=[data_path], show_progress=False)
         start_button.click(fn=start, _js="afa_start_training", inputs=[id_task, *form], outputs=view,
                            show_progress=False)
-        resume_button.click(fn=resume, _js="afa_start_training", inputs=[id_task, resume_run, length_unit, epochs,
-                                                                          steps], outputs=view, show_progress=False)
+        resume_button.click(fn=resume, _js="afa_start_training", inputs=[id_task, resume_run], outputs=view,
+                            show_progress=False)
         cancel_button.click(fn=cancel, outputs=view, show_progress=False)
         ticker.change(fn=refresh, outputs=view, show_progress=False)
         accordion_outputs = [component for controls in ACCORDIONS.values()

@@ -226,7 +226,16 @@ def wait_for_training(webui, until, timeout: float = 600) -> dict:
     raise AssertionError(f"training did not get there in {timeout} s: {status}")
 
 
-def test_training_through_the_api_cancels_resumes_to_the_same_weights_and_runs_as_sabw(webui):
+@pytest.fixture
+def trained_weights_removed(webui):
+    """The weights files the training tests write are removed afterwards (the other tests list the folder)."""
+    yield
+    for path in (webui.data_dir / "models" / "AFA").glob("api-*.safetensors"):
+        path.unlink()
+
+
+def test_training_through_the_api_cancels_resumes_to_the_same_weights_and_runs_as_sabw(webui,
+                                                                                        trained_weights_removed):
     """Started, polled, cancelled mid-run, resumed: the weights equal an uninterrupted run's bit for bit, the
     weights list names the file, and it runs as SABW."""
     from safetensors.torch import load_file

@@ -382,3 +382,4 @@ def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, w
     info = page.generate()
     assert "AFA weights: browser-run" in info["infotexts"][0] and "AFA not applied" not in info["infotexts"][0]
     page.shot("12-use-these-weights", "#txt2img_settings")
+    (webui.data_dir / "models" / "AFA" / "browser-run.safetensors").unlink()  # the other tests list the folder
