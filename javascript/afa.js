@@ -1,6 +1,7 @@
 // AFA ensemble: hover hints for the accordion's controls, in A1111's `titles` convention (javascript/hints.js:
 // the WebUI shows titles[text] as the tooltip of a label, button or dropdown option whose text is `text`).
-// Everything lives inside this function: the only global touched is the WebUI's own `titles`.
+// The hints live inside this function (the only global they touch is the WebUI's own `titles`); the training tab's
+// functions below are globals, as `_js` handlers must be.
 (function() {
     const afaTitles = {
         "AFA ensemble": "Run several checkpoints together: every UNet block of every member runs, and the members' features are mixed after each block (Adaptive Feature Aggregation). The loaded checkpoint provides the text encoder, VAE and sampler.",
@@ -37,4 +38,20 @@ function afa_start_training() {
     var res = Array.from(arguments);
     res[0] = id;
     return res;
+}
+
+// The AFA Training tab's right column follows the run: every 2 s while the tab is on screen, its refresh button is
+// clicked, which reads the run's state into a hidden ticker; the column is redrawn when that changes
+// (afa/webui/training_ui.py). Nothing is sent while another tab is shown or the page is in the background.
+var AFA_TRAINING_POLL_MS = 2000;
+if (typeof onUiLoaded === "function") {
+    onUiLoaded(function() {
+        setInterval(function() {
+            var tab = gradioApp().getElementById("tab_afa_training");
+            var button = gradioApp().getElementById("afa_train_poll");
+            if (tab && button && tab.offsetParent !== null && !document.hidden) {
+                button.click();
+            }
+        }, AFA_TRAINING_POLL_MS);
+    });
 }

@@ -163,7 +163,10 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
     low, high = plot["y_lim"]
     assert low <= plot["value"]["MSE"].min() and plot["value"]["MSE"].max() <= high and low > 0
     assert list(table.columns) == ["model", "MSE", "vs best member"] and len(table) == 4
-    # the same through gradio's processing of the ticker's change event (what a browser polling the tab gets)
+    # what the page's poll gets (javascript/afa.js clicks the refresh button), then the ticker's change event, both
+    # through gradio's processing
+    [[ticker]] = webui.event(tab_component(webui, "afa_train_poll"))
+    assert ticker.startswith("finished|same-data|4|")
     [processed] = webui.event(tab_component(webui, "afa_train_ticker"), event="change", inputs=[])
     assert len(processed) == len(outputs) and processed[2]["value"] is not None
     weights_updates = outputs[7:]

@@ -5,8 +5,9 @@ progress bar, the training loss, the held-out denoising error of every member, b
 validation (plot and table), the skipped files, and "Use these weights" once a run has written its file.
 
 Building the tab only reads (the checkpoint list, the runs folder); the work is `training_job`'s. The right column is
-refreshed by a hidden ticker that gradio polls every 2 s (a component value with `every`, which A1111's queue
-serves), and by the ticker's change; so a run started through the API shows here too.
+redrawn when a hidden ticker (state, step, validations, message) changes; javascript/afa.js polls it every
+POLL_SECONDS while the tab is on screen, by clicking the tab's refresh button (a short event, not a gradio `every`
+loop, which would hold one of the queue's workers per open page), so a run started through the API shows too.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DATA_OUTPUTS = "WebUI outputs (txt2img and img2img images; prompts from their in
 DATA_PATH = "A folder or manifest on the server"
 LENGTH_EPOCHS, LENGTH_STEPS = "Epochs", "Steps"
 PRECISIONS = {"fp16 (CUDA)": "fp16", "bf16": "bf16", "fp32": "no"}
-POLL_SECONDS = 2.0
+POLL_SECONDS = 2.0  # javascript/afa.js: AFA_TRAINING_POLL_MS
 VALIDATION_PLOT = dict(x="step", y="MSE", color="model", title="Held-out denoising error (lower is better)",
                        tooltip=["model", "MSE"], height=260, width=520)
 
@@ -258,7 +259,9 @@ def create_tab():
                                      elem_id="afa_train_skipped")
                 use_button = gr.Button("Use these weights", visible=False, variant="primary",
                                        elem_id="afa_train_use_weights")
-                ticker = gr.Textbox(ticker_value, every=POLL_SECONDS, visible=False, elem_id="afa_train_ticker")
+                with gr.Row():
+                    poll_button = ToolButton(value=REFRESH_SYMBOL, elem_id="afa_train_poll")
+                    ticker = gr.Textbox(ticker_value(), visible=False, elem_id="afa_train_ticker")
 
         view = [status, loss_plot, validation_plot, table, skipped, use_button, resume_run, *accordion_weights()]
         form = [members, preset, data_source, data_path, resolution, validation_percent, length_unit, epochs, steps,
@@ -272,6 +275,7 @@ def create_tab():
         resume_button.click(fn=resume, _js="afa_start_training", inputs=[id_task, resume_run], outputs=view,
                             show_progress=False)
         cancel_button.click(fn=cancel, outputs=view, show_progress=False)
+        poll_button.click(fn=ticker_value, outputs=[ticker], show_progress=False)
         ticker.change(fn=refresh, outputs=view, show_progress=False)
         accordion_outputs = [component for controls in ACCORDIONS.values()
                              for component in (controls.enabled, controls.members, controls.weights, controls.mode)]
