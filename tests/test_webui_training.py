@@ -250,6 +250,7 @@ def test_a_generation_queues_behind_a_run_and_interrupt_stops_the_run(webui, mon
     """While a run holds the GPU a generation waits in the WebUI's queue (no error, no image mixed into the run) and
     runs when the run ends; the WebUI's Interrupt stops the run like Cancel. Through the API, with its status."""
     data = harness_images(tmp_path)
+    (data / "zz-broken.png").write_bytes(b"not a png")  # no .txt: its infotext cannot be read (skipped when indexed)
     hold = HoldAt(monkeypatch, step=1)
     client = webui.client()
     response = client.post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "queued"})
@@ -258,6 +259,7 @@ def test_a_generation_queues_behind_a_run_and_interrupt_stops_the_run(webui, mon
     status = client.get("/afa/v1/train").json()
     assert status["state"] == training_job.TRAINING and status["step"] == 1 and status["losses"][0][0] == 1
     assert status["members"][0].startswith("tiny-a") and status["total_steps"] == 4
+    assert "zz-broken.png" in status["skipped"], status["skipped"]  # reported, and the run goes on without it
 
     again = client.post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "second"})
     assert again.status_code == 409 and "already running" in again.json()["detail"]

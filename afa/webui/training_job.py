@@ -77,6 +77,11 @@ class LoadingCancelled(AfaError):
     """Cancel (or Interrupt) pressed before the first step."""
 
 
+def public_lines(text: str) -> str:
+    """A report of several lines (the trainer's skip report) with files named as public_text names them."""
+    return "\n".join(public_text(line) for line in str(text).splitlines())
+
+
 def runs_dir() -> Path:
     return Path(paths_internal.data_path) / "afa-training"
 
@@ -173,13 +178,13 @@ def plan_run(request: dict) -> Plan:
         raise TrainingRefused(f"weights {name}{folders.WEIGHTS_SUFFIX} already exist in the weights folder; choose "
                               f"another output name (or delete the file)")
     if trainer.saved_arguments(run_dir) is not None:
-        raise TrainingRefused(f"a run named {name!r} was stopped before it ended: resume it, or choose another "
+        raise TrainingRefused(f"a run named {name!r} has a saved training state: resume it, or choose another "
                               f"output name")
 
     sources = [Path(data)] if data != WEBUI_OUTPUTS else webui_output_folders()
     if data != WEBUI_OUTPUTS and not Path(data).exists():
         raise TrainingRefused(f"data {data!r}: no such folder or manifest on the server")
-    argv = ["--members", *[info.filename for info in infos], "--data", str(run_dir / "data.jsonl"),
+    argv = ["--members", *[info.filename for info in infos], "--data", str(run_dir / trainer.DATA_SNAPSHOT_NAME),
             "--output", str(weights_path), "--run-dir", str(run_dir), "--device", str(devices.device),
             "--num-workers", "0", *argv_of(request)]
     args = trainer.parse_args(argv, exit_on_error=False)
@@ -213,8 +218,6 @@ def plan_resume(output, members, overrides: dict) -> Plan:
                               f"{', '.join(checkpoints.label(i) for i in infos)}")
     values = {k: v for k, v in saved.items() if k != "step"}
     values.update({k: v for k, v in overrides.items() if k in RESUME_OVERRIDES and v is not None})
-    if "max_steps" in overrides and overrides["max_steps"] is None:
-        values["max_steps"] = saved.get("max_steps")
     values.update(run_dir=run_dir, resume="latest", device=str(devices.device), num_workers=0)
     return Plan(name, infos, argparse.Namespace(**values), [], resume=True, start_step=saved["step"])
 
@@ -304,14 +307,24 @@ class Events:
         status = self.job.status
         status.state, status.step, status.start_step = TRAINING, progress_.step, progress_.step
         status.total_steps, status.dataset_size = total_steps, dataset_size
-        status.skipped = public_text(skip_report.summary()) if skip_report.total else ""
+        if self.job.snapshot_report is not None:  # what indexing the data for the snapshot skipped
+            skip_report.merge(self.job.snapshot_report)
+        self.skip_report, self.skipped_total = skip_report, -1
+        self.report_skipped()
         shared.state.job_count, shared.state.job_no = 1, 0
         shared.state.sampling_steps = max(total_steps - progress_.step, 1)
         shared.state.sampling_step = 0
         shared.state.time_start = time.time()  # the ETA counts from the first step of this session
         shared.state.textinfo = f"{JOB_NAME} {status.name}: step {progress_.step}/{total_steps}"
 
+    def report_skipped(self) -> None:
+        """The skip report into the status when it grew (images that fail to decode are found as they load)."""
+        if self.skip_report.total != self.skipped_total:
+            self.skipped_total = self.skip_report.total
+            self.job.status.skipped = public_lines(self.skip_report.summary()) if self.skipped_total else ""
+
     def stepped(self, progress_, total_steps, loss):
+        self.report_skipped()
         status = self.job.status
         status.step = progress_.step
         status.losses.append([progress_.step, loss])
@@ -341,6 +354,7 @@ class TrainingJob:
         self.status = Status()
         self.cancel_requested = threading.Event()
         self.thread: threading.Thread | None = None
+        self.snapshot_report = None  # the files the data snapshot of the current run skipped
         self.guard = threading.Lock()  # start/cancel/status from several request threads
 
     @property
@@ -359,14 +373,16 @@ class TrainingJob:
                 raise TrainingBusy("the WebUI is busy (a generation or another job is running); start training "
                                       "when it has finished")
             try:
+                self.snapshot_report = None
                 if not plan.resume:
                     count, report = trainer.snapshot_data(plan.sources, plan.args.data)
+                    self.snapshot_report = report
                     if count == 0:
                         Path(plan.args.data).unlink(missing_ok=True)
                         with contextlib.suppress(OSError):
                             plan.args.run_dir.rmdir()  # only if empty: a folder the user made stays
                         raise TrainingRefused("no captioned images in " + ", ".join(
-                            public_text(str(s)) for s in plan.sources) + (f"\n{public_text(report.summary())}"
+                            public_text(str(s)) for s in plan.sources) + (f"\n{public_lines(report.summary())}"
                                                                           if report.total else ""))
                 losses, validation = history(plan.args.run_dir, plan.start_step) if plan.resume else ([], [])
                 self.status = Status(state=PREPARING, name=plan.name, members=[info.title for info in plan.infos],
@@ -413,7 +429,7 @@ class TrainingJob:
                 status.weights = folders.weights_name(Path(outcome.output))
                 status.message = f"wrote {status.weights} ({outcome.steps} steps)"
             if outcome.skip_report.total:
-                status.skipped = public_text(outcome.skip_report.summary())
+                status.skipped = public_lines(outcome.skip_report.summary())
         except LoadingCancelled as error:
             status.state, status.message = CANCELLED, str(error)
         except AfaError as error:
