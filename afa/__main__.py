@@ -16,6 +16,9 @@ from .members import check_members, read_unet_shapes, resolve_unet_params
 from .unet import PRESETS, BlockLayout, block_layout
 from .weights import read_weights_info
 
+# bench feeds its members text context only: the label-conditioned (SDXL) presets are not benchmarked yet
+BENCH_ARCHITECTURES = [name for name, params in PRESETS.items() if "adm_in_channels" not in params]
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time one UNet vs the ensemble in every mode, random weights",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bench.add_argument("--arch", choices=sorted(PRESETS), default="sd15", help="member architecture")
+    bench.add_argument("--arch", choices=sorted(BENCH_ARCHITECTURES), default="sd15", help="member architecture")
     bench.add_argument("--members", type=int, default=2, help="number of members N")
     bench.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px for SD)")
     bench.add_argument("--batch", type=int, default=1, help="batch size (the WebUI's CFG batches 2 per image)")

@@ -84,7 +84,7 @@ def test_yaml_beside_the_checkpoint_is_used(checkpoint_factory, tmp_path):
     shutil.copy(source.with_suffix(".yaml"), path.with_suffix(".yaml"))
     assert load_member(path).num_heads == PRESETS["tiny"]["num_heads"]
     path.with_suffix(".yaml").write_text("model: {params: {}}")
-    with pytest.raises(CheckpointError, match="copy.yaml: not an ldm model config"):
+    with pytest.raises(CheckpointError, match="copy.yaml: not a model config .need model.params.unet_config.params, or model.params.network_config.params"):
         load_member(path)
 
 
