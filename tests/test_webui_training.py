@@ -347,3 +347,29 @@ def test_the_tab_reports_a_refused_start_and_closes_its_progress_bar(webui):
     [view] = webui.event(tab_component(webui, "afa_train_generate"), inputs=form_values(["tiny-a"], 4, ""))
     assert "choose 2 to 6 members" in view[0] and "task(test-start)" in progress.finished_tasks
     assert training_job.job.status.state == training_job.IDLE
+
+
+def test_a_run_seen_ended_has_given_everything_back(webui, monkeypatch, tmp_path):
+    """The end of a run is published last: a client that sees "finished" can start the next run at once (no 409),
+    and the queue lock is free. The run's cleanup is slowed down to widen the window this guards."""
+    import time
+
+    data = harness_images(tmp_path)
+    trim = training_job.cache.trim
+
+    def slow_trim(policy):
+        time.sleep(0.5)
+        trim(policy)
+
+    monkeypatch.setattr(training_job.cache, "trim", slow_trim)
+    client = webui.client()
+    assert client.post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "first",
+                                              "max_steps": 1}).status_code == 200
+    deadline = time.time() + WAIT
+    while client.get("/afa/v1/train").json()["state"] != training_job.FINISHED:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert not call_queue.queue_lock.locked()
+    response = client.post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "second", "max_steps": 1})
+    assert response.status_code == 200, response.text
+    assert training_job.job.wait(WAIT)["state"] == training_job.FINISHED

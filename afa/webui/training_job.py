@@ -354,12 +354,13 @@ class TrainingJob:
         self.status = Status()
         self.cancel_requested = threading.Event()
         self.thread: threading.Thread | None = None
+        self.active = False  # from Start until the run has given everything back
         self.snapshot_report = None  # the files the data snapshot of the current run skipped
         self.guard = threading.Lock()  # start/cancel/status from several request threads
 
     @property
     def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return self.active
 
     def start(self, request: dict, id_task: str | None = None) -> dict:
         """Checks the request, takes the queue lock and starts the run; returns the status. Raises AfaError
@@ -393,9 +394,11 @@ class TrainingJob:
                 shared.state.begin(job=JOB_NAME)
                 if id_task:
                     progress.start_task(id_task)
+                self.active = True
                 self.thread = threading.Thread(target=self.run, args=(plan,), name="afa-training", daemon=True)
                 self.thread.start()
             except BaseException:
+                self.active = False
                 call_queue.queue_lock.release()
                 raise
         return self.status.to_dict()
@@ -414,28 +417,29 @@ class TrainingJob:
         return self.status.to_dict()
 
     def run(self, plan: Plan) -> None:
+        """The run's thread. Its end (finished, cancelled, failed) is published last, after the WebUI's model,
+        the queue lock and the progress task are given back: whoever sees it may start the next run at once."""
         status = self.status
         restore = []
+        weights, skipped = None, None
         try:
             members = self.members_for(plan, restore)
             status.message = ""
             outcome = trainer.train(plan.args, Events(self), members=members)
             if outcome.stopped:
-                status.state = CANCELLED
-                status.message = (f"cancelled at step {outcome.steps} of {outcome.total_steps}; the training state "
-                                  f"is saved: Resume continues it")
+                state, message = CANCELLED, (f"cancelled at step {outcome.steps} of {outcome.total_steps}; the "
+                                             f"training state is saved: Resume continues it")
             else:
-                status.state = FINISHED
-                status.weights = folders.weights_name(Path(outcome.output))
-                status.message = f"wrote {status.weights} ({outcome.steps} steps)"
+                weights = folders.weights_name(Path(outcome.output))
+                state, message = FINISHED, f"wrote {weights} ({outcome.steps} steps)"
             if outcome.skip_report.total:
-                status.skipped = public_lines(outcome.skip_report.summary())
+                skipped = public_lines(outcome.skip_report.summary())
         except LoadingCancelled as error:
-            status.state, status.message = CANCELLED, str(error)
+            state, message = CANCELLED, str(error)
         except AfaError as error:
-            status.state, status.message = FAILED, public_text(str(error))
+            state, message = FAILED, public_text(str(error))
         except Exception as error:  # noqa: BLE001 -- a bug or an out-of-memory: report it, keep the WebUI running
-            status.state, status.message = FAILED, public_text(f"{type(error).__name__}: {error}")
+            state, message = FAILED, public_text(f"{type(error).__name__}: {error}")
             import traceback
             traceback.print_exc()
         finally:
@@ -452,7 +456,12 @@ class TrainingJob:
             shared.state.end()
             shared.state.interrupted = False
             shared.state.job_count = 0
+            self.active = False
             call_queue.queue_lock.release()
+        status.weights = weights
+        if skipped is not None:
+            status.skipped = skipped
+        status.state, status.message = state, message
 
     def members_for(self, plan: Plan, restore: list) -> list[torch.nn.Module]:
         """The members' UNets for the run (see the module docstring); `restore` collects what undoes the changes to

@@ -76,7 +76,7 @@ def write_checkpoints(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def write_pair_weights(path: Path, member_paths: list[Path]) -> Path:
+def write_pair_weights(path: Path, member_paths: list[Path], context_dim: int = 32) -> Path:
     """A SABW weights file for the given checkpoints with random, non-uniform weights (as
     tests/test_webui_extension.py write_weights); members named by file stem, bound by sha256."""
     import torch
@@ -88,7 +88,7 @@ def write_pair_weights(path: Path, member_paths: list[Path]) -> Path:
 
     refs = [MemberRef(member.stem, file_sha256(member)) for member in member_paths]
     layout = block_layout(read_unet_shapes(member_paths[0]))
-    config = default_config(layout, len(member_paths), context_dim=32, hidden_channels=32, num_heads=2)
+    config = default_config(layout, len(member_paths), context_dim=context_dim, hidden_channels=32, num_heads=2)
     torch.manual_seed(0)
     aggregator = randomize_(Aggregator(config), seed=0, scale=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
