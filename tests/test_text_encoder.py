@@ -180,6 +180,16 @@ def test_text_config_is_read_from_the_folder_the_yaml_names(tmp_path):
         load_text_encoder(tiny_sd_state_dict(0), config_naming(narrower))
 
 
+def test_a_relative_text_encoder_folder_is_found_where_the_webui_would_resolve_it(tmp_path):
+    """A yaml naming `models/text/narrow` (relative, as the WebUI resolves it from its own directory)."""
+    narrower_config = {**TINY_CLIP_TEXT_CONFIG, "hidden_size": 16, "intermediate_size": 48}
+    write_text_encoder_folder(tmp_path / "models" / "text" / "narrow", narrower_config)
+    config, source = sd1_text_config(config_naming("models/text/narrow"), search_dirs=[tmp_path / "elsewhere",
+                                                                                      tmp_path])
+    assert config.hidden_size == 16 and str(tmp_path / "models" / "text" / "narrow" / "config.json") in source
+    assert sd1_text_config(config_naming("models/text/narrow"))[1] == "SD1's CLIP ViT-L/14 text config"
+
+
 def test_a_hub_name_means_sd1_vit_l_without_reading_anything():
     config, source = sd1_text_config(config_naming("openai/clip-vit-large-patch14"))
     assert (config.hidden_size, config.num_hidden_layers, source) == (768, 12, "SD1's CLIP ViT-L/14 text config")
@@ -207,9 +217,24 @@ def test_yamls_with_the_inline_text_config_of_earlier_versions_are_still_read(ti
     assert load_text_encoder(tiny_state_dict, earlier).config.hidden_size == 32
 
 
-def test_without_yaml_expects_sd1_vit_l_shapes(tiny_state_dict):
-    expected_message = r"tiny\.ckpt.*token_embedding.*\(49408, 32\).*SD1's CLIP ViT-L/14.*\(49408, 768\)"
-    with pytest.raises(CheckpointError, match=expected_message):
+def test_without_a_config_folder_the_encoder_is_inferred_from_its_tensors(tiny_state_dict):
+    """No yaml, or one naming a hub model: a text encoder that is not ViT-L is built from its own shapes (64
+    channels per head, CLIP's convention), and one whose width gives no head count is one clear error."""
+    other_config = {**TINY_CLIP_TEXT_CONFIG, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
+                    "num_attention_heads": 2}
+    torch.manual_seed(0)
+    other = CLIPTextModel(CLIPTextConfig(**other_config)).eval()
+    state_dict = {TEXT_ENCODER_PREFIX + key: value for key, value in other.state_dict().items()}
+    for config in (None, config_naming("openai/clip-vit-large-patch14")):
+        text_encoder = load_text_encoder(state_dict, config, checkpoint_name="narrow.safetensors")
+        got = text_encoder.config
+        assert (got.hidden_size, got.num_hidden_layers, got.num_attention_heads, got.intermediate_size) == \
+            (128, 3, 2, 256)
+        token_ids = tokenize(["a photo of a cat"])
+        with torch.no_grad():
+            assert torch.equal(encode(text_encoder, token_ids), other(input_ids=token_ids).last_hidden_state)
+    with pytest.raises(CheckpointError, match=r"tiny\.ckpt: its text encoder is 32 wide, which gives no CLIP head "
+                                              r"count.*cond_stage_config\.params\.version names a folder"):
         load_text_encoder(tiny_state_dict, None, checkpoint_name="tiny.ckpt")
 
 

@@ -425,3 +425,30 @@ def test_training_states_are_safetensors_without_pickle(baseline):
     decoded = train.decode_state(train.encode_state(value, tensors), tensors)
     assert decoded["a"] == (1, 2.5, None) and torch.equal(decoded[3][0], torch.ones(2))
     assert torch.equal(decoded["b"]["c"], torch.zeros(()))
+
+
+def test_members_with_another_text_encoder_width_train_with_their_config_inferred(dataset, tmp_path):
+    """SD1-layout members whose text encoder is 64 wide (not ViT-L) and whose yaml names a hub model, not a folder
+    (what the WebUI's stock yamls say): the encoder's config comes from its tensors, the aggregator's context width
+    from it, and the run trains."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from afa.unet import PRESETS
+    from training.sd_checkpoint import (TEXT_ENCODER_PREFIX, TINY_CLIP_TEXT_CONFIG, tiny_sd_config,
+                                        tiny_sd_state_dict, write_webui_checkpoint)
+
+    members = []
+    for seed in (1, 2):
+        state_dict = tiny_sd_state_dict(seed, dict(PRESETS["tiny"], context_dim=64))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
+        torch.manual_seed(seed)
+        encoder = CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP_TEXT_CONFIG, "hidden_size": 64,
+                                                  "num_attention_heads": 1, "intermediate_size": 128}))
+        state_dict.update({TEXT_ENCODER_PREFIX + k: v for k, v in encoder.state_dict().items()})
+        config = tiny_sd_config(tmp_path / "tiny-clip-text")
+        config["model"]["params"]["unet_config"]["params"]["context_dim"] = 64
+        config["model"]["params"]["cond_stage_config"]["params"]["version"] = "openai/clip-vit-large-patch14"
+        members.append(write_webui_checkpoint(tmp_path / f"wide-{seed}.safetensors", state_dict, config))
+    run_in_process(train_args(members, dataset, tmp_path, "wide", "--max-steps", "1"))
+    info = read_weights_info(tmp_path / "wide.safetensors")
+    assert info.config.context_dim == 64 and info.training["steps"] == 1

@@ -301,6 +301,15 @@ def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
         for key in first_state)
 
 
+def text_encoder_search_dirs(path: str | Path) -> list[Path]:
+    """Where a yaml's relative text encoder folder may be: the WebUI's directory (the WebUI resolves it from there,
+    its working directory) when this extension sits in one, the current directory, and the checkpoint's folder."""
+    from afa.host import find_webui
+
+    webui = find_webui()
+    return ([webui.root] if webui is not None else []) + [Path.cwd(), Path(path).parent]
+
+
 def load_text_encoders(member_paths: list[str | Path], config: str | Path | None = None,
                        device: torch.device | str = "cpu") -> list[torch.nn.Module]:
     """Each member's own frozen SD1 text encoder (`cond_stage_model.*`, float32, on `device`), in member order;
@@ -315,7 +324,8 @@ def load_text_encoders(member_paths: list[str | Path], config: str | Path | None
     encoders = []
     for path in member_paths:
         tensors = {f"cond_stage_model.{k}": v for k, v in read_prefixed_tensors(path, "cond_stage_model.").items()}
-        encoder = load_text_encoder(tensors, read_sd_config(path, config), checkpoint_name=str(path))
+        encoder = load_text_encoder(tensors, read_sd_config(path, config), checkpoint_name=str(path),
+                                    search_dirs=text_encoder_search_dirs(path))
         del tensors
         # Loaded (float32) weights are compared, so an fp16 file of an fp32 encoder counts as another encoder
         # exactly when its rounding changed a value.

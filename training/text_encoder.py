@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -195,7 +195,8 @@ def _cond_stage_config(config_yaml: Mapping | None) -> Mapping:
     return params.get("cond_stage_config") or {}
 
 
-def sd1_text_config(config_yaml: Mapping | None) -> tuple[CLIPTextConfig, str]:
+def sd1_text_config(config_yaml: Mapping | None, search_dirs: Sequence[str | Path] = ()) \
+        -> tuple[CLIPTextConfig, str]:
     """The text model config for a checkpoint and where it came from (for error messages).
 
     The yaml's `cond_stage_config.params.version` is what ldm's `FrozenCLIPEmbedder` hands to `from_pretrained`.
@@ -222,7 +223,45 @@ def sd1_text_config(config_yaml: Mapping | None) -> tuple[CLIPTextConfig, str]:
     if version is not None and (os.path.isdir(str(version)) or os.path.isabs(str(version))
                                 or str(version).startswith(".")):
         return _text_config_from_folder(Path(str(version)))
-    return CLIPTextConfig(**SD1_CLIP_TEXT_CONFIG), "SD1's CLIP ViT-L/14 text config"
+    for folder in search_dirs:  # a relative folder: the WebUI resolves it from its own directory
+        candidate = Path(folder) / str(version)
+        if version is not None and (candidate / TEXT_CONFIG_FILE).is_file():
+            return _text_config_from_folder(candidate)
+    return CLIPTextConfig(**SD1_CLIP_TEXT_CONFIG), SD1_CONFIG_SOURCE
+
+
+SD1_CONFIG_SOURCE = "SD1's CLIP ViT-L/14 text config"
+CLIP_HEAD_WIDTH = 64  # every CLIP text tower (ViT-B 512/8, ViT-L 768/12, ViT-H 1024/16, ViT-bigG 1280/20)
+
+
+def inferred_text_config(tensors: Mapping[str, torch.Tensor], checkpoint_name: str = "checkpoint") \
+        -> tuple[CLIPTextConfig, str]:
+    """The CLIP text config the tensors (named as `CLIPTextModel.state_dict()` names them) have: width and vocabulary
+    from the token embedding, context from the position embedding, layers and MLP width from the encoder; the head
+    count, which shapes do not hold, by CLIP's convention of 64 channels per head.
+
+    :raises CheckpointError: the width is not a multiple of 64 (no convention gives its heads), or a tensor the
+        inference needs is missing.
+    """
+    try:
+        vocab_size, hidden_size = tensors["text_model.embeddings.token_embedding.weight"].shape
+        context_length = tensors["text_model.embeddings.position_embedding.weight"].shape[0]
+        intermediate_size = tensors["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as error:
+        raise CheckpointError(f"{checkpoint_name}: cannot infer its text encoder's config: {error} is missing") \
+            from None
+    layers = {key.split(".")[3] for key in tensors if key.startswith("text_model.encoder.layers.")}
+    if hidden_size % CLIP_HEAD_WIDTH:
+        raise CheckpointError(
+            f"{checkpoint_name}: its text encoder is {hidden_size} wide, which gives no CLIP head count (64 channels "
+            f"per head); give the checkpoint a yaml whose cond_stage_config.params.version names a folder holding "
+            f"the encoder's config.json, as the WebUI needs too")
+    config = dict(SD1_CLIP_TEXT_CONFIG, vocab_size=vocab_size, hidden_size=hidden_size,
+                  intermediate_size=intermediate_size, num_hidden_layers=len(layers),
+                  num_attention_heads=hidden_size // CLIP_HEAD_WIDTH, max_position_embeddings=context_length,
+                  projection_dim=hidden_size)
+    return CLIPTextConfig(**config), (f"the text config inferred from its tensors ({len(layers)} layers, width "
+                                      f"{hidden_size}, {hidden_size // CLIP_HEAD_WIDTH} heads)")
 
 
 def _text_config_from_folder(folder: Path) -> tuple[CLIPTextConfig, str]:
@@ -269,18 +308,27 @@ def text_encoder_state_dict(state_dict: Mapping[str, torch.Tensor], checkpoint_n
 
 
 def load_text_encoder(state_dict: Mapping[str, torch.Tensor], config_yaml: Mapping | None,
-                      checkpoint_name: str = "checkpoint") -> CLIPTextModel:
+                      checkpoint_name: str = "checkpoint", search_dirs: Sequence[str | Path] = ()) -> CLIPTextModel:
     """The SD1 text encoder of a WebUI checkpoint: a frozen `CLIPTextModel` in eval mode, float32, on the CPU.
 
     :param state_dict: the checkpoint's flat state dict (other models' keys are ignored). Text-encoder keys with or
         without `text_model.` (older checkpoints) are accepted; `position_ids` may be absent.
     :param config_yaml: the checkpoint's ldm config (parsed yaml), or None.
     :param checkpoint_name: names the checkpoint in error messages.
+    :param search_dirs: where a relative `version` folder of the yaml is looked for (the WebUI's own directory,
+        from which the WebUI resolves it, and the checkpoint's folder).
     :raises CheckpointError: when keys or shapes do not match the config (the message names the key and shapes).
     :raises UnsupportedTextEncoderError: for SD2/SDXL checkpoints.
     """
     tensors = text_encoder_state_dict(state_dict, checkpoint_name)
-    config, config_source = sd1_text_config(config_yaml)
+    config, config_source = sd1_text_config(config_yaml, search_dirs)
+    if config_source == SD1_CONFIG_SOURCE:
+        # No folder names the encoder's config: ViT-L unless its own shapes say it is another CLIP text tower.
+        shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "max_position_embeddings")
+        inferred, inferred_source = inferred_text_config(tensors, checkpoint_name)
+        if any(getattr(inferred, name) != getattr(config, name) for name in shape_fields):
+            config, config_source = inferred, inferred_source
     # Shapes come from a model built on the meta device (no memory, no weight init), so a mismatch is reported
     # before SD1's 123M parameters are allocated.
     with torch.device("meta"):
