@@ -41,3 +41,35 @@ def write_captioned_images(folder, count: int = 12, width: int = 32, height: int
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
         (folder / f"{index:02d}.txt").write_text(f"a {colour} thing number {index}")
     return folder
+
+
+# A tiny SD 2.x-v model: the tiny UNet with linear transformer projections (SD 2.x's) reading a 64-wide context, and
+# an OpenCLIP text tower (open_clip's key layout, 2 layers, width 64, 1 head) under cond_stage_model.model.*.
+TINY_SD2_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
+                     num_res_blocks=2, channel_mult=[1, 1, 2, 2], num_head_channels=32, use_spatial_transformer=True,
+                     use_linear_in_transformer=True, transformer_depth=1, context_dim=64, use_checkpoint=False,
+                     legacy=False)
+TINY_OPEN_CLIP = dict(vocab_size=49408, context_length=77, width=64, layers=2, heads=1, mlp_width=256, embed_dim=64)
+
+
+def write_tiny_sd2_checkpoint(path, seed: int, parameterization: str = "v"):
+    """A WebUI-format tiny SD 2.x checkpoint with its yaml (ldm's FrozenOpenCLIPEmbedder, penultimate layer, and
+    `parameterization: v` for a 768-v model); returns its path."""
+    from pathlib import Path
+
+    from training.open_clip_text import OpenClipTextEncoder
+    from training.sd_checkpoint import (TEXT_ENCODER_PREFIX, tiny_sd_config, tiny_sd_state_dict,
+                                        write_webui_checkpoint)
+
+    path = Path(path)
+    state_dict = tiny_sd_state_dict(seed, TINY_SD2_UNET)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
+    torch.manual_seed(seed)
+    tower = randomize_(OpenClipTextEncoder(**TINY_OPEN_CLIP), seed=seed, scale=0.05)
+    state_dict.update({"cond_stage_model.model." + k: v for k, v in tower.state_dict().items()})
+    config = tiny_sd_config(path.parent / "tiny-clip-text", parameterization=parameterization)
+    config["model"]["params"]["unet_config"]["params"] = dict(TINY_SD2_UNET)
+    config["model"]["params"]["cond_stage_config"] = {
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"arch": "ViT-H-14", "version": "laion2b_s32b_b79k", "freeze": True, "layer": "penultimate"}}
+    return write_webui_checkpoint(path, state_dict, config)

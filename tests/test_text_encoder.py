@@ -250,16 +250,21 @@ def test_checkpoint_without_text_encoder(tiny_state_dict):
         load_text_encoder(unet_only, None)
 
 
-def test_sd2_checkpoints_are_not_supported_yet(tiny_state_dict):
+def test_an_incomplete_sd2_tower_sdxl_and_a_mismatched_yaml_are_named(tiny_state_dict):
+    """SD 2.x towers load (tests/test_sd2_training.py); one missing its tensors, SDXL's pair, and an OpenCLIP yaml
+    over an SD1 encoder are each refused with what is wrong."""
     sd2_state_dict = {"cond_stage_model.model.ln_final.weight": torch.ones(1024),
                       "cond_stage_model.model.token_embedding.weight": torch.zeros(49408, 1024)}
-    with pytest.raises(UnsupportedTextEncoderError, match="SD2 text encoders are not supported") as raised:
+    with pytest.raises(CheckpointError, match="OpenCLIP text encoder lacks 'positional_embedding'"):
         load_text_encoder(sd2_state_dict, None)
+    sdxl_state_dict = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(768)}
+    with pytest.raises(UnsupportedTextEncoderError, match="SDXL is not supported by the trainer yet") as raised:
+        load_text_encoder(sdxl_state_dict, None)
     assert isinstance(raised.value, AfaError) and isinstance(raised.value, NotImplementedError)
 
     sd2_config = {"model": {"params": {"cond_stage_config": {
         "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder", "params": {"layer": "penultimate"}}}}}
-    with pytest.raises(UnsupportedTextEncoderError):
+    with pytest.raises(UnsupportedTextEncoderError, match="holds no OpenCLIP text tower"):
         load_text_encoder(tiny_state_dict, sd2_config)
 
 

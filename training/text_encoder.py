@@ -213,8 +213,8 @@ def sd1_text_config(config_yaml: Mapping | None, search_dirs: Sequence[str | Pat
     cond_stage = _cond_stage_config(config_yaml)
     if "OpenCLIP" in str(cond_stage.get("target", "")):
         raise UnsupportedTextEncoderError(
-            f"the config's text encoder is {cond_stage['target']} (SD2); SD2 text encoders are not supported by "
-            "the trainer yet")
+            f"the config's text encoder is {cond_stage['target']} (SD2), but the checkpoint holds no OpenCLIP text "
+            f"tower ({OPEN_CLIP_PREFIX}* keys)")
     params = cond_stage.get("params") or {}
     inline_text_config = params.get("clip_text_config")
     if inline_text_config:
@@ -285,10 +285,6 @@ def text_encoder_state_dict(state_dict: Mapping[str, torch.Tensor], checkpoint_n
     :raises UnsupportedTextEncoderError: for SD2 (OpenCLIP) and SDXL checkpoints.
     :raises CheckpointError: when the checkpoint holds no SD1 text encoder.
     """
-    if any(key.startswith(OPEN_CLIP_PREFIX) for key in state_dict):
-        raise UnsupportedTextEncoderError(
-            f"{checkpoint_name}: its text encoder is SD2's OpenCLIP ({OPEN_CLIP_PREFIX}* keys); SD2 text encoders "
-            "are not supported by the trainer yet")
     if any(key.startswith(SDXL_CONDITIONER_PREFIX) for key in state_dict):
         raise UnsupportedTextEncoderError(
             f"{checkpoint_name}: its text encoders are SDXL's ({SDXL_CONDITIONER_PREFIX}* keys); SDXL is not "
@@ -320,6 +316,10 @@ def load_text_encoder(state_dict: Mapping[str, torch.Tensor], config_yaml: Mappi
     :raises CheckpointError: when keys or shapes do not match the config (the message names the key and shapes).
     :raises UnsupportedTextEncoderError: for SD2/SDXL checkpoints.
     """
+    if any(key.startswith(OPEN_CLIP_PREFIX) for key in state_dict):  # SD 2.x
+        from .open_clip_text import load_open_clip_text_encoder
+        return load_open_clip_text_encoder({key[len(OPEN_CLIP_PREFIX):]: value for key, value in state_dict.items()
+                                            if key.startswith(OPEN_CLIP_PREFIX)}, checkpoint_name)
     tensors = text_encoder_state_dict(state_dict, checkpoint_name)
     config, config_source = sd1_text_config(config_yaml, search_dirs)
     if config_source == SD1_CONFIG_SOURCE:
@@ -367,8 +367,10 @@ def load_text_encoder(state_dict: Mapping[str, torch.Tensor], config_yaml: Mappi
     return text_encoder.requires_grad_(False).eval()
 
 
-def encode(text_encoder: CLIPTextModel, token_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-    """The SD1 cross-attention context of tokenized prompts.
+def encode(text_encoder: torch.nn.Module, token_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    """The cross-attention context of tokenized prompts: SD1's CLIPTextModel, or SD 2.x's OpenCLIP tower
+    (training/open_clip_text.py: the ids padded with 0 after EOS, the penultimate layer; CLIP skip does not apply,
+    as in the WebUI).
 
     Like the WebUI, CLIP skip 1 (its default) is the final layer's output after `final_layer_norm`
     (`last_hidden_state`); CLIP skip n takes the n-th hidden state from the end and applies `final_layer_norm` to it.
@@ -379,6 +381,10 @@ def encode(text_encoder: CLIPTextModel, token_ids: torch.Tensor, clip_skip: int 
     """
     if clip_skip < 1:
         raise ValueError(f"clip_skip must be at least 1, got {clip_skip}")
+    if not isinstance(text_encoder, CLIPTextModel):  # SD 2.x's OpenCLIP tower: the WebUI ignores CLIP skip there
+        from .open_clip_text import pad_after_end
+        with torch.no_grad():
+            return text_encoder.encode(pad_after_end(token_ids, END_OF_TEXT_ID))
     token_ids = token_ids.to(text_encoder.device)
     with torch.no_grad():
         if clip_skip == 1:
