@@ -50,11 +50,16 @@ TINY_SD2_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels
                      use_linear_in_transformer=True, transformer_depth=1, context_dim=64, use_checkpoint=False,
                      legacy=False)
 TINY_OPEN_CLIP = dict(vocab_size=49408, context_length=77, width=64, layers=2, heads=1, mlp_width=256, embed_dim=64)
+# open_clip's ViT-B-32 text tower: what a real WebUI builds for a yaml naming `arch: ViT-B-32` (the smallest open_clip
+# architecture; the tiny tower above has no open_clip architecture name, so only the trainer can read it).
+VIT_B_32_OPEN_CLIP = dict(vocab_size=49408, context_length=77, width=512, layers=12, heads=8, mlp_width=2048,
+                          embed_dim=512)
 
 
-def write_tiny_sd2_checkpoint(path, seed: int, parameterization: str = "v"):
-    """A WebUI-format tiny SD 2.x checkpoint with its yaml (ldm's FrozenOpenCLIPEmbedder, penultimate layer, and
-    `parameterization: v` for a 768-v model); returns its path."""
+def write_tiny_sd2_checkpoint(path, seed: int, parameterization: str = "v", tower: dict = TINY_OPEN_CLIP,
+                              arch: str = "ViT-H-14"):
+    """A WebUI-format tiny SD 2.x checkpoint with its yaml (ldm's FrozenOpenCLIPEmbedder of `arch`, penultimate
+    layer, and `parameterization: v` for a 768-v model); the UNet reads the tower's width. Returns its path."""
     from pathlib import Path
 
     from training.open_clip_text import OpenClipTextEncoder
@@ -62,14 +67,15 @@ def write_tiny_sd2_checkpoint(path, seed: int, parameterization: str = "v"):
                                         write_webui_checkpoint)
 
     path = Path(path)
-    state_dict = tiny_sd_state_dict(seed, TINY_SD2_UNET)
+    unet = dict(TINY_SD2_UNET, context_dim=tower["width"])
+    state_dict = tiny_sd_state_dict(seed, unet)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
     torch.manual_seed(seed)
-    tower = randomize_(OpenClipTextEncoder(**TINY_OPEN_CLIP), seed=seed, scale=0.05)
-    state_dict.update({"cond_stage_model.model." + k: v for k, v in tower.state_dict().items()})
+    text_tower = randomize_(OpenClipTextEncoder(**tower), seed=seed, scale=0.05)
+    state_dict.update({"cond_stage_model.model." + k: v for k, v in text_tower.state_dict().items()})
     config = tiny_sd_config(path.parent / "tiny-clip-text", parameterization=parameterization)
-    config["model"]["params"]["unet_config"]["params"] = dict(TINY_SD2_UNET)
+    config["model"]["params"]["unet_config"]["params"] = unet
     config["model"]["params"]["cond_stage_config"] = {
         "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-        "params": {"arch": "ViT-H-14", "version": "laion2b_s32b_b79k", "freeze": True, "layer": "penultimate"}}
+        "params": {"arch": arch, "version": "laion2b_s32b_b79k", "freeze": True, "layer": "penultimate"}}
     return write_webui_checkpoint(path, state_dict, config)

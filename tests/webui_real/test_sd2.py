@@ -1,0 +1,85 @@
+"""SD 2.x-v members in a real A1111 1.10, on a WebUI of its own: two tiny SD 2.x-v checkpoints (tests/factories.py:
+open_clip's ViT-B-32 text tower with random weights, different per member, `parameterization: v`), sd2-a loaded.
+SABW weights are trained through the WebUI's own /afa/v1/train (the trainer in the WebUI's process), then block
+averaging and SABW run with each member reading its own text encoder.
+
+Opt-in: AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
+"""
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+if not os.environ.get("AFA_WEBUI_DIR"):
+    pytest.skip("real-WebUI tier: set AFA_WEBUI_DIR to an A1111 1.10 checkout with its venv at "
+                "$AFA_WEBUI_DIR/venv and run `AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui`",
+                allow_module_level=True)
+
+
+def _load_tier_helpers():
+    """This tier's conftest.py (the server helpers), under a name of its own (see test_sdxl.py)."""
+    spec = importlib.util.spec_from_file_location("afa_real_tier_helpers_sd2", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+real = _load_tier_helpers()
+REPO = Path(__file__).resolve().parents[2]
+MEMBERS = ("sd2-a", "sd2-b")
+PAYLOAD = dict(prompt="a photo of a cat", steps=2, width=64, height=64, seed=1, sampler_name="Euler", cfg_scale=7)
+
+
+@pytest.fixture(scope="module")
+def sd2_webui(tmp_path_factory):
+    from factories import VIT_B_32_OPEN_CLIP, write_tiny_sd2_checkpoint
+
+    webui_dir = Path(os.environ["AFA_WEBUI_DIR"]).resolve()
+    data_dir = tmp_path_factory.mktemp("webui-sd2-data")
+    folder = data_dir / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    for seed, name in enumerate(MEMBERS, start=1):
+        write_tiny_sd2_checkpoint(folder / f"{name}.safetensors", seed, tower=VIT_B_32_OPEN_CLIP, arch="ViT-B-32")
+    real.write_training_images(data_dir / real.TRAINING_IMAGES)
+    (data_dir / "extensions").mkdir(parents=True)
+    (data_dir / "extensions" / "afa").symlink_to(REPO, target_is_directory=True)
+    saved = real.LOADED, real.CHECKPOINTS
+    real.LOADED, real.CHECKPOINTS = MEMBERS[0], {name: 0 for name in MEMBERS}
+    try:
+        server = real.start_webui(webui_dir, data_dir)
+    finally:
+        real.LOADED, real.CHECKPOINTS = saved
+    try:
+        yield server
+    finally:
+        real.stop_webui(server)
+
+
+def test_sd2_v_members_train_in_the_webui_and_ensemble(sd2_webui):
+    status = sd2_webui.post("/afa/v1/train", {
+        "members": list(MEMBERS), "data": str(sd2_webui.data_dir / real.TRAINING_IMAGES), "resolution": 32,
+        "batch_size": 2, "max_steps": 4, "val_split": 0.25, "preset": "fast", "hidden_channels": 32,
+        "output": "sd2-pair"})
+    deadline = time.time() + 600
+    while status["state"] not in ("finished", "cancelled", "failed"):
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+        status = sd2_webui.get("/afa/v1/train")
+    assert status["state"] == "finished", status["message"]
+    errors = status["validation"][-1]["errors"]
+    print(f"real A1111, tiny SD 2.x-v trained in the WebUI: validation {errors}")
+
+    base = sd2_webui.txt2img(**PAYLOAD)
+    for mode, weights in (("Block average", ""), ("SABW", "sd2-pair")):
+        generation = sd2_webui.txt2img(afa=[True, list(MEMBERS), weights, mode, False], **PAYLOAD)
+        params = generation.params
+        assert params.get("AFA mode") == mode and "AFA not applied" not in params, generation.infotext
+        assert params.get("AFA text encoders") == "Each member's own", generation.infotext
+        assert "AFA text notes" not in params, generation.infotext  # each member found its own encoder
+        assert not generation.same_image(base), mode
+        print(f"real A1111, tiny SD 2.x-v: {mode} differs from the base by up to {generation.max_diff(base)}/255")
