@@ -16,6 +16,9 @@ import torch
 from training.train import (RESULT_SETTINGS, TrainingEvents, TrainingOutcome, UsageError, parse_args,  # noqa: F401
                             precision, train)
 
+__all__ = ["DATA_SNAPSHOT_NAME", "RESULT_SETTINGS", "TrainingEvents", "TrainingOutcome", "UsageError", "member_dtype",
+           "parse_args", "saved_arguments", "snapshot_data", "train"]
+
 DATA_SNAPSHOT_NAME = "data.jsonl"
 
 

@@ -248,7 +248,7 @@ def create_tab():
                                              elem_id="afa_train_resume_run")
                     resume_button = gr.Button("Resume", elem_id="afa_train_resume")
             with gr.Column(scale=1):
-                progress_box = gr.HTML(elem_id="afa_train_progress")
+                gr.HTML(elem_id="afa_train_progress")  # where javascript/afa.js puts the WebUI's progress bar
                 status = gr.HTML(status_html(job.status.to_dict()), elem_id="afa_train_status")
                 loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, width=520,
                                         elem_id="afa_train_loss_plot")

@@ -392,3 +392,70 @@ def infotext_parser():
 def base(webui) -> Generation:
     """The image of the default request without the AFA script's args (tiny-a alone)."""
     return webui.txt2img()
+
+
+# -- WebUIs of their own and the WebUI's python, for the other families' tests (test_sd2.py, test_sdxl.py, ...) ---------
+
+def webui_repositories_path(webui_dir: Path, *extra: Path) -> str:
+    """A PYTHONPATH with `extra` and the WebUI's repositories (its ldm and sgm), as the WebUI puts them on sys.path."""
+    repositories = webui_dir / "repositories"
+    return os.pathsep.join([*map(str, extra), str(repositories / "generative-models"),
+                            str(repositories / "stable-diffusion-stability-ai")])
+
+
+@pytest.fixture(scope="session")
+def webui_python():
+    """Runs a python script (text) or file in the WebUI's venv with its repositories and this checkout on the path;
+    returns the completed process (check=True)."""
+    value = os.environ.get(WEBUI_DIR_VARIABLE)
+    if not value:
+        pytest.skip(SKIP_MESSAGE)
+    webui_dir = Path(value).resolve()
+
+    def run(*arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": webui_repositories_path(webui_dir, REPO), "PYTHONDONTWRITEBYTECODE": "1",
+               "HF_HUB_OFFLINE": "1"}
+        result = subprocess.run([str(webui_dir / "venv" / "bin" / "python"), *arguments], cwd=REPO,
+                                capture_output=True, text=True, timeout=timeout, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def own_webui():
+    """Starts a WebUI of its own on a data dir the caller filled with checkpoints (`members`, the first loaded),
+    with this checkout as its extension; a context manager."""
+    import contextlib
+
+    value = os.environ.get(WEBUI_DIR_VARIABLE)
+    if not value:
+        pytest.skip(SKIP_MESSAGE)
+
+    @contextlib.contextmanager
+    def start(data_dir: Path, members: tuple[str, ...]):
+        global LOADED, CHECKPOINTS
+        (data_dir / "extensions").mkdir(parents=True, exist_ok=True)
+        (data_dir / "extensions" / "afa").symlink_to(REPO, target_is_directory=True)
+        saved = LOADED, CHECKPOINTS
+        LOADED, CHECKPOINTS = members[0], {name: 0 for name in members}
+        try:
+            server = start_webui(Path(value).resolve(), data_dir)
+        finally:
+            LOADED, CHECKPOINTS = saved
+        try:
+            yield server
+        finally:
+            stop_webui(server)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def tier_helpers():
+    """This module's writers for test modules, which cannot import it by name (pytest also has tests/conftest.py
+    as a `conftest`)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(write_pair_weights=write_pair_weights, write_training_images=write_training_images,
+                           TRAINING_IMAGES=TRAINING_IMAGES)

@@ -6,11 +6,8 @@ averaging and SABW run with each member reading its own text encoder.
 Opt-in: AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
 """
 
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,49 +17,27 @@ if not os.environ.get("AFA_WEBUI_DIR"):
                 allow_module_level=True)
 
 
-def _load_tier_helpers():
-    """This tier's conftest.py (the server helpers), under a name of its own (see test_sdxl.py)."""
-    spec = importlib.util.spec_from_file_location("afa_real_tier_helpers_sd2", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-real = _load_tier_helpers()
-REPO = Path(__file__).resolve().parents[2]
 MEMBERS = ("sd2-a", "sd2-b")
 PAYLOAD = dict(prompt="a photo of a cat", steps=2, width=64, height=64, seed=1, sampler_name="Euler", cfg_scale=7)
 
 
 @pytest.fixture(scope="module")
-def sd2_webui(tmp_path_factory):
+def sd2_webui(tmp_path_factory, own_webui, tier_helpers):
     from factories import VIT_B_32_OPEN_CLIP, write_tiny_sd2_checkpoint
 
-    webui_dir = Path(os.environ["AFA_WEBUI_DIR"]).resolve()
     data_dir = tmp_path_factory.mktemp("webui-sd2-data")
     folder = data_dir / "models" / "Stable-diffusion"
     folder.mkdir(parents=True)
     for seed, name in enumerate(MEMBERS, start=1):
         write_tiny_sd2_checkpoint(folder / f"{name}.safetensors", seed, tower=VIT_B_32_OPEN_CLIP, arch="ViT-B-32")
-    real.write_training_images(data_dir / real.TRAINING_IMAGES)
-    (data_dir / "extensions").mkdir(parents=True)
-    (data_dir / "extensions" / "afa").symlink_to(REPO, target_is_directory=True)
-    saved = real.LOADED, real.CHECKPOINTS
-    real.LOADED, real.CHECKPOINTS = MEMBERS[0], {name: 0 for name in MEMBERS}
-    try:
-        server = real.start_webui(webui_dir, data_dir)
-    finally:
-        real.LOADED, real.CHECKPOINTS = saved
-    try:
+    tier_helpers.write_training_images(data_dir / tier_helpers.TRAINING_IMAGES)
+    with own_webui(data_dir, MEMBERS) as server:
         yield server
-    finally:
-        real.stop_webui(server)
 
 
 def test_sd2_v_members_train_in_the_webui_and_ensemble(sd2_webui):
     status = sd2_webui.post("/afa/v1/train", {
-        "members": list(MEMBERS), "data": str(sd2_webui.data_dir / real.TRAINING_IMAGES), "resolution": 32,
+        "members": list(MEMBERS), "data": str(sd2_webui.data_dir / "training-images"), "resolution": 32,
         "batch_size": 2, "max_steps": 4, "val_split": 0.25, "preset": "fast", "hidden_channels": 32,
         "output": "sd2-pair"})
     deadline = time.time() + 600
