@@ -526,17 +526,18 @@ STATE_SUFFIX = ".safetensors"
 STATE_METADATA_KEY = "afa_training_state"
 
 
-def encode_state(value, tensors: dict, key: str = "s"):
-    """`value` as JSON-safe data; its tensors go into `tensors` under unique keys."""
+def encode_state(value, tensors: dict):
+    """`value` as JSON-safe data; its tensors go into `tensors`, each under a key of its own (t0, t1, ...)."""
     if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
         tensors[key] = value.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value):
-            return {k: encode_state(v, tensors, f"{key}.{k}") for k, v in value.items()}
-        return {"__items__": [[k, encode_state(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
+            return {k: encode_state(v, tensors) for k, v in value.items()}
+        return {"__items__": [[k, encode_state(v, tensors)] for k, v in value.items()]}  # e.g. Adam's int keys
     if isinstance(value, (list, tuple)):
-        items = [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+        items = [encode_state(v, tensors) for v in value]
         return {"__tuple__": items} if isinstance(value, tuple) else items
     return value
 
