@@ -142,6 +142,7 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
     assert final["weights"] == "tab-run.safetensors" and final["step"] == 4
     assert [step for step, _ in final["losses"]] == [1, 2, 3, 4]  # the earlier session's losses from the run's log
     assert final["validation"] and set(final["validation"][-1]["errors"]) >= {"AFA", "block average"}
+    assert "tab-run" not in training_ui.resumable_runs()  # it wrote its weights
 
     # the same run uninterrupted, started through the API on the first run's snapshot: bit for bit
     hold.release()

@@ -42,14 +42,15 @@ def default_precision() -> str:
 
 
 def resumable_runs() -> list[str]:
-    """Names of the runs in the runs folder with a training state to continue: stopped ones, and finished ones (to
-    train them longer with more steps)."""
+    """Names of the runs in the runs folder that stopped before writing their weights (a training state, and no
+    `<name>.safetensors` in the weights folder)."""
     root = training_job.runs_dir()
     if not root.is_dir() or training_job.trainer is None:
         return []
-    return [pointer.parent.parent.relative_to(root).as_posix()
-            for pointer in sorted(root.rglob("checkpoints/latest.json"))
-            if training_job.trainer.saved_arguments(pointer.parent.parent) is not None]
+    names = [pointer.parent.parent.relative_to(root).as_posix()
+             for pointer in sorted(root.rglob("checkpoints/latest.json"))
+             if training_job.trainer.saved_arguments(pointer.parent.parent) is not None]
+    return [name for name in names if not (folders.weights_dir() / f"{name}{folders.WEIGHTS_SUFFIX}").exists()]
 
 
 def request_from_form(members, preset, data_source, data_path, resolution, validation_percent, length_unit, epochs,
