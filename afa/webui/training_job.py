@@ -372,7 +372,7 @@ class TrainingJob:
             check_free_disk(plan)
             if not call_queue.queue_lock.acquire(blocking=False):
                 raise TrainingBusy("the WebUI is busy (a generation or another job is running); start training "
-                                      "when it has finished")
+                                   "when it has finished")
             try:
                 self.snapshot_report = None
                 if not plan.resume:
