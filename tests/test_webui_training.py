@@ -222,7 +222,7 @@ def test_refusals_name_the_problem_and_start_nothing(webui, tmp_path):
     assert client.get("/afa/v1/train").json()["state"] == training_job.IDLE
 
 
-def test_different_architectures_and_no_free_disk_are_refused(webui, monkeypatch, tmp_path):
+def test_different_architectures_sdxl_members_and_no_free_disk_are_refused(webui, monkeypatch, tmp_path):
     from training.sd_checkpoint import tiny_sd_state_dict, write_webui_checkpoint
     from afa.unet import PRESETS
     from modules import sd_models
@@ -233,6 +233,13 @@ def test_different_architectures_and_no_free_disk_are_refused(webui, monkeypatch
     client = webui.client()
     response = client.post("/afa/v1/train", json={**TRAIN, "members": ["tiny-a", "tiny-wide"]})
     assert response.status_code == 400 and "tiny-wide" in response.json()["detail"], response.text
+
+    for name in ("xl-a", "xl-b"):  # SDXL-layout UNets (the stand-in lists any checkpoint file)
+        from test_sdxl_unet import write_sdxl_checkpoint
+        write_sdxl_checkpoint(Path(sd_models.model_path) / f"{name}.safetensors", seed=len(name), with_yaml=True)
+    sd_models.list_models()
+    response = client.post("/afa/v1/train", json={**TRAIN, "members": ["xl-a", "xl-b"]})
+    assert response.status_code == 400 and "SDXL model" in response.json()["detail"], response.text
 
     data = harness_images(tmp_path)
     monkeypatch.setattr(training_job.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
