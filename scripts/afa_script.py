@@ -8,7 +8,11 @@ and loads no model.
 from modules import script_callbacks, scripts
 
 from afa.webui import api, hooks, infotext, sd_unet_option, settings, training_job, training_ui, ui, xyz
-from training import service as training_service
+try:
+    from training import service as training_service
+except ImportError as error:  # another extension's top-level `training` package came first: no training tab trainer
+    training_service = None
+    print(f"AFA: the training tab cannot train ({error}); the ensemble works as before")
 
 
 class AfaEnsembleScript(scripts.Script):
@@ -53,7 +57,8 @@ script_callbacks.on_list_unets(sd_unet_option.list_unets)
 script_callbacks.on_cfg_denoiser(hooks.on_cfg_denoiser)
 script_callbacks.on_model_loaded(hooks.on_model_loaded)
 script_callbacks.on_before_ui(xyz.add_axes)
-training_job.use_trainer(training_service)
+if training_service is not None:
+    training_job.use_trainer(training_service)
 script_callbacks.on_ui_tabs(training_ui.create_tab)
 script_callbacks.on_app_started(lambda demo, app: api.add_routes(app))
 script_callbacks.on_script_unloaded(hooks.on_script_unloaded)

@@ -222,6 +222,14 @@ def test_refusals_name_the_problem_and_start_nothing(webui, tmp_path):
     assert client.get("/afa/v1/train").json()["state"] == training_job.IDLE
 
 
+def test_without_its_trainer_the_tab_refuses_and_says_why(webui, monkeypatch):
+    """scripts/afa_script.py hands no trainer over when another extension's `training` package shadows ours."""
+    monkeypatch.setattr(training_job, "trainer", None)
+    response = webui.client().post("/afa/v1/train", json=TRAIN)
+    assert response.status_code == 400 and "the trainer is not available" in response.json()["detail"]
+    assert training_ui.resumable_runs() == []
+
+
 def test_different_architectures_sdxl_members_and_no_free_disk_are_refused(webui, monkeypatch, tmp_path):
     from training.sd_checkpoint import tiny_sd_state_dict, write_webui_checkpoint
     from afa.unet import PRESETS
