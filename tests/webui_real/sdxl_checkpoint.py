@@ -56,17 +56,23 @@ def sdxl_config(clip_folder: str) -> dict:
             "lossconfig": {"target": "torch.nn.Identity"}}}}}}
 
 
-def main(out: Path, clip_folder: str, seed: int) -> None:
+def offline_text_models() -> None:
+    """The text models built from their configs, weights not fetched (the WebUI does the same when the checkpoint
+    holds their weights)."""
     import open_clip
     import transformers
-    from sgm.util import instantiate_from_config
 
-    # offline: the text models from their configs (the WebUI does the same when the checkpoint holds their weights)
     transformers.CLIPTextModel.from_pretrained = classmethod(
         lambda cls, name, **kwargs: cls(transformers.CLIPTextConfig.from_pretrained(name)))
     create = open_clip.create_model_and_transforms
     open_clip.create_model_and_transforms = lambda *args, pretrained=None, **kwargs: create(*args, pretrained=None,
                                                                                              **kwargs)
+
+
+def main(out: Path, clip_folder: str, seed: int) -> None:
+    from sgm.util import instantiate_from_config
+
+    offline_text_models()
     config = sdxl_config(clip_folder)
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.create(config)["model"])

@@ -23,7 +23,8 @@ PAYLOAD = dict(prompt="a photo of a cat", steps=2, width=64, height=64, seed=1, 
 
 
 @pytest.fixture(scope="module")
-def sdxl_webui(tmp_path_factory, webui_python, own_webui, tier_helpers):
+def sdxl_data_dir(tmp_path_factory, webui_python, tier_helpers):
+    """The data dir: two tiny SDXL checkpoints built with the WebUI's sgm, and a SABW file for them."""
     from training.sd_checkpoint import TINY_CLIP_TEXT_CONFIG
     from training.text_encoder import write_text_encoder_folder
 
@@ -36,7 +37,12 @@ def sdxl_webui(tmp_path_factory, webui_python, own_webui, tier_helpers):
         files.append(folder / f"{name}.safetensors")
         webui_python(str(REPO / "tests/webui_real/sdxl_checkpoint.py"), str(files[-1]), str(text_folder), str(seed))
     tier_helpers.write_pair_weights(data_dir / "models" / "AFA" / "xl-pair.safetensors", files, context_dim=544)
-    with own_webui(data_dir, MEMBERS) as server:
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def sdxl_webui(sdxl_data_dir, own_webui):
+    with own_webui(sdxl_data_dir, MEMBERS) as server:
         server.post("/sdapi/v1/options", {"live_previews_enable": False})  # SDXL's approx preview would download
         yield server
 
@@ -55,3 +61,53 @@ def test_sdxl_members_ensemble_in_the_real_webui(sdxl_webui):
         assert not generation.same_image(base), mode
         print(f"real A1111, tiny SDXL (depths 0/2/3): {mode} differs from the base by up to "
               f"{generation.max_diff(base)}/255")
+
+
+CONDITIONING_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+sys.path.insert(0, "tests/webui_real")
+from sdxl_checkpoint import offline_text_models
+from sgm.util import instantiate_from_config
+from training.sdxl_text import load_sdxl_text_encoders
+from training.text_encoder import tokenize
+
+path = Path(sys.argv[1])
+config = yaml.safe_load(path.with_suffix(".yaml").read_text())
+offline_text_models()
+conditioner = instantiate_from_config(OmegaConf.create(config)["model"]["params"]["conditioner_config"])
+state = load_file(str(path))
+conditioner.load_state_dict({k[len("conditioner."):]: v for k, v in state.items() if k.startswith("conditioner.")})
+for embedder in conditioner.embedders:
+    if hasattr(embedder, "device"):
+        embedder.device = "cpu"  # sgm's default is "cuda" (the WebUI sets its own device)
+prompts = ["a photo of a cat", "", "an oil painting of a lighthouse at dusk"]
+sizes = torch.tensor([[1024.0, 768.0], [512.0, 512.0], [768.0, 1344.0]])
+crops = torch.tensor([[0.0, 0.0], [16.0, 32.0], [0.0, 64.0]])
+targets = torch.tensor([[1024.0, 1024.0]] * 3)
+with torch.no_grad():
+    expected = conditioner({"txt": prompts, "original_size_as_tuple": sizes, "crop_coords_top_left": crops,
+                            "target_size_as_tuple": targets})
+ours = load_sdxl_text_encoders(state, config, checkpoint_name=path.name)
+context, pooled = ours.encode(tokenize(prompts))
+y = ours.vector(pooled, sizes, crops, targets)
+context_difference = (expected["crossattn"] - context).abs().max().item()
+vector_difference = (expected["vector"] - y).abs().max().item()
+print(f"sgm conditioner vs AFA: context {tuple(context.shape)} max difference {context_difference:.3g}, "
+      f"y {tuple(y.shape)} max difference {vector_difference:.3g}")
+assert expected["crossattn"].shape == context.shape and expected["vector"].shape == y.shape
+assert context_difference < 5e-5 and vector_difference < 5e-5
+"""
+
+
+def test_sdxl_conditioning_equals_sgms_conditioner(sdxl_data_dir, webui_python):
+    """training/sdxl_text.py (context and y from a checkpoint's own text encoders, without sgm) against sgm's
+    GeneralConditioner on the same tiny SDXL checkpoint: the WebUI's SDXL conditioning."""
+    checkpoint = sdxl_data_dir / "models" / "Stable-diffusion" / f"{MEMBERS[0]}.safetensors"
+    print(webui_python("-c", CONDITIONING_SCRIPT, str(checkpoint)).stdout.strip().splitlines()[-1])
