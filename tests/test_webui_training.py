@@ -23,10 +23,10 @@ import harness  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from modules import call_queue, progress, shared  # noqa: E402
+from modules import call_queue, progress, sd_models, shared  # noqa: E402
 
 from afa import read_weights_info  # noqa: E402
-from afa.webui import folders, training_job, training_ui  # noqa: E402
+from afa.webui import checkpoints, folders, training_job, training_ui  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
 # What the tab's form below sends (form_values), as an API body.
@@ -233,7 +233,6 @@ def test_without_its_trainer_the_tab_refuses_and_says_why(webui, monkeypatch):
 def test_different_architectures_sdxl_members_and_no_free_disk_are_refused(webui, monkeypatch, tmp_path):
     from training.sd_checkpoint import tiny_sd_state_dict, write_webui_checkpoint
     from afa.unet import PRESETS
-    from modules import sd_models
 
     wide = dict(PRESETS["tiny"], model_channels=64)
     write_webui_checkpoint(Path(sd_models.model_path) / "tiny-wide.safetensors", tiny_sd_state_dict(5, wide))
@@ -322,9 +321,12 @@ def test_the_loaded_checkpoint_is_a_member_as_it_is_and_others_come_from_the_mem
 
     started = training_job.Events.started
 
-    def train(args, events=None, members=None):
-        seen["members"] = list(members)
-        return original(args, events, members=members)
+    def train(args, events=None, members=None, member_refs=None):
+        seen["members"], seen["refs"] = list(members), member_refs
+        return original(args, events, members=members, member_refs=member_refs)
+
+    def hashed_again(path):
+        raise AssertionError(f"the trainer hashed {path} again; the WebUI knows its sha256")
 
     def started_frozen(events, *args):
         seen["frozen"] = all(not p.requires_grad for p in seen["members"][0].parameters())
@@ -332,11 +334,16 @@ def test_the_loaded_checkpoint_is_a_member_as_it_is_and_others_come_from_the_mem
 
     monkeypatch.setattr(training_job.trainer, "train", train)
     monkeypatch.setattr(training_job.Events, "started", started_frozen)
+    monkeypatch.setattr("training.sd_checkpoint.MemberRef.from_file", hashed_again)
     response = webui.client().post("/afa/v1/train", json={**TRAIN, "data": str(data), "output": "reuse",
                                                            "max_steps": 1})
     assert response.status_code == 200, response.text
     assert training_job.job.wait(WAIT)["state"] == training_job.FINISHED
     assert seen["members"][0] is base and seen["frozen"]
+    assert [ref.sha256 for ref in seen["refs"]] == [checkpoints.ensure_hashed(info) for info in (
+        shared.sd_model.sd_checkpoint_info, sd_models.get_closet_checkpoint_match("tiny-b"))]
+    weights = read_weights_info(folders.weights_dir() / "reuse.safetensors")
+    assert [ref.name for ref in weights.members] == ["tiny-a", "tiny-b"]  # as the trainer alone names them
     assert seen["members"][1] in cache.unets.values()
     assert [p.requires_grad for p in base.parameters()] == flags
     # a LoRA left merged into the loaded UNet by the last generation: its weights are not the checkpoint's

@@ -341,18 +341,21 @@ def load_text_encoders(member_paths: list[str | Path], config: str | Path | None
 
 def load_frozen_models(member_paths: list[str | Path], config: str | Path | None = None,
                        device: torch.device | str = "cpu", member_dtype: torch.dtype | None = None,
-                       members: list[torch.nn.Module | None] | None = None) -> FrozenModels:
+                       members: list[torch.nn.Module | None] | None = None,
+                       member_refs: list[MemberRef] | None = None) -> FrozenModels:
     """Loads the members (cast to `member_dtype`), each member's own text encoder, and the first member's VAE and
     schedule: what training/train.py trains with and training/evaluate.py evaluates with. The VAE and text encoders
     stay float32.
 
     `members` may give UNets already in memory for some of the paths (None entries are read from their files):
-    they are used as they are (their dtype and device), frozen and in eval mode.
+    they are used as they are (their dtype and device), frozen and in eval mode. `member_refs` may give the files'
+    names and sha256 already known (the WebUI's hash cache), so the files are not hashed again.
 
     Raises:
         AfaError: a checkpoint is unreadable, or the members cannot be ensembled (the message names the file).
     """
-    member_refs = [MemberRef.from_file(path) for path in member_paths]
+    if member_refs is None:
+        member_refs = [MemberRef.from_file(path) for path in member_paths]
     given = list(members) if members is not None else [None] * len(member_paths)
     if len(given) != len(member_paths):
         raise ValueError(f"members: {len(given)} UNets for {len(member_paths)} member files")

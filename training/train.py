@@ -701,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, events: TrainingEvents | None = None,
-          members: list[torch.nn.Module | None] | None = None) -> TrainingOutcome:
+          members: list[torch.nn.Module | None] | None = None,
+          member_refs: list[MemberRef] | None = None) -> TrainingOutcome:
     """Runs the training `args` (from `parse_args`) describe.
 
     Args:
@@ -709,6 +710,8 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
         members: UNets already in memory for some of `args.members` (None entries are read from their files), e.g.
             the WebUI's loaded and cached ones: they must hold exactly the file's UNet weights (the weights file is
             bound to the files' sha256), and are used in their own dtype and device, frozen.
+        member_refs: the member files' names and sha256 when the caller knows them already (the WebUI's hash
+            cache), so the files are not hashed again; None: hashed here.
     """
     events = events or TrainingEvents()
     distributed = Distributed(args.device)
@@ -718,7 +721,8 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
 
     # Members and their text encoders (frozen), and VAE and schedule of the first member.
     distributed.print_main(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
-    frozen = load_frozen_models(args.members, args.config, device, member_dtype, members=members)
+    frozen = load_frozen_models(args.members, args.config, device, member_dtype, members=members,
+                                member_refs=member_refs)
     if state is not None:
         check_resumed_members(state, state_path, frozen.member_refs)
 

@@ -38,6 +38,7 @@ from modules import call_queue, devices, paths_internal, progress, sd_models, sh
 from afa.aggregator import Aggregator
 from afa.errors import AfaError
 from afa.members import MAX_MEMBERS, MIN_MEMBERS, check_members
+from afa.unet import BlockLayout
 from afa import default_config
 
 from . import checkpoints, folders, settings
@@ -137,6 +138,7 @@ class Plan:
     infos: list
     args: argparse.Namespace
     sources: list[Path]
+    layout: BlockLayout
     resume: bool
     start_step: int = 0
 
@@ -170,7 +172,7 @@ def plan_run(request: dict) -> Plan:
     infos = checkpoints.resolve_members(members)
     if len({os.path.abspath(info.filename) for info in infos}) < len(infos):
         raise TrainingRefused("a checkpoint is chosen twice: members must be different files")
-    check_members([(checkpoints.label(info), checkpoints.unet_shapes_of(info)) for info in infos])
+    layout = check_members([(checkpoints.label(info), checkpoints.unet_shapes_of(info)) for info in infos])
     if "label_emb.0.0.weight" in checkpoints.unet_shapes_of(infos[0]):
         raise TrainingRefused(f"{checkpoints.label(infos[0])} is an SDXL model: SDXL members ensemble in txt2img and "
                               f"img2img, but the trainer does not train them yet (SD 1.x and SD 2.x only)")
@@ -191,7 +193,7 @@ def plan_run(request: dict) -> Plan:
             "--output", str(weights_path), "--run-dir", str(run_dir), "--device", str(devices.device),
             "--num-workers", "0", *argv_of(request)]
     args = trainer.parse_args(argv, exit_on_error=False)
-    return Plan(name, infos, args, sources, resume=False)
+    return Plan(name, infos, args, sources, layout, resume=False)
 
 
 def plan_resume(output, members, overrides: dict) -> Plan:
@@ -222,17 +224,17 @@ def plan_resume(output, members, overrides: dict) -> Plan:
     values = {k: v for k, v in saved.items() if k != "step"}
     values.update({k: v for k, v in overrides.items() if k in RESUME_OVERRIDES and v is not None})
     values.update(run_dir=run_dir, resume="latest", device=str(devices.device), num_workers=0)
-    return Plan(name, infos, argparse.Namespace(**values), [], resume=True, start_step=saved["step"])
+    layout = check_members([(checkpoints.label(info), checkpoints.unet_shapes_of(info)) for info in infos])
+    return Plan(name, infos, argparse.Namespace(**values), [], layout, resume=True, start_step=saved["step"])
 
 
 def state_bytes(plan: Plan) -> int:
     """The disk a run needs: the trainer keeps `--keep-checkpoints` states (weights, and Adam's two moments, in
     float32) and writes one more before deleting the oldest, plus the weights file."""
-    shapes = [checkpoints.unet_shapes_of(info) for info in plan.infos]
-    layout = check_members([(checkpoints.label(info), s) for info, s in zip(plan.infos, shapes)])
-    context_dim = next(shape[1] for key, shape in shapes[0].items() if key.endswith("attn2.to_k.weight"))
+    shapes = checkpoints.unet_shapes_of(plan.infos[0])
+    context_dim = next(shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight"))
     args = plan.args
-    config = default_config(layout, len(plan.infos), context_dim, preset=args.preset,
+    config = default_config(plan.layout, len(plan.infos), context_dim, preset=args.preset,
                             hidden_channels=args.hidden_channels, max_resolution=args.max_resolution)
     with torch.device("meta"):
         parameters = sum(p.numel() for p in Aggregator(config).parameters())
@@ -428,7 +430,7 @@ class TrainingJob:
         try:
             members = self.members_for(plan, restore)
             status.message = ""
-            outcome = trainer.train(plan.args, Events(self), members=members)
+            outcome = trainer.train(plan.args, Events(self), members=members, member_refs=self.member_refs(plan))
             if outcome.stopped:
                 state, message = CANCELLED, (f"cancelled at step {outcome.steps} of {outcome.total_steps}; the "
                                              f"training state is saved: Resume continues it")
@@ -465,6 +467,15 @@ class TrainingJob:
         if skipped is not None:
             status.skipped = skipped
         status.state, status.message = state, message
+
+    @staticmethod
+    def member_refs(plan: Plan) -> list | None:
+        """The members' names and sha256 from the WebUI's hash cache (the trainer would hash each whole file
+        again); None under --no-hashing, where the trainer hashes them itself."""
+        try:
+            return [checkpoints.member_ref(info) for info in plan.infos]
+        except AfaError:
+            return None
 
     def members_for(self, plan: Plan, restore: list) -> list[torch.nn.Module]:
         """The members' UNets for the run (see the module docstring); `restore` collects what undoes the changes to

@@ -394,7 +394,7 @@ def base(webui) -> Generation:
     return webui.txt2img()
 
 
-# -- WebUIs of their own and the WebUI's python, for the other families' tests (test_sd2.py, test_sdxl.py, ...) ---------
+# -- WebUIs of their own and the WebUI's python, for the other families' tests (test_sd2.py, test_sdxl.py, ...) ----
 
 def webui_repositories_path(webui_dir: Path, *extra: Path) -> str:
     """A PYTHONPATH with `extra` and the WebUI's repositories (its ldm and sgm), as the WebUI puts them on sys.path."""

@@ -3,18 +3,12 @@ and ldm's FrozenOpenCLIPEmbedder.encode_with_transformer (the WebUI's SD 2.x con
 install's venv: the same key names, token ids, and context for the same weights (open_clip's ViT-B-32 text tower,
 random weights, nothing downloaded).
 
-Opt-in, like the rest of tests/webui_real: AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
+Opt-in, like the rest of tests/webui_real (its fixtures skip without AFA_WEBUI_DIR):
+AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
 """
 
-import os
 import textwrap
 
-import pytest
-
-if not os.environ.get("AFA_WEBUI_DIR"):
-    pytest.skip("real-WebUI tier: set AFA_WEBUI_DIR to an A1111 1.10 checkout with its venv at "
-                "$AFA_WEBUI_DIR/venv and run `AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui`",
-                allow_module_level=True)
 
 SCRIPT = textwrap.dedent("""
     import open_clip, torch

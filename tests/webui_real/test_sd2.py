@@ -3,18 +3,12 @@ open_clip's ViT-B-32 text tower with random weights, different per member, `para
 SABW weights are trained through the WebUI's own /afa/v1/train (the trainer in the WebUI's process), then block
 averaging and SABW run with each member reading its own text encoder.
 
-Opt-in: AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
+Opt-in (its fixtures skip without AFA_WEBUI_DIR): AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
 """
 
-import os
 import time
 
 import pytest
-
-if not os.environ.get("AFA_WEBUI_DIR"):
-    pytest.skip("real-WebUI tier: set AFA_WEBUI_DIR to an A1111 1.10 checkout with its venv at "
-                "$AFA_WEBUI_DIR/venv and run `AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui`",
-                allow_module_level=True)
 
 
 MEMBERS = ("sd2-a", "sd2-b")

@@ -3,18 +3,12 @@ checkpoints in the WebUI's form (sgm yaml beside each; tests/webui_real/sdxl_che
 sgm), xl-1 loaded. Block averaging and SABW run (the members' UNets are built from their sgm yaml, with SDXL's
 per-level transformer depths, and read `y`), and differ from the base image.
 
-Opt-in: AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
+Opt-in (its fixtures skip without AFA_WEBUI_DIR): AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
 """
 
-import os
 from pathlib import Path
 
 import pytest
-
-if not os.environ.get("AFA_WEBUI_DIR"):
-    pytest.skip("real-WebUI tier: set AFA_WEBUI_DIR to an A1111 1.10 checkout with its venv at "
-                "$AFA_WEBUI_DIR/venv and run `AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui`",
-                allow_module_level=True)
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,18 +2,12 @@
 afa/unet.py) against sgm's own class, in a real A1111 1.10 install's venv with its repositories on the path: the
 same key names and shapes, and the same outputs for the same weights and inputs (tiny SDXL layout, depths 0/2/3).
 
-Opt-in, like the rest of tests/webui_real: AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
+Opt-in, like the rest of tests/webui_real (its fixtures skip without AFA_WEBUI_DIR):
+AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
 """
 
-import os
 import textwrap
 
-import pytest
-
-if not os.environ.get("AFA_WEBUI_DIR"):
-    pytest.skip("real-WebUI tier: set AFA_WEBUI_DIR to an A1111 1.10 checkout with its venv at "
-                "$AFA_WEBUI_DIR/venv and run `AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui`",
-                allow_module_level=True)
 
 SCRIPT = textwrap.dedent("""
     import torch
