@@ -173,7 +173,7 @@ class EnsembleUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, member_contexts: Sequence[torch.Tensor] | None = None,
-                **kwargs) -> torch.Tensor:
+                member_vectors: Sequence[torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
         """Ensembled noise (or v) prediction.
 
         Args:
@@ -185,6 +185,9 @@ class EnsembleUNet(nn.Module):
             member_contexts: per-member text conditioning, N x [B x L x context_dim]: member i's cross-attention
                 reads member_contexts[i] (the prompt as member i's own text encoder encodes it) and SABW reads their
                 mean, as in the authors' code. Overrides `context`.
+            member_vectors: per-member `y` of class-conditional members, N x [B x adm_in_channels]: member i's label
+                embedding reads member_vectors[i] (SDXL: the prompt's pooled embedding from member i's own bigG
+                encoder, with the size conditioning). Overrides `y`.
         Returns:
             [B x C_out x H x W] in x's dtype.
         """
@@ -203,7 +206,13 @@ class EnsembleUNet(nn.Module):
         else:
             context = self._cast(context, dtype)
             contexts = [context] * len(members)
-        embeddings = [self._member_embedding(member, timesteps, y) for member in members]
+        if member_vectors is not None:
+            if len(member_vectors) != len(members):
+                raise ValueError(f"{len(member_vectors)} member vectors for {len(members)} members")
+            vectors = list(member_vectors)
+        else:
+            vectors = [y] * len(members)
+        embeddings = [self._member_embedding(member, timesteps, vector) for member, vector in zip(members, vectors)]
         last_block = self.num_blocks - 1
 
         if not self.mode.mixes_every_block:

@@ -79,3 +79,82 @@ def write_tiny_sd2_checkpoint(path, seed: int, parameterization: str = "v", towe
         "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
         "params": {"arch": arch, "version": "laion2b_s32b_b79k", "freeze": True, "layer": "penultimate"}}
     return write_webui_checkpoint(path, state_dict, config)
+
+
+# A tiny SDXL model in the WebUI's form (sd_xl_base.yaml's structure at test size): the tiny-sdxl UNet (depths 0/2/3,
+# middle 3, 9/1/9 blocks, a label embedding of `y`), the tiny VAE, and the conditioner's two text encoders: the tiny
+# CLIP under conditioner.embedders.0.transformer.* and an OpenCLIP tower under conditioner.embedders.1.model.*; the
+# context is their widths together, `y` the tower's pooled width + 3 x 2 x 256 (the size embeddings).
+SGM = "sgm.modules.diffusionmodules."
+SDXL_SIZE_CONDITIONS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+SDXL_VAE_DDCONFIG = dict(attn_type="vanilla", double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3,
+                         ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+def tiny_sdxl_unet(clip_width: int, tower: dict) -> dict:
+    """The tiny-sdxl UNet parameters (sgm's network_config.params) reading a context of the CLIP and tower widths."""
+    from afa.unet import PRESETS
+
+    return dict(PRESETS["tiny-sdxl"], context_dim=clip_width + tower["width"],
+                adm_in_channels=tower["embed_dim"] + 3 * 2 * 256, spatial_transformer_attn_type="softmax")
+
+
+def tiny_sdxl_config(clip_folder, unet: dict, big_g_arch: str = "ViT-B-32", parameterization: str = "eps") -> dict:
+    """sd_xl_base.yaml's structure (sgm's DiffusionEngine) with the tiny UNet, VAE and text encoders; the CLIP-L
+    embedder names `clip_folder` (the tiny CLIP's config and tokenizer), its hidden layer the penultimate of 2."""
+    text_encoders = [
+        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+         "params": {"layer": "hidden", "layer_idx": 1, "version": str(clip_folder)}},
+        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+         "params": {"arch": big_g_arch, "version": "laion2b_s34b_b79k", "freeze": True, "layer": "penultimate",
+                    "always_return_pooled": True, "legacy": False}},
+    ]
+    sizes = [{"is_trainable": False, "input_key": key, "params": {"outdim": 256},
+              "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND"} for key in SDXL_SIZE_CONDITIONS]
+    scaling = "VScaling" if parameterization == "v" else "EpsScaling"
+    denoiser = {"num_idx": 1000, "weighting_config": {"target": SGM + "denoiser_weighting.EpsWeighting"},
+                "scaling_config": {"target": SGM + "denoiser_scaling." + scaling},
+                "discretization_config": {"target": SGM + "discretizer.LegacyDDPMDiscretization"}}
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": 0.13025, "disable_first_stage_autocast": True,
+        "denoiser_config": {"target": SGM + "denoiser.DiscreteDenoiser", "params": denoiser},
+        "network_config": {"target": SGM + "openaimodel.UNetModel", "params": unet},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner",
+                               "params": {"emb_models": text_encoders + sizes}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
+            "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": SDXL_VAE_DDCONFIG,
+            "lossconfig": {"target": "torch.nn.Identity"}}}}}}
+
+
+def write_tiny_sdxl_checkpoint(path, seed: int, tower: dict = TINY_OPEN_CLIP, text_seed: int | None = None,
+                               with_yaml: bool = True):
+    """A WebUI-format tiny SDXL checkpoint (the keys sgm's DiffusionEngine saves) with its sgm yaml, built without
+    sgm: the UNet with AFA's ldm build of the same parameters (tests/webui_real/test_sgm_unet.py checks it against
+    sgm's class), random weights from `seed`; the text encoders from `text_seed` (default: `seed`), so members may
+    share them. The tiny CLIP's folder is written beside the checkpoint. Returns its path."""
+    from pathlib import Path
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from afa.unet import build_unet
+    from training.open_clip_text import OpenClipTextEncoder
+    from training.sd_checkpoint import TINY_CLIP_TEXT_CONFIG, TINY_TEXT_ENCODER_FOLDER_NAME, build_tiny_vae, \
+        write_webui_checkpoint
+    from training.text_encoder import write_text_encoder_folder
+
+    path = Path(path)
+    text_seed = seed if text_seed is None else text_seed
+    folder = write_text_encoder_folder(path.parent / TINY_TEXT_ENCODER_FOLDER_NAME, TINY_CLIP_TEXT_CONFIG)
+    unet_params = tiny_sdxl_unet(TINY_CLIP_TEXT_CONFIG["hidden_size"], tower)
+    torch.manual_seed(seed)
+    state_dict = {"model.diffusion_model." + k: v
+                  for k, v in randomize_(build_unet(unet_params), seed=seed, scale=0.05).state_dict().items()}
+    state_dict.update({"first_stage_model." + k: v
+                       for k, v in randomize_(build_tiny_vae(SDXL_VAE_DDCONFIG), seed=seed, scale=0.05)
+                       .state_dict().items()})
+    clip_l = randomize_(CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT_CONFIG)), seed=text_seed, scale=0.05)
+    big_g = randomize_(OpenClipTextEncoder(**tower), seed=text_seed + 1000, scale=0.05)
+    state_dict.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.state_dict().items()})
+    state_dict.update({"conditioner.embedders.1.model." + k: v for k, v in big_g.state_dict().items()})
+    config = tiny_sdxl_config(folder, unet_params) if with_yaml else None
+    return write_webui_checkpoint(path, state_dict, config)

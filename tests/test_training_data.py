@@ -339,7 +339,7 @@ def test_a_cache_of_moments_serves_them_under_their_name(tmp_path):
                                       cache_dir=tmp_path / "cache", item_key="moments")
     assert cache.for_epoch(3) is cache
     item = cache[0]
-    assert set(item) == {"moments", "caption", "index"} and item["moments"].shape == (8, 8, 8)
+    assert set(item) == {"moments", "sizes", "caption", "index"} and item["moments"].shape == (8, 8, 8)
     batch = collate([cache[index] for index in range(3)])
     assert batch["moments"].shape == (3, 8, 8, 8) and "latents" not in batch
 

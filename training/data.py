@@ -300,14 +300,23 @@ def split_for_validation(records: Sequence[CaptionedImage], fraction: float, see
 # -- loading -------------------------------------------------------------------------------------------------------
 
 def load_image(path: str | Path, resolution: int, crop_generator: torch.Generator | None = None) -> torch.Tensor:
+    """An image file as a training tensor (`load_image_and_sizes` without the sizes): float32 [3 x R x R] in
+    [-1, 1]."""
+    return load_image_and_sizes(path, resolution, crop_generator)[0]
+
+
+def load_image_and_sizes(path: str | Path, resolution: int, crop_generator: torch.Generator | None = None) \
+        -> tuple[torch.Tensor, torch.Tensor]:
     """An image file as a training tensor, prepared like diffusers' train_text_to_image (torchvision's
-    Resize(resolution, LANCZOS) + CenterCrop(resolution) + Normalize(0.5, 0.5)).
+    Resize(resolution, LANCZOS) + CenterCrop(resolution) + Normalize(0.5, 0.5)), and its size conditioning.
 
     EXIF orientation is applied first, so phone photos are upright. Transparency is dropped (RGB only).
 
     :param crop_generator: None for the centre crop; else the crop's position is drawn from it as torchvision's
         RandomCrop(resolution) draws it (top, then left, each uniform over every position that fits).
-    :return: float32 tensor [3 x resolution x resolution] in [-1, 1].
+    :return: (float32 tensor [3 x resolution x resolution] in [-1, 1], int64 `sizes` [6]: the image's original
+        height and width, the crop's top and left in the resized image, and the crop's height and width -- SDXL's
+        original-size, crop and target-size conditioning, as diffusers' train_text_to_image_sdxl computes them).
     :raises Exception: whatever PIL raises for a file it cannot decode.
     """
     with Image.open(path) as image:
@@ -332,14 +341,15 @@ def load_image(path: str | Path, resolution: int, crop_generator: torch.Generato
     image = image.crop((left, top, left + resolution, top + resolution))
 
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    return pixels.float() / 127.5 - 1.0
+    sizes = torch.tensor([height, width, top, left, resolution, resolution], dtype=torch.int64)
+    return pixels.float() / 127.5 - 1.0, sizes
 
 
 class ImageCaptionDataset(Dataset):
     """Loads `CaptionedImage`s. Use with `DataLoader(dataset, collate_fn=collate, ...)`.
 
-    An item is {"pixel_values": [3 x R x R] in [-1, 1], "caption": str, "index": int}, or a `SkippedItem` when the
-    image cannot be decoded (see the module docstring for why that is found here and not while indexing).
+    An item is {"pixel_values": [3 x R x R] in [-1, 1], "sizes": [6] (`load_image_and_sizes`), "caption": str,
+    "index": int}, or a `SkippedItem` when the image cannot be decoded (see the module docstring for why that is found here and not while indexing).
 
     `crop="random"` crops each item where the generator of (seed, epoch, index) says (see the module docstring);
     `for_epoch(epoch)` gives the dataset of an epoch's crops.
@@ -365,27 +375,27 @@ class ImageCaptionDataset(Dataset):
         crop_generator = (sample_generator(self.seed, self.epoch, index, CROP_STREAM) if self.crop == "random"
                           else None)
         try:
-            pixel_values = load_image(record.image_path, self.resolution, crop_generator)
+            pixel_values, sizes = load_image_and_sizes(record.image_path, self.resolution, crop_generator)
         except Exception as error:  # noqa: BLE001 - any decoding failure means "skip this image", never a crash
             return SkippedItem(SkipReason.UNREADABLE_IMAGE, str(record.image_path), f"{type(error).__name__}: {error}")
-        return {"pixel_values": pixel_values, "caption": record.caption, "index": index}
+        return {"pixel_values": pixel_values, "sizes": sizes, "caption": record.caption, "index": index}
 
 
 def collate(items: list[dict | SkippedItem]) -> dict:
     """The DataLoader batch of every dataset here: the items that loaded, stacked, and the skipped ones.
 
     Items are {"pixel_values" [3 x R x R], "latents" [C x h x w] or "moments" [2C x h x w] (a VAE posterior's mean
-    and standard deviation stacked, as a `LatentCache` of moments serves them), "caption": str, "index": int} (the
-    index is the item's position in its dataset: the key of its random draws, training/diffusion.py), or
-    `SkippedItem`s.
+    and standard deviation stacked, as a `LatentCache` of moments serves them), "sizes" [6] (SDXL's size
+    conditioning, `load_image_and_sizes`), "caption": str, "index": int} (the index is the item's position in its
+    dataset: the key of its random draws, training/diffusion.py), or `SkippedItem`s.
 
-    :return: {"pixel_values", "latents" or "moments": [B x ...] (absent when B is 0), "captions": B str, "indices":
-        B int, "skipped": the SkippedItems}.
+    :return: {"pixel_values", "latents" or "moments", "sizes": [B x ...] (absent when B is 0), "captions": B str,
+        "indices": B int, "skipped": the SkippedItems}.
     """
     loaded = [item for item in items if not isinstance(item, SkippedItem)]
     batch = {"skipped": [item for item in items if isinstance(item, SkippedItem)],
              "indices": [item["index"] for item in loaded], "captions": [item["caption"] for item in loaded]}
-    for key in ("latents", "moments", "pixel_values"):
+    for key in ("latents", "moments", "pixel_values", "sizes"):
         if loaded and key in loaded[0]:
             batch[key] = torch.stack([item[key] for item in loaded])
     return batch
@@ -394,15 +404,16 @@ def collate(items: list[dict | SkippedItem]) -> dict:
 # -- latent cache --------------------------------------------------------------------------------------------------
 
 
-LATENT_CACHE_FORMAT = 1
+LATENT_CACHE_FORMAT = 2  # 2: the images' size conditioning ("sizes")
 
 
 class LatentCache(Dataset):
-    """VAE latents of a dataset's images, encoded once and stored on disk; serves {"latents", "caption", "index"}
-    items (see `collate`).
+    """VAE latents of a dataset's images, encoded once and stored on disk; serves {"latents", "sizes", "caption",
+    "index"} items (see `collate`).
 
     Layout: `<cache_dir>/<key>/latents.safetensors` holds one tensor "latents" [N x C x h x w], a row per unique
-    image file, and `<cache_dir>/<key>/index.json` maps each image path to its row, or records why it was skipped.
+    image file, and `<cache_dir>/<key>/index.json` maps each image path to its row (and its size conditioning,
+    `load_image_and_sizes`), or records why it was skipped.
     The key is a hash of the format version, the resolution, the caller's VAE identity (e.g. the checkpoint's
     sha256), and each image file's path, size and modification time, so editing, adding or removing an image, or
     changing VAE or resolution, selects a new cache folder; a stale cache is never reused. Captions are not part of
@@ -434,10 +445,11 @@ class LatentCache(Dataset):
         for path, reason, detail in index["skipped"]:
             self.skip_report.add(reason, path, detail)
         rows = index["rows"]  # image path -> row of "latents"
+        sizes = index["sizes"]  # image path -> its size conditioning
         self.latents = load_file(str(self.folder / "latents.safetensors"))["latents"] if rows else None
         # Records of skipped images are left out; several records of one image share its row.
-        self.items = [(rows[str(record.image_path)], record.caption) for record in records
-                      if str(record.image_path) in rows]
+        self.items = [(rows[str(record.image_path)], torch.tensor(sizes[str(record.image_path)]), record.caption)
+                      for record in records if str(record.image_path) in rows]
 
     @staticmethod
     def key(records: Sequence[CaptionedImage], resolution: int, vae_identity: str) -> str:
@@ -477,9 +489,10 @@ class LatentCache(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        """{item_key: [C x h x w] ("latents") or [2C x h x w] ("moments"), "caption": str, "index": index}."""
-        row, caption = self.items[index]
-        return {self.item_key: self.latents[row], "caption": caption, "index": index}
+        """{item_key: [C x h x w] ("latents") or [2C x h x w] ("moments"), "sizes": [6], "caption": str,
+        "index": index}."""
+        row, sizes, caption = self.items[index]
+        return {self.item_key: self.latents[row], "sizes": sizes, "caption": caption, "index": index}
 
 
 def _unique_image_paths(records: Sequence[CaptionedImage]) -> list[Path]:
@@ -495,7 +508,7 @@ def _build_latent_cache(folder: Path, records: Sequence[CaptionedImage], resolut
     dataset = ImageCaptionDataset([CaptionedImage(path, "", str(path)) for path in image_paths], resolution)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate)
-    rows, skipped, latent_batches = {}, [], []
+    rows, sizes, skipped, latent_batches = {}, {}, [], []
     for batch in loader:
         skipped += [[item.source, item.reason.value, item.detail] for item in batch["skipped"]]
         if not batch["indices"]:
@@ -504,15 +517,17 @@ def _build_latent_cache(folder: Path, records: Sequence[CaptionedImage], resolut
             latents = encode(batch["pixel_values"]).detach().cpu()
         if latents.shape[0] != len(batch["indices"]):
             raise ValueError(f"encode returned {latents.shape[0]} latents for {len(batch['indices'])} images")
-        for image_index in batch["indices"]:
+        for image_index, image_sizes in zip(batch["indices"], batch["sizes"].tolist()):
             rows[str(image_paths[image_index])] = len(rows)
+            sizes[str(image_paths[image_index])] = image_sizes
         latent_batches.append(latents)
 
     temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     temporary.mkdir(parents=True, exist_ok=True)
     if latent_batches:
         save_file({"latents": torch.cat(latent_batches).contiguous()}, str(temporary / "latents.safetensors"))
-    index = {"format": LATENT_CACHE_FORMAT, "resolution": resolution, "rows": rows, "skipped": skipped}
+    index = {"format": LATENT_CACHE_FORMAT, "resolution": resolution, "rows": rows, "sizes": sizes,
+             "skipped": skipped}
     (temporary / "index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
     try:
         os.replace(temporary, folder)

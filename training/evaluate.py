@@ -94,9 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="timesteps (columns) of the figures")
     group.add_argument("--figure-draws", type=int, default=16, help="Monte-Carlo noise draws averaged per pixel in "
                        "the denoising-capability figure")
-    group.add_argument("--map-blocks", nargs="+", default=["input_blocks.0", "output_blocks.10"],
-                       help="UNet blocks whose aggregation maps are drawn (the paper shows the first and the "
-                       "penultimate); blocks without a SABW block (last-block weights) are left out")
+    group.add_argument("--map-blocks", nargs="+", help="UNet blocks whose aggregation maps are drawn (default: the "
+                       "first and the penultimate, as the paper shows them: input_blocks.0 and output_blocks.10 for "
+                       "SD 1.x/2.x, output_blocks.7 for SDXL); blocks without a SABW block (last-block weights) are "
+                       "left out")
     group.add_argument("--cell-size", type=int, default=112, help="pixels per figure cell")
     args = parser.parse_args(argv)
 
@@ -248,24 +249,27 @@ def format_table(errors: dict[str, dict[str, float]], member_names: Sequence[str
 
 class FigureImage(NamedTuple):
     """One figure row's image: caption, RGB pixels [H x W x 3] uint8, latents [1 x C x h x w], member_contexts
-    N x [1 x L x D] (the caption as each member's own text encoder encodes it)."""
+    N x [1 x L x D] (the caption as each member's own text encoder encodes it) and, for SDXL members, their
+    member_vectors N x [1 x adm] (`y`), else None."""
 
     caption: str
     pixels: np.ndarray
     latents: torch.Tensor
     member_contexts: list[torch.Tensor]
+    member_vectors: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
 def prepare_figure_image(item: dict, vae, text_encoders: Sequence[torch.nn.Module], device: torch.device,
                          clip_skip: int = 1) -> FigureImage:
-    """A dataset item ({"pixel_values": [3 x H x W] in [-1, 1], "caption"}) ready for the figures; text_encoders:
-    each member's (FrozenModels.text_encoders)."""
+    """A dataset item ({"pixel_values": [3 x H x W] in [-1, 1], "sizes": [6], "caption"}) ready for the figures;
+    text_encoders: each member's (FrozenModels.text_encoders)."""
     pixel_values = item["pixel_values"]
     pixels = ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     latents = vae.encode(pixel_values[None].to(device))
-    return FigureImage(item["caption"], pixels, latents,
-                       encode_for_members(text_encoders, tokenize([item["caption"]]), clip_skip))
+    contexts, vectors = encode_for_members(text_encoders, tokenize([item["caption"]]), clip_skip,
+                                           item["sizes"][None])
+    return FigureImage(item["caption"], pixels, latents, contexts, vectors)
 
 
 def figure_noise(seed: int, image_number: int, draws: int, latent_shape: Sequence[int]) -> torch.Tensor:
@@ -279,13 +283,16 @@ def figure_noise(seed: int, image_number: int, draws: int, latent_shape: Sequenc
 @torch.no_grad()
 def per_pixel_errors(models: Sequence[Callable], latents: torch.Tensor,
                      context: torch.Tensor | Sequence[torch.Tensor], timesteps: Sequence[int], noise: torch.Tensor,
-                     schedule: NoiseSchedule, batch_size: int) -> torch.Tensor:
+                     schedule: NoiseSchedule, batch_size: int,
+                     vectors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Each model's squared denoising error at every latent pixel, averaged over channels and noise draws.
 
     Args:
-        models: callables (x_t [B x C x h x w], timesteps [B], context [B x L x D]) -> prediction (eps or v).
+        models: callables (x_t [B x C x h x w], timesteps [B], context [B x L x D], y=[B x adm] or None) ->
+            prediction (eps or v).
         latents: [1 x C x h x w], one image; context: [1 x L x D], its caption's, which every model reads, or one
             such context per model (members alone: each its own text encoder's).
+        vectors: SDXL members' `y` [1 x adm], one per model (each its own encoders'); None for SD 1.x/2.x.
         timesteps: T timesteps.
         noise: [M x C x h x w] Monte-Carlo draws, the same ones at every timestep and for every model.
     Returns:
@@ -299,13 +306,15 @@ def per_pixel_errors(models: Sequence[Callable], latents: torch.Tensor,
     clean = latents.expand(noise.shape[0], -1, -1, -1)
     noisy, target = schedule.add_noise(clean, noise, steps), schedule.target(clean, noise, steps)
     contexts = [context] * len(models) if isinstance(context, torch.Tensor) else list(context)
+    vectors = list(vectors) if vectors is not None else [None] * len(models)
     maps = []
-    for model, context in zip(models, contexts):
+    for model, context, vector in zip(models, contexts, vectors):
         squared = []
         for start in range(0, noisy.shape[0], batch_size):
             batch = slice(start, start + batch_size)
             count = noisy[batch].shape[0]
-            prediction = model(noisy[batch], steps[batch], context.expand(count, -1, -1))
+            y = vector.expand(count, -1) if vector is not None else None
+            prediction = model(noisy[batch], steps[batch], context.expand(count, -1, -1), y=y)
             squared.append(squared_error(prediction, target[batch]).mean(dim=1).cpu())
         per_sample = torch.cat(squared)  # [T*M x h x w]
         maps.append(per_sample.view(len(timesteps), num_draws, *per_sample.shape[1:]).mean(dim=1))
@@ -342,7 +351,7 @@ def render_denoising_capability(members: Sequence[torch.nn.Module], member_names
     rows, winners_per_image = [], []
     for image, noise in zip(images, noises):
         winners = winner_maps(per_pixel_errors(members, image.latents, image.member_contexts, timesteps, noise,
-                                               schedule, batch_size))
+                                               schedule, batch_size, image.member_vectors))
         winners_per_image.append(winners)
         rows.append([(image.caption, image.pixels)] + [
             (f"t = {step}\n{win_shares(winners[index], len(members))}", colorize_winners(winners[index], len(members)))
@@ -369,7 +378,7 @@ def render_aggregation_maps(ensemble: EnsembleUNet, member_names: Sequence[str],
             for step in timesteps:
                 step_tensor = torch.tensor([step], device=image.latents.device)
                 noisy = schedule.add_noise(image.latents, noise[:1].to(image.latents.device), step_tensor)
-                model(noisy, step_tensor, image.member_contexts)
+                model(noisy, step_tensor, image.member_contexts, image.member_vectors)
             rows.append([(image.caption, image.pixels)] + [
                 (f"{block_name(block, num_input_blocks)}\nt = {step}", colorize_weights(recorder.maps[block][index]))
                 for block in blocks for index, step in enumerate(timesteps)])
@@ -380,8 +389,11 @@ def render_aggregation_maps(ensemble: EnsembleUNet, member_names: Sequence[str],
 
 
 def map_blocks(names: Sequence[str], ensemble: EnsembleUNet) -> list[int]:
-    """The indices of the --map-blocks that have a SABW block (the last block only, for last-block weights)."""
+    """The indices of the --map-blocks that have a SABW block (the last block only, for last-block weights); no
+    names: the first block and the penultimate."""
     config = ensemble.aggregator.config
+    if not names:
+        names = ["input_blocks.0", f"output_blocks.{config.num_input_blocks - 2}"]
     try:
         blocks = block_indices(names, config.num_input_blocks)
     except ValueError as error:

@@ -17,15 +17,18 @@ def range_label(low: int, high: int) -> str:
     return f"t {low}-{high - 1}"
 
 
-ModelCall = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
-"""A model as `denoising_errors` calls it: (x_t [B x C x h x w], timesteps [B], member_contexts N x [B x 77 x D])
--> prediction [B x C x h x w]; member_contexts[i] is the prompt as member i's own text encoder encodes it."""
+ModelCall = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor], "Sequence[torch.Tensor] | None"],
+                     torch.Tensor]
+"""A model as `denoising_errors` calls it: (x_t [B x C x h x w], timesteps [B], member_contexts N x [B x 77 x D],
+member_vectors N x [B x adm] or None) -> prediction [B x C x h x w]; member_contexts[i] (and for SDXL members
+member_vectors[i], their `y`) is the prompt as member i's own text encoders encode it."""
 
 
 def member_alone(unet: Callable, member_index: int) -> ModelCall:
-    """Member `member_index` run on its own, reading its own text encoder's encoding (as a user runs it)."""
-    def call(noisy, timesteps, member_contexts):
-        return unet(noisy, timesteps, member_contexts[member_index])
+    """Member `member_index` run on its own, reading its own text encoders' encoding (as a user runs it)."""
+    def call(noisy, timesteps, member_contexts, member_vectors=None):
+        y = member_vectors[member_index] if member_vectors is not None else None
+        return unet(noisy, timesteps, member_contexts[member_index], y=y)
     return call
 
 
@@ -33,22 +36,48 @@ def ensemble_reading(ensemble: Callable, text_conditioning: str) -> ModelCall:
     """An EnsembleUNet reading the prompt as `text_conditioning` says: "per_member" (member i reads member i's
     encoding, SABW their mean) or "shared" (every member and SABW read the first member's)."""
     if text_conditioning == "per_member":
-        return lambda noisy, timesteps, member_contexts: ensemble(noisy, timesteps, member_contexts=member_contexts)
+        return lambda noisy, timesteps, member_contexts, member_vectors=None: ensemble(
+            noisy, timesteps, member_contexts=member_contexts, member_vectors=member_vectors)
     if text_conditioning == "shared":
-        return lambda noisy, timesteps, member_contexts: ensemble(noisy, timesteps, member_contexts[0])
+        return lambda noisy, timesteps, member_contexts, member_vectors=None: ensemble(
+            noisy, timesteps, member_contexts[0], y=member_vectors[0] if member_vectors is not None else None)
     raise ValueError(f"text_conditioning must be per_member or shared, got {text_conditioning!r}")
 
 
 @torch.no_grad()
-def encode_for_members(text_encoders: Sequence[torch.nn.Module], token_ids: torch.Tensor,
-                       clip_skip: int = 1) -> list[torch.Tensor]:
-    """Each member's context for token ids [B x 77]: N x [B x 77 x D]. Each distinct encoder module runs once, and
-    members sharing a module get the same tensor object (which EnsembleUNet reads as one shared context)."""
-    by_module: dict[int, torch.Tensor] = {}
+def encode_for_members(text_encoders: Sequence[torch.nn.Module], token_ids: torch.Tensor, clip_skip: int = 1,
+                       sizes: torch.Tensor | None = None, dropped: Sequence[bool] | None = None) \
+        -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Each member's conditioning for token ids [B x 77]: (contexts N x [B x 77 x D], vectors N x [B x adm] for
+    SDXL members, else None). Each distinct encoder module runs once, and members sharing a module get the same
+    tensor objects (which EnsembleUNet reads as one shared context).
+
+    SDXL (training/sdxl_text.py's SdxlTextEncoders) also needs `sizes` [B x 6] (training/data.py's
+    `load_image_and_sizes`: original size, crop top-left, target size) for `y`. Its `dropped` samples (caption
+    dropout) get zero text embeddings -- context and pooled part of `y`, the size embeddings stay -- as sgm's
+    conditioner drops them in training and as the WebUI conditions SDXL on an empty negative prompt; SD 1.x/2.x drop
+    captions by encoding the empty prompt (the caller's part).
+    """
+    from .sdxl_text import SdxlTextEncoders
+
+    by_module: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for encoder in text_encoders:
-        if id(encoder) not in by_module:
-            by_module[id(encoder)] = encode(encoder, token_ids, clip_skip)
-    return [by_module[id(encoder)] for encoder in text_encoders]
+        if id(encoder) in by_module:
+            continue
+        if not isinstance(encoder, SdxlTextEncoders):
+            by_module[id(encoder)] = encode(encoder, token_ids, clip_skip), None
+            continue
+        if sizes is None:
+            raise ValueError("SDXL members need the images' size conditioning (sizes [B x 6])")
+        context, pooled = encoder.encode(token_ids)
+        if dropped is not None and any(dropped):
+            keep = torch.tensor([not drop for drop in dropped], dtype=context.dtype, device=context.device)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        sizes = sizes.to(pooled.device)
+        by_module[id(encoder)] = context, encoder.vector(pooled, sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6])
+    contexts = [by_module[id(encoder)][0] for encoder in text_encoders]
+    vectors = [by_module[id(encoder)][1] for encoder in text_encoders]
+    return contexts, (vectors if vectors[0] is not None else None)
 
 
 @torch.no_grad()
@@ -66,9 +95,10 @@ def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | t
         sample_latents: train on a sample of the VAE posterior (`--latents sample`, mean + std * noise, the noise
             drawn per sample, training/diffusion.py) instead of its mean. Needs "pixel_values" or "moments".
 
-    Returns {"noisy", "timesteps", "member_contexts", "target", "latents", "noise"} on `device`: noisy, target,
-    latents and noise [B x C x h x w], timesteps [B] (int64), member_contexts N x [B x 77 x D] (members sharing an
-    encoder share the tensor; EnsembleUNet gives SABW their mean).
+    Returns {"noisy", "timesteps", "member_contexts", "member_vectors", "target", "latents", "noise"} on `device`:
+    noisy, target, latents and noise [B x C x h x w], timesteps [B] (int64), member_contexts N x [B x 77 x D]
+    (members sharing an encoder share the tensor; EnsembleUNet gives SABW their mean), member_vectors N x [B x adm]
+    for SDXL members (their `y`, from the batch's "sizes"), else None.
     """
     if isinstance(text_encoders, torch.nn.Module):
         text_encoders = [text_encoders]
@@ -78,9 +108,10 @@ def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | t
     latents = mean + std * draws.posterior_noise.to(device) if sample_latents else mean
     captions = ["" if drop else caption for caption, drop in zip(batch["captions"], draws.drop_caption)]
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
-    member_contexts = encode_for_members(text_encoders, tokenize(captions), clip_skip)
+    member_contexts, member_vectors = encode_for_members(text_encoders, tokenize(captions), clip_skip,
+                                                         batch.get("sizes"), draws.drop_caption)
     return {"noisy": schedule.add_noise(latents, noise, timesteps), "timesteps": timesteps,
-            "member_contexts": member_contexts,
+            "member_contexts": member_contexts, "member_vectors": member_vectors,
             "target": schedule.target(latents, noise, timesteps), "latents": latents, "noise": noise}
 
 
@@ -124,7 +155,8 @@ def denoising_errors(models: Mapping[str, ModelCall], loader: Iterable[dict], va
             for label in sample_labels:
                 counts[label] = counts.get(label, 0) + 1
         for name, model in models.items():
-            prediction = model(inputs["noisy"], inputs["timesteps"], inputs["member_contexts"])
+            prediction = model(inputs["noisy"], inputs["timesteps"], inputs["member_contexts"],
+                               inputs["member_vectors"])
             per_sample = per_sample_mse(prediction, inputs["target"]).tolist()
             for error, sample_labels in zip(per_sample, labels):
                 for label in sample_labels:

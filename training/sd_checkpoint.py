@@ -169,16 +169,27 @@ SD_VAE_DDCONFIG = dict(
     num_res_blocks=2, attn_resolutions=[], dropout=0.0,
 )
 SD1_DEFAULTS = dict(linear_start=0.00085, linear_end=0.012, timesteps=1000, scale_factor=0.18215)
+# SDXL's latent scale (sd_xl_base.yaml's scale_factor); its VAE and schedule (LegacyDDPMDiscretization) are SD1's.
+SDXL_SCALE_FACTOR = 0.13025
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders."
+
+
+def is_sdxl_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint holds SDXL's conditioner (its text encoders under `conditioner.embedders.*`)."""
+    return bool(read_prefixed_tensors(path, SDXL_TEXT_ENCODER_PREFIX + "1.model.ln_final."))
 
 
 def read_sd_config(path: str | Path, config: str | Path | None = None) -> dict:
-    """The ldm config of a checkpoint: `config`, else `<name>.yaml` beside it, else SD1's v1-inference defaults."""
+    """The ldm (or sgm, SDXL) config of a checkpoint: `config`, else `<name>.yaml` beside it, else the defaults of
+    its family (v1-inference's; SDXL's scale factor for a checkpoint with SDXL's conditioner)."""
     from afa.members import config_beside
 
     config = config or config_beside(path)
     if config is None:
-        return dict(model=dict(params=dict(SD1_DEFAULTS, first_stage_config=dict(params=dict(
-            embed_dim=4, ddconfig=SD_VAE_DDCONFIG)))))
+        defaults = dict(SD1_DEFAULTS, first_stage_config=dict(params=dict(embed_dim=4, ddconfig=SD_VAE_DDCONFIG)))
+        if is_sdxl_checkpoint(path):
+            defaults["scale_factor"] = SDXL_SCALE_FACTOR
+        return dict(model=dict(params=defaults))
     from afa.errors import CheckpointError
 
     try:
@@ -238,17 +249,24 @@ def load_vae(path: str | Path, config: dict, device: torch.device | str = "cpu",
 
 
 def load_schedule(path: str | Path, config: dict) -> NoiseSchedule:
-    """The noise schedule: the checkpoint's `alphas_cumprod` buffer when stored, else rebuilt from the config;
-    parameterization "eps" unless the config says "v" (SD 2.x 768-v models)."""
+    """The noise schedule: the checkpoint's `alphas_cumprod` buffer (ldm) or `denoiser.sigmas` (sgm's discrete
+    denoiser, sigma^2 = (1 - alphas_cumprod) / alphas_cumprod) when stored, else rebuilt from the config (sgm's
+    LegacyDDPMDiscretization is ldm's linear schedule); parameterization "eps" unless the config says "v" (SD 2.x
+    768-v models: `parameterization: v`; sgm yamls: a `VScaling` denoiser)."""
     params = config["model"]["params"]
     stored = {k: v for k, v in read_prefixed_tensors(path, "alphas_cumprod").items() if k == ""}
+    sigmas = {k: v for k, v in read_prefixed_tensors(path, "denoiser.sigmas").items() if k == ""}
     if stored:
         alphas_cumprod = stored[""]
+    elif sigmas:
+        alphas_cumprod = 1.0 / (1.0 + sigmas[""].double() ** 2)
     else:
         alphas_cumprod = schedule_buffers(params.get("linear_start", SD1_DEFAULTS["linear_start"]),
                                           params.get("linear_end", SD1_DEFAULTS["linear_end"]),
                                           params.get("timesteps", SD1_DEFAULTS["timesteps"]))["alphas_cumprod"]
-    return NoiseSchedule(alphas_cumprod.float(), params.get("parameterization", "eps"))
+    scaling = str(params.get("denoiser_config", {}).get("params", {}).get("scaling_config", {}).get("target", ""))
+    parameterization = "v" if scaling.endswith("VScaling") else params.get("parameterization", "eps")
+    return NoiseSchedule(alphas_cumprod.float(), parameterization)
 
 
 @dataclass
@@ -260,10 +278,12 @@ class FrozenModels:
         members: the members' ldm UNets.
         layout: their shared block layout.
         vae, schedule: the first member's VAE and noise schedule.
-        text_encoders: each member's own SD1 text encoder (transformers' CLIPTextModel, float32), in member order.
-            Members whose text-encoder weights are identical share one module object, so each distinct encoder is
-            held once and runs once per batch (training/metrics.py's `encode_for_members`). One SD1 text encoder is
-            123M parameters (0.5 GB in float32).
+        text_encoders: each member's own text encoder(s), float32, in member order: SD1's CLIPTextModel
+            (transformers), SD 2.x's OpenCLIP tower (training/open_clip_text.py) or SDXL's pair
+            (training/sdxl_text.py). Members whose text-encoder weights are identical share one module object, so
+            each distinct encoder is held once and runs once per batch (training/metrics.py's
+            `encode_for_members`). One SD1 text encoder is 123M parameters (0.5 GB in float32), SD 2.x's 354M
+            (1.4 GB), SDXL's pair 817M (3.3 GB).
     """
 
     member_refs: list[MemberRef]
@@ -312,21 +332,26 @@ def text_encoder_search_dirs(path: str | Path) -> list[Path]:
 
 def load_text_encoders(member_paths: list[str | Path], config: str | Path | None = None,
                        device: torch.device | str = "cpu") -> list[torch.nn.Module]:
-    """Each member's own frozen SD1 text encoder (`cond_stage_model.*`, float32, on `device`), in member order;
-    members whose encoders have identical weights get the same module object.
+    """Each member's own frozen text encoder(s) (`cond_stage_model.*`, SDXL's `conditioner.embedders.*`; float32, on
+    `device`), in member order; members whose encoders have identical weights get the same module object.
 
     Raises:
-        CheckpointError: a member holds no SD1 text encoder, or one that does not match its yaml (named).
+        CheckpointError: a member holds no text encoder, or one that does not match its yaml (named).
     """
+    from .sdxl_text import load_sdxl_text_encoders
     from .text_encoder import load_text_encoder  # imports transformers: only when needed
 
     distinct: list[torch.nn.Module] = []
     encoders = []
     for path in member_paths:
-        tensors = {f"cond_stage_model.{k}": v for k, v in read_prefixed_tensors(path, "cond_stage_model.").items()}
-        encoder = load_text_encoder(tensors, read_sd_config(path, config), checkpoint_name=str(path),
-                                    search_dirs=text_encoder_search_dirs(path))
-        del tensors
+        sd_config, search_dirs = read_sd_config(path, config), text_encoder_search_dirs(path)
+        sdxl = {SDXL_TEXT_ENCODER_PREFIX + k: v for k, v in read_prefixed_tensors(path, SDXL_TEXT_ENCODER_PREFIX).items()}
+        if sdxl:
+            encoder = load_sdxl_text_encoders(sdxl, sd_config, checkpoint_name=str(path), search_dirs=search_dirs)
+        else:
+            tensors = {f"cond_stage_model.{k}": v for k, v in read_prefixed_tensors(path, "cond_stage_model.").items()}
+            encoder = load_text_encoder(tensors, sd_config, checkpoint_name=str(path), search_dirs=search_dirs)
+        del sdxl
         # Loaded (float32) weights are compared, so an fp16 file of an fp32 encoder counts as another encoder
         # exactly when its rounding changed a value.
         shared = next((other for other in distinct if same_weights(other, encoder)), None)

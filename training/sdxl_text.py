@@ -11,8 +11,8 @@ text encoders, without sgm (it is not on PyPI):
                                        target size (h, w) as 256-wide sinusoidal embeddings (ConcatTimestepEmbedderND)
 
 The widths come from the tensors (the tiny test models are narrower). The real-WebUI tier compares both outputs
-with sgm's conditioner on the same checkpoint. This is the conditioning part of SDXL training; the trainer does not
-train SDXL members yet (issue 10).
+with sgm's conditioner on the same checkpoint. The trainer and the evaluator read SDXL members' prompts through it
+(training/metrics.py's `encode_for_members`).
 """
 
 from __future__ import annotations

@@ -287,8 +287,8 @@ def text_encoder_state_dict(state_dict: Mapping[str, torch.Tensor], checkpoint_n
     """
     if any(key.startswith(SDXL_CONDITIONER_PREFIX) for key in state_dict):
         raise UnsupportedTextEncoderError(
-            f"{checkpoint_name}: its text encoders are SDXL's ({SDXL_CONDITIONER_PREFIX}* keys); SDXL is not "
-            "supported by the trainer yet")
+            f"{checkpoint_name}: its text encoders are SDXL's pair ({SDXL_CONDITIONER_PREFIX}* keys), not one SD1 "
+            "encoder: read them with training.sdxl_text.load_sdxl_text_encoders")
     tensors = {}
     for key, tensor in state_dict.items():
         for old_prefix, new_prefix in _OLD_TEXT_ENCODER_KEY_PREFIXES.items():

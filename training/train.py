@@ -391,7 +391,8 @@ class MicroBatchLoss:
         inputs = prepare_batch(batch, frozen.vae, self.text_encoders, frozen.schedule, self.seed, self.device, epoch,
                                self.caption_dropout, clip_skip=self.clip_skip, sample_latents=self.sample_latents)
         with self.autocast:
-            prediction = model(inputs["noisy"], inputs["timesteps"], member_contexts=inputs["member_contexts"])
+            prediction = model(inputs["noisy"], inputs["timesteps"], member_contexts=inputs["member_contexts"],
+                               member_vectors=inputs["member_vectors"])
         return per_sample_mse(prediction, inputs["target"]).sum() * self.world_size / self.batch_size
 
 

@@ -21,39 +21,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 
-SIZE_CONDITIONS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
-UNET = dict(adm_in_channels=2048, num_classes="sequential", in_channels=4, out_channels=4, model_channels=64,
-            attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=[1, 2, 2], num_head_channels=64,
-            use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=[0, 2, 3],
-            transformer_depth_middle=3, context_dim=544, spatial_transformer_attn_type="softmax", legacy=False)
-VAE_DDCONFIG = dict(attn_type="vanilla", double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
-                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-SGM = "sgm.modules.diffusionmodules."
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the yaml form is the CI factory's
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the extension: afa's UNet presets
+from factories import VIT_B_32_OPEN_CLIP, tiny_sdxl_config, tiny_sdxl_unet  # noqa: E402
 
 
 def sdxl_config(clip_folder: str) -> dict:
-    """sd_xl_base.yaml's structure with the tiny UNet, VAE and text encoders."""
-    text_encoders = [
-        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
-         "params": {"layer": "hidden", "layer_idx": 1, "version": clip_folder}},
-        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
-         "params": {"arch": "ViT-B-32", "version": "laion2b_s34b_b79k", "freeze": True, "layer": "penultimate",
-                    "always_return_pooled": True, "legacy": False}},
-    ]
-    sizes = [{"is_trainable": False, "input_key": key, "params": {"outdim": 256},
-              "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND"} for key in SIZE_CONDITIONS]
-    denoiser = {"num_idx": 1000, "weighting_config": {"target": SGM + "denoiser_weighting.EpsWeighting"},
-                "scaling_config": {"target": SGM + "denoiser_scaling.EpsScaling"},
-                "discretization_config": {"target": SGM + "discretizer.LegacyDDPMDiscretization"}}
-    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
-        "scale_factor": 0.13025, "disable_first_stage_autocast": True,
-        "denoiser_config": {"target": SGM + "denoiser.DiscreteDenoiser", "params": denoiser},
-        "network_config": {"target": SGM + "openaimodel.UNetModel", "params": UNET},
-        "conditioner_config": {"target": "sgm.modules.GeneralConditioner",
-                               "params": {"emb_models": text_encoders + sizes}},
-        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
-            "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": VAE_DDCONFIG,
-            "lossconfig": {"target": "torch.nn.Identity"}}}}}}
+    """sd_xl_base.yaml's structure with the tiny UNet, VAE and text encoders (CLIP 32 wide, ViT-B-32's tower)."""
+    return tiny_sdxl_config(clip_folder, tiny_sdxl_unet(32, VIT_B_32_OPEN_CLIP))
 
 
 def offline_text_models() -> None:

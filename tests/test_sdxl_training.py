@@ -1,0 +1,175 @@
+"""SDXL members in the trainer and the evaluator, on tiny random SDXL checkpoints in the WebUI's form
+(tests/factories.py: sgm's key layout and sd_xl_base.yaml's structure): each member's two text encoders from
+`conditioner.embedders.*` (context = CLIP-L's hidden layer and the OpenCLIP tower's penultimate layer, `y` = the
+pooled embedding and the size embeddings), each image's original size and crop as its size conditioning, `y`
+reaching every member; training, resuming to the same weights, the ablation flags, the latent cache, evaluation and
+`afa inspect`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from afa import EnsembleUNet, read_weights_info
+from factories import TINY_OPEN_CLIP, write_captioned_images, write_tiny_sdxl_checkpoint
+from training import data as datasets
+from training import evaluate, train
+from training.metrics import encode_for_members, prepare_batch
+from training.sd_checkpoint import SDXL_SCALE_FACTOR, load_frozen_models
+from training.sdxl_text import SIZE_EMBEDDING_WIDTH, SdxlTextEncoders, size_embeddings
+from training.text_encoder import tokenize
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+POOLED = TINY_OPEN_CLIP["embed_dim"]  # the pooled part of `y`; the rest is the size embeddings
+Y_WIDTH = POOLED + 6 * SIZE_EMBEDDING_WIDTH
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl")
+    return [write_tiny_sdxl_checkpoint(folder / f"xl-{seed}.safetensors", seed) for seed in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def frozen(members):
+    return load_frozen_models(members)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Wide images (48 x 32): a 32 px square crop has room to move, so crops and sizes differ per sample."""
+    return write_captioned_images(tmp_path_factory.mktemp("data"), width=48, height=32)
+
+
+def args_for(members, dataset, tmp_path, name, *extra):
+    return ["--members", *map(str, members), "--data", str(dataset), "--resolution", "32", "--batch-size", "4",
+            "--val-split", "0.25", "--hidden-channels", "32", "--num-workers", "0", "--save-dtype", "fp32",
+            "--output", str(tmp_path / f"{name}.safetensors"), "--run-dir", str(tmp_path / name), *extra]
+
+
+def batch_of(dataset_folder, count: int = 3, crop: str = "random", epoch: int = 0) -> dict:
+    records = datasets.index_captioned_images(dataset_folder, datasets.SkipReport())[:count]
+    images = datasets.ImageCaptionDataset(records, 32, crop=crop).for_epoch(epoch)
+    return datasets.collate([images[index] for index in range(count)])
+
+
+def test_sdxl_members_read_their_own_two_text_encoders_vae_scale_and_schedule(frozen):
+    assert all(isinstance(encoder, SdxlTextEncoders) for encoder in frozen.text_encoders)
+    assert frozen.distinct_text_encoders == 2  # each checkpoint has its own pair
+    assert frozen.text_encoder.config.hidden_size == 32 + TINY_OPEN_CLIP["width"]  # CLIP-L's and the tower's
+    assert frozen.vae.scale_factor == SDXL_SCALE_FACTOR and frozen.schedule.parameterization == "eps"
+    assert len(frozen.layout.names) == 19  # 9/1/9
+
+
+def test_the_scale_factor_of_an_sdxl_checkpoint_without_a_yaml_is_sdxl_s(tmp_path):
+    bare = write_tiny_sdxl_checkpoint(tmp_path / "bare.safetensors", 3, with_yaml=False)
+    assert not bare.with_suffix(".yaml").exists()
+    from training.sd_checkpoint import read_sd_config
+    assert read_sd_config(bare)["model"]["params"]["scale_factor"] == SDXL_SCALE_FACTOR
+
+
+def test_images_carry_their_original_size_and_crop_which_reach_y(dataset, frozen):
+    batch = batch_of(dataset)
+    sizes = batch["sizes"]
+    assert sizes.shape == (3, 6) and sizes.dtype == torch.int64
+    assert sizes[:, :2].tolist() == [[32, 48]] * 3 and sizes[:, 4:].tolist() == [[32, 32]] * 3
+    # shorter side 32 already: the random crop moves along the 48 px width only
+    assert (sizes[:, 2] == 0).all() and 0 <= sizes[:, 3].min() and sizes[:, 3].max() <= 16
+    center = batch_of(dataset, crop="center")["sizes"]
+    assert center[:, 2:4].tolist() == [[0, 8]] * 3
+
+    inputs = prepare_batch(batch, frozen.vae, frozen.text_encoders, frozen.schedule, seed=0, device=CPU)
+    vectors = inputs["member_vectors"]
+    assert len(vectors) == 2 and all(vector.shape == (3, Y_WIDTH) for vector in vectors)
+    assert len(inputs["member_contexts"]) == 2 and inputs["member_contexts"][0].shape == (3, 77, 96)
+    expected_sizes = size_embeddings(sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6])
+    for vector in vectors:
+        torch.testing.assert_close(vector[:, POOLED:], expected_sizes, rtol=0, atol=0)
+    # each member's pooled part is its own tower's
+    assert not torch.equal(vectors[0][:, :POOLED], vectors[1][:, :POOLED])
+
+
+def test_caption_dropout_zeroes_the_text_embeddings_and_keeps_the_sizes(dataset, frozen):
+    batch = batch_of(dataset, count=2)
+    token_ids = tokenize(batch["captions"])
+    contexts, vectors = encode_for_members(frozen.text_encoders, token_ids, sizes=batch["sizes"],
+                                           dropped=[True, False])
+    kept, _ = encode_for_members(frozen.text_encoders, token_ids, sizes=batch["sizes"])
+    for context, vector, full in zip(contexts, vectors, kept):
+        assert (context[0] == 0).all() and (vector[0, :POOLED] == 0).all()  # what the WebUI's empty negative gets
+        assert (vector[0, POOLED:] != 0).any()
+        assert torch.equal(context[1], full[1])
+    with pytest.raises(ValueError, match="size conditioning"):
+        encode_for_members(frozen.text_encoders, token_ids)
+
+
+def test_each_member_reads_its_own_y(frozen):
+    ensemble = EnsembleUNet(frozen.members, None, "average")
+    torch.manual_seed(0)
+    x, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    context, y = torch.randn(2, 77, 96), torch.randn(2, Y_WIDTH)
+    with torch.no_grad():
+        shared = ensemble(x, timesteps, context, y=y)
+        assert torch.equal(ensemble(x, timesteps, member_contexts=[context, context], member_vectors=[y, y]), shared)
+        other = y + 1.0
+        # each member's label embedding reads its own vector: changing either one changes the ensemble
+        assert not torch.equal(ensemble(x, timesteps, member_contexts=[context, context], member_vectors=[other, y]),
+                               shared)
+        assert not torch.equal(ensemble(x, timesteps, member_contexts=[context, context], member_vectors=[y, other]),
+                               shared)
+        with pytest.raises(ValueError, match="3 member vectors for 2 members"):
+            ensemble(x, timesteps, context, member_vectors=[y] * 3)
+
+
+def test_sdxl_members_train_resume_to_the_same_weights_evaluate_and_inspect(members, dataset, tmp_path):
+    assert train.main(args_for(members, dataset, tmp_path, "full", "--max-steps", "4")) == 0
+    info = read_weights_info(tmp_path / "full.safetensors")
+    assert info.config.context_dim == 96 and info.config.text_conditioning == "per_member"
+    assert len(info.config.block_channels) == 19
+
+    args = args_for(members, dataset, tmp_path, "resumed")
+    assert train.main(args + ["--max-steps", "1"]) == 0
+    assert train.main(args + ["--max-steps", "4", "--resume", "latest"]) == 0
+    full, resumed = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    validation = [record["validation"] for record in log if "validation" in record][-1]
+    assert set(validation) == {"xl-1", "xl-2", "block average", "AFA"}
+
+    report = tmp_path / "evaluation"
+    assert evaluate.main(["--members", *map(str, members), "--data", str(dataset), "--resolution", "32",
+                          "--draws", "2", "--batch-size", "8", "--figure-images", "1", "--figure-draws", "2",
+                          "--weights", str(tmp_path / "full.safetensors"), "--output-dir", str(report)]) == 0
+    results = json.loads((report / evaluate.RESULTS_FILE).read_text())
+    assert {"xl-1", "xl-2", "AFA"} <= set(results["models"]), results["models"].keys()
+    assert all((report / name).is_file() for name in results["figures"].values()) and len(results["figures"]) == 2
+
+    inspected = subprocess.run([sys.executable, "-m", "afa", "inspect", str(tmp_path / "full.safetensors")], cwd=REPO,
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert inspected.returncode == 0, inspected.stderr
+    assert "xl-1" in inspected.stdout and "mode sabw" in inspected.stdout
+
+
+@pytest.mark.parametrize("flags", [
+    ("--no-spatial", "--no-timestep", "--no-text"),
+    ("--mode", "last-block", "--preset", "fast"),
+    ("--text-conditioning", "shared", "--cache-latents", "--crop", "center"),
+], ids=["ablations", "last-block-fast", "shared-cached"])
+def test_the_ablation_flags_and_the_latent_cache_train_sdxl_members(members, dataset, tmp_path, flags):
+    assert train.main(args_for(members, dataset, tmp_path, "run", "--max-steps", "2", *flags)) == 0
+    info = read_weights_info(tmp_path / "run.safetensors")
+    if "--no-text" in flags:
+        assert not info.config.use_text and not info.config.spatial and not info.config.use_timestep
+    if "shared" in flags:
+        assert info.config.text_conditioning == "shared"
+        cache = next((tmp_path / "run" / "latent-cache").iterdir())
+        index = json.loads((cache / "index.json").read_text())
+        assert all(sizes[2:4] == [0, 8] for sizes in index["sizes"].values())  # the centre crops' positions
