@@ -230,7 +230,7 @@ def test_without_its_trainer_the_tab_refuses_and_says_why(webui, monkeypatch):
     assert training_ui.resumable_runs() == []
 
 
-def test_different_architectures_sdxl_members_and_no_free_disk_are_refused(webui, monkeypatch, tmp_path):
+def test_different_architectures_and_no_free_disk_are_refused(webui, monkeypatch, tmp_path):
     from training.sd_checkpoint import tiny_sd_state_dict, write_webui_checkpoint
     from afa.unet import PRESETS
 
@@ -241,17 +241,29 @@ def test_different_architectures_sdxl_members_and_no_free_disk_are_refused(webui
     response = client.post("/afa/v1/train", json={**TRAIN, "members": ["tiny-a", "tiny-wide"]})
     assert response.status_code == 400 and "tiny-wide" in response.json()["detail"], response.text
 
-    for name in ("xl-a", "xl-b"):  # SDXL-layout UNets (the stand-in lists any checkpoint file)
-        from test_sdxl_unet import write_sdxl_checkpoint
-        write_sdxl_checkpoint(Path(sd_models.model_path) / f"{name}.safetensors", seed=len(name), with_yaml=True)
-    sd_models.list_models()
-    response = client.post("/afa/v1/train", json={**TRAIN, "members": ["xl-a", "xl-b"]})
-    assert response.status_code == 400 and "SDXL model" in response.json()["detail"], response.text
-
     data = harness_images(tmp_path)
     monkeypatch.setattr(training_job.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
     response = client.post("/afa/v1/train", json={**TRAIN, "data": str(data)})
     assert response.status_code == 400 and "not enough free disk" in response.json()["detail"], response.text
+
+
+def test_sdxl_members_train_from_the_api(webui, tmp_path):
+    """SDXL checkpoints in the WebUI's form (tests/factories.py) train through the same route as SD 1.x ones, read
+    from their files (the loaded model is SD 1.x): the weights file is bound to them and listed as SABW."""
+    from factories import write_tiny_sdxl_checkpoint
+
+    for seed, name in enumerate(("xl-a", "xl-b"), start=1):
+        write_tiny_sdxl_checkpoint(Path(sd_models.model_path) / f"{name}.safetensors", seed)
+    sd_models.list_models()
+    client = webui.client()
+    response = client.post("/afa/v1/train", json={**TRAIN, "members": ["xl-a", "xl-b"], "output": "xl-run",
+                                                  "data": str(harness_images(tmp_path))})
+    assert response.status_code == 200, response.text
+    final = training_job.job.wait(WAIT)
+    assert final["state"] == training_job.FINISHED and final["step"] == 4, final
+    info = read_weights_info(folders.weights_dir() / "xl-run.safetensors")
+    assert [ref.name for ref in info.members] == ["xl-a", "xl-b"] and len(info.config.block_channels) == 19
+    assert set(final["validation"][-1]["errors"]) == {"xl-a", "xl-b", "block average", "AFA"}, final
 
 
 def harness_images(tmp_path) -> Path:

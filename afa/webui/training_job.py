@@ -173,9 +173,6 @@ def plan_run(request: dict) -> Plan:
     if len({os.path.abspath(info.filename) for info in infos}) < len(infos):
         raise TrainingRefused("a checkpoint is chosen twice: members must be different files")
     layout = check_members([(checkpoints.label(info), checkpoints.unet_shapes_of(info)) for info in infos])
-    if "label_emb.0.0.weight" in checkpoints.unet_shapes_of(infos[0]):
-        raise TrainingRefused(f"{checkpoints.label(infos[0])} is an SDXL model: SDXL members ensemble in txt2img and "
-                              f"img2img, but the trainer does not train them yet (SD 1.x and SD 2.x only)")
     name = check_name(output or default_name(infos))
     weights_path = folders.weights_dir() / f"{name}{folders.WEIGHTS_SUFFIX}"
     run_dir = runs_dir() / name

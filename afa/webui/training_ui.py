@@ -218,7 +218,7 @@ def create_tab():
                                        value=DATA_OUTPUTS, elem_id="afa_train_data_source")
                 data_path = gr.Textbox(label="Folder (images with .txt captions or WebUI PNGs) or JSONL/CSV "
                                              "manifest", visible=False, elem_id="afa_train_data_path")
-                resolution = gr.Slider(label="Resolution (SD 1.x 512, SD 2.x-v 768)", minimum=32, maximum=2048,
+                resolution = gr.Slider(label="Resolution (SD 1.x 512, SD 2.x-v 768, SDXL 1024)", minimum=32, maximum=2048,
                                        step=32, value=512, elem_id="afa_train_resolution")
                 validation_percent = gr.Slider(label="Held out for validation (%)", minimum=0, maximum=50, step=1,
                                                value=5, elem_id="afa_train_validation_percent")
