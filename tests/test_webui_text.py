@@ -253,3 +253,63 @@ def test_a_text_encoder_lora_applies_to_each_members_encoder_and_leaves_the_load
         assert pixels(plain_after.images[0]) == pixels(plain_before.images[0])
     monkeypatch.undo()  # the spy's own patch
     assert harness.leaked_patches() == []
+
+
+class SdxlLikeModel:
+    """What per-member text conditioning reads of a loaded SDXL model (the stand-in cannot load one): `is_sdxl`, the
+    `conditioner` whose embedders hold the text encoders' weights (under a hijack-style `wrapped` level), and a
+    `get_learned_conditioning` returning {"crossattn": [B x 77 x 8], "vector": [B x 5]} computed from them."""
+
+    is_sdxl = True
+
+    def __init__(self, seed: int):
+        torch.manual_seed(seed)
+        wrapper = torch.nn.Module()
+        wrapper.wrapped = torch.nn.Linear(4, 8)
+        self.conditioner = torch.nn.Module()
+        self.conditioner.embedders = torch.nn.ModuleList([wrapper, torch.nn.Linear(4, 3)])
+
+    def get_learned_conditioning(self, texts):
+        features = torch.tensor([[len(text), text.count("a"), 1.0, -1.0] for text in texts])
+        clip_l, big_g = self.conditioner.embedders[0].wrapped, self.conditioner.embedders[1]
+        context = clip_l(features)[:, None, :].expand(-1, 77, -1)
+        sizes = torch.tensor([[0.5, 0.25]] * len(texts))  # the size embeddings: the same for every encoder
+        return {"crossattn": context, "vector": torch.cat([big_g(features), sizes], dim=1)}
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {"conditioner." + name.replace("wrapped.", ""): value.detach().clone()
+                for name, value in self.conditioner.state_dict().items()}
+
+
+def test_sdxl_members_get_their_own_context_and_y_from_the_conditioner(webui):
+    from afa.webui.text_conditioning import (SDXL_TEXT_ENCODER_PREFIX, MemberTextConditioning, plan_member_texts,
+                                             text_encoder_module, text_encoder_prefix)
+
+    loaded_model, member = SdxlLikeModel(1), SdxlLikeModel(2)
+    module = text_encoder_module(loaded_model)
+    assert module is loaded_model.conditioner and text_encoder_prefix(loaded_model) == SDXL_TEXT_ENCODER_PREFIX
+    texts, encoders = plan_member_texts(module, [None, member.checkpoint_tensors(), loaded_model.checkpoint_tensors()],
+                                        ["xl-1", "xl-2", "xl-1 copy"], SDXL_TEXT_ENCODER_PREFIX)
+    assert [text.slot for text in texts] == [None, 0, None] and len(encoders) == 1
+    conditioning = MemberTextConditioning(loaded_model, texts, encoders)
+    conditioning.install()
+    try:
+        prompts = ["a cat", "a lighthouse at dawn"]
+        loaded = loaded_model.get_learned_conditioning(prompts)  # through the wrapper
+        expected = member.get_learned_conditioning(prompts)
+        assert torch.equal(loaded["vector"], SdxlLikeModel(1).get_learned_conditioning(prompts)["vector"])
+        contexts = conditioning.member_contexts(loaded["crossattn"])
+        vectors = conditioning.member_vectors(loaded["vector"])
+        assert contexts[0] is loaded["crossattn"] and contexts[2] is loaded["crossattn"]
+        assert torch.equal(contexts[1], expected["crossattn"]) and torch.equal(vectors[1], expected["vector"])
+        assert vectors[0] is loaded["vector"] and not torch.equal(vectors[1], vectors[0])
+        # the rows in another order (cond/uncond batches), and a row no prompt gave (counted, kept)
+        swapped = conditioning.member_vectors(loaded["vector"].flip(0))
+        assert torch.equal(swapped[1], expected["vector"].flip(0)) and conditioning.unmatched_chunks == 0
+        unknown = torch.randn(1, 5)
+        assert torch.equal(conditioning.member_vectors(unknown)[1], unknown) and conditioning.unmatched_chunks == 1
+        # the loaded weights are back after every member pass
+        assert torch.equal(loaded_model.get_learned_conditioning(prompts)["vector"], loaded["vector"])
+    finally:
+        conditioning.uninstall()
+    assert "get_learned_conditioning" not in vars(loaded_model)

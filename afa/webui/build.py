@@ -14,7 +14,8 @@ from afa.members import check_members, unet_shapes
 
 from . import checkpoints, settings
 from .member_cache import cache
-from .text_conditioning import PER_MEMBER, SHARED, MemberTextConditioning, plan_member_texts, text_encoder_module
+from .text_conditioning import (PER_MEMBER, SHARED, MemberTextConditioning, plan_member_texts, text_encoder_module,
+                                text_encoder_prefix)
 
 
 class LoadingInterrupted(AfaError):
@@ -119,23 +120,24 @@ def build_text_conditioning(job, sd_model, reuse_base: list[bool], aggregator) -
     module = text_encoder_module(sd_model)
     used = PER_MEMBER if settings.per_member_text() and module is not None else SHARED
     remarks = []
-    if settings.per_member_text() and module is None:
-        remarks.append("SDXL members read the loaded model's text encoders")
     if aggregator is not None:
         trained = aggregator.config
         if trained.text_conditioning != used:
             remarks.append(f"SABW was trained with {describe_text(trained.text_conditioning)}, this job used "
                            f"{describe_text(used)}")
         clip_skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1))
-        if trained.clip_skip != clip_skip:
+        # the WebUI applies CLIP skip to SD 1.x only (SD 2.x and SDXL read fixed layers: v1.10's defaults)
+        if trained.clip_skip != clip_skip and not (getattr(sd_model, "is_sd2", False) or
+                                                   getattr(sd_model, "is_sdxl", False)):
             remarks.append(f"SABW was trained at CLIP skip {trained.clip_skip}, this job used {clip_skip}")
     text = None
     if used == PER_MEMBER:
         shared.state.textinfo = "AFA: comparing the members' text encoders"
         dtype = next(module.parameters()).dtype
-        tensors = [None if reused else cache.get_text_encoder(info, dtype)
+        prefix = text_encoder_prefix(sd_model)
+        tensors = [None if reused else cache.get_text_encoder(info, dtype, prefix)
                    for info, reused in zip(plan.members, reuse_base)]
-        texts, encoders = plan_member_texts(module, tensors, plan.member_labels)
+        texts, encoders = plan_member_texts(module, tensors, plan.member_labels, prefix)
         remarks += [member.note for member in texts if member.note]
         text = MemberTextConditioning(sd_model, texts, encoders)
     job.text_conditioning = used

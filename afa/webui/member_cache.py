@@ -63,15 +63,15 @@ class MemberCache:
             self.unets[key] = unet
         return unet.to(device)
 
-    def get_text_encoder(self, info, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The member's text-encoder tensors (`cond_stage_model.*`, full keys, on the CPU, floating point ones cast to
-        `dtype` as they are read); {} when its file has none. Kept while the member is: per-member text conditioning
-        reads them in every job."""
-        key = self.key(info, dtype)
+    def get_text_encoder(self, info, dtype: torch.dtype, prefix: str = "cond_stage_model.") \
+            -> dict[str, torch.Tensor]:
+        """The member's text-encoder tensors (keys starting with `prefix`: `cond_stage_model.`, SDXL's
+        `conditioner.`; full keys, on the CPU, floating point ones cast to `dtype` as they are read); {} when its
+        file has none. Kept while the member is: per-member text conditioning reads them in every job."""
+        key = self.key(info, dtype) + (prefix,)
         if key not in self.text_encoders:
             for other in [k for k in self.text_encoders if k[:2] == key[:2]]:
                 del self.text_encoders[other]  # one precision per member
-            prefix = "cond_stage_model."
             self.text_encoders[key] = {prefix + name: tensor for name, tensor
                                        in read_prefixed_tensors(info.filename, prefix, dtype).items()}
         return self.text_encoders[key]

@@ -123,12 +123,15 @@ class AfaUnet(sd_unet.SdUnet):
             unet = loaded_unet()
             return original_forward(unet)(unet, x, timesteps, context, *args, **kwargs)
         self.job.ensemble_calls += 1
-        member_contexts = None
+        member_contexts = member_vectors = None
+        y = kwargs.get("y")
         if self.text_conditioning is not None:
             member_contexts = self.text_conditioning.member_contexts(context)
+            member_vectors = self.text_conditioning.member_vectors(y)
             self.job.unmatched_text_chunks = self.text_conditioning.unmatched_chunks
         with member_autocast(self.member_dtype):
-            return self.ensemble(x, timesteps, context, y=kwargs.get("y"), member_contexts=member_contexts)
+            return self.ensemble(x, timesteps, context, y=y, member_contexts=member_contexts,
+                                 member_vectors=member_vectors)
 
     def deactivate(self) -> None:
         """Drops the ensemble; members go back to the cache, off the GPU unless it keeps them in VRAM."""

@@ -71,8 +71,8 @@ def options(on_cache_change) -> dict:
             infotext=TEXT_ENCODERS_INFOTEXT,
         ).info("Each member's own: every member reads the prompt as its own checkpoint's text encoder encodes it "
                "(as the paper's code does; one more text-encoder pass per distinct encoder, and its weights in RAM: "
-               "0.25 GB for SD 1.x in fp16); the loaded checkpoint's: every member reads the loaded model's "
-               "encoding. SDXL members always read the loaded model's"),
+               "0.25 GB for SD 1.x in fp16, 1.6 GB for SDXL's pair); the loaded checkpoint's: every member reads "
+               "the loaded model's encoding"),
         "afa_maps": info(
             MAPS_OFF, "Aggregation maps", gr.Radio, {"choices": list(MAPS_CHOICES)},
         ).info("which sampling steps 'Show aggregation maps' draws; Off also unticks it by default"),

@@ -16,9 +16,14 @@ own chunks, and a repeated last vector is repeated from each member's own. A chu
 (another extension made the conditioning) keeps the loaded encoding for every member, and the job's infotext says
 so.
 
+SDXL: the conditioning is a dict, {"crossattn": [B x 77k x D], "vector": [B x adm]}, of the `conditioner`'s two
+text encoders (both are swapped for a member's pass) and the size embeddings. Its context is mapped chunk by chunk
+as above, and its `y` row by row (exact equality): each member's label embedding reads the row the same prompt and
+sizes gave with its own encoders.
+
 Members whose encoder equals the loaded one (the loaded checkpoint itself, or a fine-tune that kept its text
 encoder) read the loaded encoding and cost nothing. The rest cost one extra text-encoder pass each per prompt, and
-their weights in RAM (SD 1.x: 123M parameters, 0.25 GB in fp16).
+their weights in RAM (SD 1.x: 123M parameters, 0.25 GB in fp16; SDXL's pair: 817M, 1.6 GB).
 """
 
 from __future__ import annotations
@@ -31,19 +36,28 @@ import torch
 from modules import devices, sd_models
 
 TEXT_ENCODER_PREFIX = "cond_stage_model."
+SDXL_TEXT_ENCODER_PREFIX = "conditioner."
 CHUNK_TOKENS = 77  # tokens per encoded chunk: BOS + 75 + EOS (sd_hijack_clip, v1.10)
 
 PER_MEMBER, SHARED = "per_member", "shared"
 
 
 def text_encoder_module(sd_model) -> torch.nn.Module | None:
-    """The loaded model's text encoder as the checkpoint names it (keys relative to `cond_stage_model.`): the module
-    the WebUI's hijack wraps (ldm's FrozenCLIPEmbedder for SD 1.x, FrozenOpenCLIPEmbedder for SD 2.x). None for
-    models whose conditioning is not a single `cond_stage_model` (SDXL's `conditioner`)."""
+    """The loaded model's text encoder(s) as the checkpoint names them (keys relative to `text_encoder_prefix`): the
+    module the WebUI's hijack wraps (ldm's FrozenCLIPEmbedder for SD 1.x, FrozenOpenCLIPEmbedder for SD 2.x), or
+    SDXL's `conditioner` (sgm's GeneralConditioner, whose embedders the hijack wraps in place). None for a model
+    without either."""
+    if getattr(sd_model, "is_sdxl", False):
+        return getattr(sd_model, "conditioner", None)
     cond_stage = getattr(sd_model, "cond_stage_model", None)
-    if cond_stage is None or getattr(sd_model, "is_sdxl", False):
+    if cond_stage is None:
         return None
     return getattr(cond_stage, "wrapped", cond_stage)
+
+
+def text_encoder_prefix(sd_model) -> str:
+    """Where the checkpoint keeps the tensors of `text_encoder_module`."""
+    return SDXL_TEXT_ENCODER_PREFIX if getattr(sd_model, "is_sdxl", False) else TEXT_ENCODER_PREFIX
 
 
 def _checkpoint_name(name: str) -> str:
@@ -83,13 +97,14 @@ class MemberText:
 
 
 def plan_member_texts(module: torch.nn.Module, member_tensors: list[dict[str, torch.Tensor] | None],
-                      labels: list[str]) -> tuple[list[MemberText], list[dict[str, torch.Tensor]]]:
+                      labels: list[str], prefix: str = TEXT_ENCODER_PREFIX) \
+        -> tuple[list[MemberText], list[dict[str, torch.Tensor]]]:
     """Groups the members by text encoder.
 
     Args:
         module: the loaded text encoder (`text_encoder_module`).
-        member_tensors: per member, its checkpoint's `cond_stage_model.*` tensors (full keys), or None for a member
-            that is the loaded checkpoint.
+        member_tensors: per member, its checkpoint's text-encoder tensors (full keys starting with `prefix`,
+            `text_encoder_prefix`), or None for a member that is the loaded checkpoint.
         labels: the members' names, for the notes.
     Returns:
         (one MemberText per member, the distinct encoders' tensors in the loaded parameters' names, dtypes, on CPU).
@@ -101,7 +116,7 @@ def plan_member_texts(module: torch.nn.Module, member_tensors: list[dict[str, to
         if tensors is None:
             texts.append(MemberText(None))
             continue
-        tensors = {checkpoint_key(key)[len(TEXT_ENCODER_PREFIX):]: value for key, value in tensors.items()}
+        tensors = {checkpoint_key(key)[len(prefix):]: value for key, value in tensors.items()}
         missing = sorted(name for name in parameters if name not in tensors)
         mismatched = sorted(name for name, parameter in parameters.items()
                             if name in tensors and tuple(tensors[name].shape) != tuple(parameter.shape))
@@ -146,6 +161,9 @@ class MemberTextConditioning:
         self.keys: list[torch.Tensor] = []  # loaded chunks [77 x D]
         self.values: list[list[torch.Tensor]] = [[] for _ in encoders]  # per distinct encoder, its chunks
         self._stacked: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        # SDXL's `y`: loaded rows [adm] and, per distinct encoder, the rows of the same prompts
+        self.vector_keys: list[torch.Tensor] = []
+        self.vector_values: list[list[torch.Tensor]] = [[] for _ in encoders]
         self.unmatched_chunks = 0
         self._original = None
 
@@ -166,6 +184,8 @@ class MemberTextConditioning:
         empty = getattr(self.sd_model, "cond_stage_model_empty_prompt", None)
         with devices.autocast(), torch.no_grad():
             loaded = self.get_learned_conditioning([""])
+        if isinstance(loaded, dict):  # SDXL: the empty prompt's padding is its context
+            loaded = loaded["crossattn"]
         if isinstance(empty, torch.Tensor) and not torch.equal(empty.to(loaded.device, loaded.dtype), loaded):
             # computed at model load, maybe under another autocast: its exact values map to the same member chunks
             self._remember(empty, [chunks[-1] for chunks in self.values])
@@ -178,15 +198,20 @@ class MemberTextConditioning:
         self._original = None
 
     def get_learned_conditioning(self, texts):
-        """The WebUI's conditioning of `texts` [B x 77k x D], unchanged; each distinct member encoder's is kept."""
+        """The WebUI's conditioning of `texts` [B x 77k x D] (SDXL: {"crossattn", "vector"}), unchanged; each
+        distinct member encoder's is kept."""
         loaded = self._original(texts)
-        if not isinstance(loaded, torch.Tensor):  # SDXL-style dict conditioning: not mapped
+        if not isinstance(loaded, (torch.Tensor, dict)):
             return loaded
         members = []
         for encoder in self.encoders:
             with self._weights(encoder):
                 members.append(self._original(texts))
-        self._remember(loaded, members)
+        if isinstance(loaded, dict):
+            self._remember(loaded["crossattn"], [member["crossattn"] for member in members])
+            self._remember_vectors(loaded["vector"], [member["vector"] for member in members])
+        else:
+            self._remember(loaded, members)
         return loaded
 
     @contextlib.contextmanager
@@ -239,7 +264,40 @@ class MemberTextConditioning:
                 self.values[slot].append(chunks[index])
         self._stacked.clear()
 
+    def _remember_vectors(self, loaded: torch.Tensor, members: list[torch.Tensor]) -> None:
+        """Adds SDXL's `y` rows [B x adm] (loaded, and the same prompts and sizes per distinct encoder)."""
+        for index in range(loaded.shape[0]):
+            self.vector_keys.append(loaded[index].detach())
+            for slot, vectors in enumerate(members):
+                self.vector_values[slot].append(vectors[index].detach())
+        self._stacked.clear()
+
     # -- the UNet call -----------------------------------------------------------------------------------------------
+
+    def member_vectors(self, y: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """SDXL's y [B x adm] (the loaded conditioning's, as the UNet gets it) -> one per member, each [B x adm]: a
+        row is looked up (exact equality, after the same cast) among the rows the wrapper kept; a row not found
+        keeps the loaded one for every member (counted in `unmatched_chunks`). None without y or a vector table."""
+        if y is None or not self.vector_keys:
+            return None
+        keys, values = self._stacked_rows(y.dtype, y.device)
+        per_slot = [y.clone() for _ in values]
+        for row in range(y.shape[0]):
+            hits = (keys == y[row].reshape(1, -1)).all(dim=1).nonzero()
+            if not len(hits):
+                self.unmatched_chunks += 1
+                continue
+            for member, table in zip(per_slot, values):
+                member[row] = table[int(hits[0])]
+        return [y if text.slot is None else per_slot[text.slot] for text in self.texts]
+
+    def _stacked_rows(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        key = ("vector", dtype, device)
+        if key not in self._stacked:
+            def stack(rows):
+                return torch.stack([r.to(device=device, dtype=dtype) for r in rows])
+            self._stacked[key] = stack(self.vector_keys), [stack(rows) for rows in self.vector_values]
+        return self._stacked[key]
 
     def member_contexts(self, context: torch.Tensor) -> list[torch.Tensor]:
         """context [B x 77k x D] (the loaded encoding, as the UNet gets it) -> one context per member, each

@@ -6,6 +6,7 @@ per-level transformer depths, and read `y`), and differ from the base image.
 Opt-in (its fixtures skip without AFA_WEBUI_DIR): AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
 """
 
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ def sdxl_data_dir(tmp_path_factory, webui_python, tier_helpers):
         files.append(folder / f"{name}.safetensors")
         webui_python(str(REPO / "tests/webui_real/sdxl_checkpoint.py"), str(files[-1]), str(text_folder), str(seed))
     tier_helpers.write_pair_weights(data_dir / "models" / "AFA" / "xl-pair.safetensors", files, context_dim=544)
+    tier_helpers.write_training_images(data_dir / tier_helpers.TRAINING_IMAGES)
     return data_dir
 
 
@@ -55,6 +57,34 @@ def test_sdxl_members_ensemble_in_the_real_webui(sdxl_webui):
         assert not generation.same_image(base), mode
         print(f"real A1111, tiny SDXL (depths 0/2/3): {mode} differs from the base by up to "
               f"{generation.max_diff(base)}/255")
+
+
+def test_sdxl_members_train_in_the_webui_and_read_their_own_conditioning(sdxl_webui):
+    """A SABW file trained in the WebUI (/afa/v1/train) on the two SDXL members, then used: each member reads the
+    prompt as its own two text encoders encode it (context and `y`), with nothing left unmatched."""
+    status = sdxl_webui.post("/afa/v1/train", {
+        "members": list(MEMBERS), "data": str(sdxl_webui.data_dir / "training-images"), "resolution": 32,
+        "batch_size": 2, "max_steps": 4, "val_split": 0.25, "preset": "fast", "hidden_channels": 32,
+        "output": "xl-trained"})
+    deadline = time.time() + 600
+    while status["state"] not in ("finished", "cancelled", "failed"):
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+        status = sdxl_webui.get("/afa/v1/train")
+    assert status["state"] == "finished", status["message"]
+    print(f"real A1111, tiny SDXL trained in the WebUI: validation {status['validation'][-1]['errors']}")
+
+    own = sdxl_webui.txt2img(afa=afa("SABW", "xl-trained"), **PAYLOAD)
+    params = own.params
+    assert params.get("AFA mode") == "SABW" and params.get("AFA weights", "").startswith("xl-trained"), own.infotext
+    assert params.get("AFA text encoders") == "Each member's own", own.infotext
+    assert "AFA text notes" not in params, own.infotext  # xl-2's encoders found, every chunk and y row matched
+    loaded = sdxl_webui.txt2img(afa=afa("SABW", "xl-trained"), **PAYLOAD,
+                                override_settings={"afa_text_encoders": "The loaded checkpoint's"})
+    assert "AFA text notes" in loaded.params, loaded.infotext  # trained per member, used shared: said
+    assert not own.same_image(loaded)
+    print(f"real A1111, tiny SDXL: each member's own conditioning vs the loaded model's differ by up to "
+          f"{own.max_diff(loaded)}/255")
 
 
 CONDITIONING_SCRIPT = """
