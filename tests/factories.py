@@ -50,6 +50,9 @@ TINY_SD2_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels
                      use_linear_in_transformer=True, transformer_depth=1, context_dim=64, use_checkpoint=False,
                      legacy=False)
 TINY_OPEN_CLIP = dict(vocab_size=49408, context_length=77, width=64, layers=2, heads=1, mlp_width=256, embed_dim=64)
+# The tiny tower's architecture name in the yamls of tiny SDXL checkpoints: known to the WebUI stand-in only
+# (tests/webui_standin/modules/standin_sgm.py); the trainer reads a tower's sizes from its tensors.
+TINY_OPEN_CLIP_ARCH = "afa-test-tiny"
 # open_clip's ViT-B-32 text tower: what a real WebUI builds for a yaml naming `arch: ViT-B-32` (the smallest open_clip
 # architecture; the tiny tower above has no open_clip architecture name, so only the trainer can read it).
 VIT_B_32_OPEN_CLIP = dict(vocab_size=49408, context_length=77, width=512, layers=12, heads=8, mlp_width=2048,
@@ -127,7 +130,7 @@ def tiny_sdxl_config(clip_folder, unet: dict, big_g_arch: str = "ViT-B-32", para
 
 
 def write_tiny_sdxl_checkpoint(path, seed: int, tower: dict = TINY_OPEN_CLIP, text_seed: int | None = None,
-                               with_yaml: bool = True):
+                               with_yaml: bool = True, big_g_arch: str = TINY_OPEN_CLIP_ARCH):
     """A WebUI-format tiny SDXL checkpoint (the keys sgm's DiffusionEngine saves) with its sgm yaml, built without
     sgm: the UNet with AFA's ldm build of the same parameters (tests/webui_real/test_sgm_unet.py checks it against
     sgm's class), random weights from `seed`; the text encoders from `text_seed` (default: `seed`), so members may
@@ -156,5 +159,5 @@ def write_tiny_sdxl_checkpoint(path, seed: int, tower: dict = TINY_OPEN_CLIP, te
     big_g = randomize_(OpenClipTextEncoder(**tower), seed=text_seed + 1000, scale=0.05)
     state_dict.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.state_dict().items()})
     state_dict.update({"conditioner.embedders.1.model." + k: v for k, v in big_g.state_dict().items()})
-    config = tiny_sdxl_config(folder, unet_params) if with_yaml else None
+    config = tiny_sdxl_config(folder, unet_params, big_g_arch) if with_yaml else None
     return write_webui_checkpoint(path, state_dict, config)

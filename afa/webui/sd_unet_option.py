@@ -124,7 +124,7 @@ class AfaUnet(sd_unet.SdUnet):
             return original_forward(unet)(unet, x, timesteps, context, *args, **kwargs)
         self.job.ensemble_calls += 1
         member_contexts = member_vectors = None
-        y = kwargs.get("y")
+        y = kwargs.get("y", args[0] if args else None)  # UNetModel.forward(x, timesteps, context, y): SDXL's y
         if self.text_conditioning is not None:
             member_contexts = self.text_conditioning.member_contexts(context)
             member_vectors = self.text_conditioning.member_vectors(y)

@@ -120,6 +120,17 @@ def tiny_checkpoint_file(seed: int, fmt: str = "safetensors") -> Path:
         return path
 
 
+def sdxl_checkpoint_file(seed: int) -> Path:
+    """A tiny SDXL WebUI checkpoint with its sgm yaml (tests/factories.py: write_tiny_sdxl_checkpoint, the tiny
+    OpenCLIP tower under the architecture name the stand-in knows) drawn from `seed`, generated once per session."""
+    with _checkpoint_cache_lock:
+        path = _checkpoint_cache() / f"sdxl-seed{seed}.safetensors"
+        if not path.exists():
+            from factories import write_tiny_sdxl_checkpoint
+            write_tiny_sdxl_checkpoint(path, seed)
+        return path
+
+
 def default_config_file() -> Path:
     """The stand-in's `configs/v1-inference.yaml`, the config the WebUI builds a checkpoint without a yaml from:
     the tiny architecture (tiny_sd_config), written once per session into the checkpoint cache, because its text
@@ -139,12 +150,15 @@ def default_config_file() -> Path:
 
 def write_checkpoints(directory: Path, checkpoints: Iterable[tuple[str, int]] = DEFAULT_CHECKPOINTS, *,
                       fmt: str = "safetensors", with_yaml: bool = True) -> list[Path]:
-    """Copies tiny checkpoints into `directory` as `<name>.<fmt>` (+ `<name>.yaml` beside each if `with_yaml`)."""
+    """Copies tiny checkpoints into `directory` as `<name>.<fmt>` (+ `<name>.yaml` beside each if `with_yaml`).
+    Each entry is (name, seed) for a tiny SD1 checkpoint, or (name, seed, "sdxl") for a tiny SDXL one
+    (safetensors)."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, seed in checkpoints:
-        source = tiny_checkpoint_file(seed, fmt)
-        target = directory / f"{name}.{fmt}"
+    for name, seed, *family in checkpoints:
+        sdxl = family == ["sdxl"]
+        source = sdxl_checkpoint_file(seed) if sdxl else tiny_checkpoint_file(seed, fmt)
+        target = directory / f"{name}{source.suffix}"
         shutil.copyfile(source, target)
         if with_yaml:
             shutil.copyfile(source.with_suffix(".yaml"), target.with_suffix(".yaml"))

@@ -1,4 +1,5 @@
-"""Stand-in of modules/sd_hijack_clip.py (v1.10): the SD1 text-encoder wrapper installed by sd_hijack.hijack.
+"""Stand-in of modules/sd_hijack_clip.py (v1.10): the SD1 text-encoder wrapper installed by sd_hijack.hijack, and
+SDXL's CLIP-L one (`FrozenCLIPEmbedderForSDXLWithCustomWords`).
 
 Kept: the wrapper's place in the module tree (`cond_stage_model.wrapped.transformer...`), emphasis parsing with
 the "Original" emphasis (weighted hidden states, mean restored), 75-token chunks with BOS/EOS/padding to 77 and
@@ -43,9 +44,10 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
         self.wrapped = wrapped
         self.chunk_length = 75
 
-        self.is_trainable = False
-        self.input_key = 'txt'
-        self.return_pooled = False
+        self.is_trainable = getattr(wrapped, 'is_trainable', False)
+        self.input_key = getattr(wrapped, 'input_key', 'txt')
+        self.return_pooled = getattr(self.wrapped, 'return_pooled', False)
+        self.legacy_ucg_val = None  # for sgm codebase
 
         self.comma_token = None
         self.tokenizer = wrapped.tokenizer
@@ -192,7 +194,10 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
             z = self.process_tokens(tokens, multipliers)
             zs.append(z)
 
-        return torch.hstack(zs)
+        if self.return_pooled:
+            return torch.hstack(zs), zs[0].pooled
+        else:
+            return torch.hstack(zs)
 
     def process_tokens(self, remade_batch_tokens, batch_multipliers):
         """
@@ -231,3 +236,21 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
 
         return z
 
+
+
+# modules/sd_hijack_clip.py (v1.10): FrozenCLIPEmbedderForSDXLWithCustomWords (SDXL's CLIP-L, embedders.0)
+class FrozenCLIPEmbedderForSDXLWithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    def __init__(self, wrapped, hijack):
+        super().__init__(wrapped, hijack)
+
+    def encode_with_transformers(self, tokens):
+        outputs = self.wrapped.transformer(input_ids=tokens, output_hidden_states=self.wrapped.layer == "hidden")
+
+        if opts.sdxl_clip_l_skip is True:
+            z = outputs.hidden_states[-opts.CLIP_stop_at_last_layers]
+        elif self.wrapped.layer == "last":
+            z = outputs.last_hidden_state
+        else:
+            z = outputs.hidden_states[self.wrapped.layer_idx]
+
+        return z

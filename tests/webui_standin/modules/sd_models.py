@@ -427,6 +427,10 @@ def load_model_weights(model, checkpoint_info: CheckpointInfo, state_dict, timer
     set_model_type(model, state_dict)
     set_model_fields(model)
 
+    if model.is_sdxl:
+        from modules import standin_sgm  # modules/sd_models_xl.py in the real WebUI
+        standin_sgm.extend_sdxl(model)
+
     if shared.opts.sd_checkpoint_cache > 0:
         # cache newly loaded model
         checkpoints_loaded[checkpoint_info] = state_dict.copy()
@@ -663,6 +667,7 @@ def send_model_to_trash(m):
 
 STANDIN_TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion": "modules.standin_ldm.LatentDiffusion",
+    "sgm.models.diffusion.DiffusionEngine": "modules.standin_sgm.DiffusionEngine",
 }
 
 
