@@ -16,8 +16,7 @@ from .members import check_members, read_unet_shapes, resolve_unet_params
 from .unet import PRESETS, BlockLayout, block_layout
 from .weights import read_weights_info
 
-# bench feeds its members text context only: the label-conditioned (SDXL) presets are not benchmarked yet
-BENCH_ARCHITECTURES = [name for name, params in PRESETS.items() if "adm_in_channels" not in params]
+BENCH_ARCHITECTURES = list(PRESETS)  # label-conditioned (SDXL) presets get a random y as well
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -100,20 +100,28 @@ def _time_call(function, repeats: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def unet_inputs(params: dict, latent: int, batch: int, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple:
+    """One batch of random UNet inputs for UNetModel parameters `params`: (x [B x C_in x latent x latent],
+    timesteps [B], context [B x 77 x context_dim], y [B x adm_in_channels] for label-conditioned (SDXL) UNets, else
+    None)."""
+    x = torch.randn(batch, params["in_channels"], latent, latent, generator=generator).to(dtype)
+    timesteps = torch.full((batch,), 500.0)
+    context = torch.randn(batch, CONTEXT_LENGTH, params["context_dim"], generator=generator).to(dtype)
+    adm = params.get("adm_in_channels")
+    y = torch.randn(batch, adm, generator=generator).to(dtype) if adm else None
+    return x, timesteps, context, y
+
+
 def _setup(arch: str, num_members: int, latent: int, batch: int, dtype: torch.dtype, preset: str,
            hidden_channels: int | None, max_resolution, seed: int):
-    """Random members, the SABW config factory and one batch of inputs: x [B x C_in x latent x latent],
-    timesteps [B], context [B x 77 x context_dim]."""
+    """Random members, the SABW config factory and one batch of inputs (`unet_inputs`)."""
     members = random_members(arch, num_members, dtype, seed)
     params = PRESETS[arch]
     layout = block_layout(unet_shapes(members[0]))
     config = preset_configs(preset, num_members, layout.channels, params["context_dim"], hidden_channels,
                             max_resolution)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, params["in_channels"], latent, latent, generator=generator).to(dtype)
-    timesteps = torch.full((batch,), 500.0)
-    context = torch.randn(batch, CONTEXT_LENGTH, params["context_dim"], generator=generator).to(dtype)
-    return members, config, (x, timesteps, context)
+    return members, config, unet_inputs(params, latent, batch, torch.Generator().manual_seed(seed), dtype)
 
 
 def sabw_matmul_flops(config: AggregatorConfig, block_sizes: dict[int, tuple[int, int]], batch: int,
@@ -194,9 +202,8 @@ def unet_flops(arch: str, latent: int, batch: int) -> int:
     params = PRESETS[arch]
     with torch.device("meta"):
         member = build_unet(params)
-        x = torch.randn(batch, params["in_channels"], latent, latent)
-        context = torch.randn(batch, CONTEXT_LENGTH, params["context_dim"])
-        return _count_flops(lambda: member(x, torch.full((batch,), 500.0), context))
+        x, timesteps, context, y = unet_inputs(params, latent, batch)
+        return _count_flops(lambda: member(x, timesteps, context, y=y))
 
 
 def count_flops(arch: str, num_members: int, latent: int, batch: int, config: ConfigFactory) -> dict:
@@ -211,10 +218,8 @@ def count_flops(arch: str, num_members: int, latent: int, batch: int, config: Co
     with torch.device("meta"):
         members = [build_unet(params) for _ in range(num_members)]
         aggregators = {SABW: Aggregator(config(False)), LAST_BLOCK: Aggregator(config(True))}
-        x = torch.randn(batch, params["in_channels"], latent, latent)
-        timesteps = torch.full((batch,), 500.0)
-        context = torch.randn(batch, CONTEXT_LENGTH, params["context_dim"])
-        one = _count_flops(lambda: members[0](x, timesteps, context))
+        x, timesteps, context, y = unet_inputs(params, latent, batch)
+        one = _count_flops(lambda: members[0](x, timesteps, context, y=y))
         modes, analytic = {}, {}
         for mode in MODES:
             block_sizes: dict[int, tuple[int, int]] = {}
@@ -223,7 +228,7 @@ def count_flops(arch: str, num_members: int, latent: int, batch: int, config: Co
                 block_sizes[block_index] = tuple(weights.shape[-2:])
 
             ensemble = EnsembleUNet(members, aggregators.get(mode), mode, observer=observe)
-            modes[mode.name] = _count_flops(lambda: ensemble(x, timesteps, context))
+            modes[mode.name] = _count_flops(lambda: ensemble(x, timesteps, context, y=y))
             if mode.needs_weights:
                 analytic[mode.name] = sabw_matmul_flops(aggregators[mode].config, block_sizes, batch)
     return {"one_unet": one, "modes": modes, "sabw_analytic": analytic}
@@ -282,17 +287,17 @@ def run_bench(arch: str = "sd15", num_members: int = 2, latent: int = 64, batch:
               preset: str = DEFAULT_PRESET) -> dict:
     """Times one UNet, N UNets (the members called one after another) and the ensemble in each mode with the
     aggregator of `preset`; prints a table and returns the figures."""
-    members, config, (x, timesteps, context) = _setup(arch, num_members, latent, batch, dtype, preset,
-                                                      hidden_channels, max_resolution, seed)
+    members, config, (x, timesteps, context, y) = _setup(arch, num_members, latent, batch, dtype, preset,
+                                                         hidden_channels, max_resolution, seed)
     aggregators = {SABW: random_aggregator(config(False), dtype), LAST_BLOCK: random_aggregator(config(True), dtype)}
     ensembles = {mode.name: EnsembleUNet(members, aggregators.get(mode), mode) for mode in MODES}
 
     def n_unets():
         for member in members:
-            member(x, timesteps, context)
+            member(x, timesteps, context, y=y)
 
-    calls = {ONE_UNET: lambda: members[0](x, timesteps, context), N_UNETS: n_unets}
-    calls.update({mode: (lambda e=ensemble: e(x, timesteps, context)) for mode, ensemble in ensembles.items()})
+    calls = {ONE_UNET: lambda: members[0](x, timesteps, context, y=y), N_UNETS: n_unets}
+    calls.update({mode: (lambda e=ensemble: e(x, timesteps, context, y=y)) for mode, ensemble in ensembles.items()})
     medians = _interleaved_medians(calls, repeats, inference=True)
     flops = count_flops(arch, num_members, latent, batch, config)
 
@@ -349,18 +354,18 @@ def run_train_bench(arch: str = "sd15", num_members: int = 2, latent: int = 32, 
                     seed: int = 0, out=sys.stdout, preset: str = DEFAULT_PRESET) -> dict:
     """Times one SABW training step (ensemble forward + backward into SABW) against one ensemble forward without
     gradients. Peak RSS is the process's, so compare --gradient-checkpointing on and off in separate runs."""
-    members, config, (x, timesteps, context) = _setup(arch, num_members, latent, batch, dtype, preset,
-                                                      hidden_channels, max_resolution, seed)
+    members, config, (x, timesteps, context, y) = _setup(arch, num_members, latent, batch, dtype, preset,
+                                                         hidden_channels, max_resolution, seed)
     aggregator = random_aggregator(config(False), dtype).train().requires_grad_(True)
     ensemble = EnsembleUNet(members, aggregator, SABW)
     ensemble.gradient_checkpointing = gradient_checkpointing
 
     def forward():
         with torch.no_grad():
-            ensemble(x, timesteps, context)
+            ensemble(x, timesteps, context, y=y)
 
     def train_step():
-        ensemble(x, timesteps, context).float().square().mean().backward()
+        ensemble(x, timesteps, context, y=y).float().square().mean().backward()
         aggregator.zero_grad(set_to_none=True)
 
     medians = _interleaved_medians({"ensemble forward": forward, "train step": train_step}, repeats,

@@ -108,6 +108,16 @@ def test_bench_prints_figures_and_a_json_line():
     assert [line.split()[0] for line in lines[2:8]] == ["one", "N", "sabw", "average", "noise-average", "last-block"]
 
 
+def test_bench_runs_label_conditioned_sdxl_members():
+    """The SDXL layout (9/1/9 blocks, per-level depths) gets a random y for its label embedding; its FLOP check
+    passes like SD's."""
+    result = run_afa("bench", "--arch", "tiny-sdxl", "--latent", "8", "--repeats", "1", "--hidden", "32")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["arch"] == "tiny-sdxl" and figures["flop_check_passed"], figures
+    assert figures["flop_ratio_to_n_unets"]["average"] == 1.0 and figures["flop_ratio_to_n_unets"]["sabw"] > 1.0
+
+
 def test_bench_fast_preset_with_overrides():
     result = run_afa("bench", "--arch", "tiny", "--latent", "8", "--repeats", "1", "--preset", "fast", "--hidden", "64",
                      "--max-resolution", "0")
