@@ -75,3 +75,30 @@ def test_sd2_v_members_train_resume_to_the_same_weights_and_evaluate(members, da
     results = json.loads((report / evaluate.RESULTS_FILE).read_text())
     rows = results["rows"] if "rows" in results else results
     assert "sd2-1" in json.dumps(rows) and "AFA" in json.dumps(rows), results
+
+
+@pytest.mark.parametrize("flags", [
+    ("--no-spatial", "--no-timestep", "--no-text"),
+    ("--mode", "last-block", "--preset", "fast"),
+    ("--text-conditioning", "shared", "--cache-latents", "--crop", "center"),
+], ids=["ablations", "last-block-fast", "shared-cached"])
+def test_the_ablation_flags_and_the_latent_cache_train_sd2_members(members, dataset, tmp_path, flags):
+    assert train.main(args_for(members, dataset, tmp_path, "run", "--max-steps", "2", *flags)) == 0
+    info = read_weights_info(tmp_path / "run.safetensors")
+    assert info.config.context_dim == 64
+    if "--no-text" in flags:
+        assert not info.config.use_text and not info.config.spatial and not info.config.use_timestep
+    if "last-block" in flags:
+        assert info.config.only_last_block and info.config.design == "fast"
+    if "shared" in flags:
+        assert info.config.text_conditioning == "shared"
+
+
+def test_afa_check_and_inspect_read_sd2_members(members):
+    from test_cli import run_afa
+
+    checked = run_afa("check", *map(str, members))
+    assert checked.returncode == 0, checked.stderr
+    inspected = run_afa("inspect", str(members[0]))
+    assert inspected.returncode == 0, inspected.stderr
+    assert '"context_dim": 64' in inspected.stdout and "24  output_blocks.11" in inspected.stdout, inspected.stdout

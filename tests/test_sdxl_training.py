@@ -8,10 +8,6 @@ reaching every member; training, resuming to the same weights, the ablation flag
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +15,7 @@ from safetensors.torch import load_file
 
 from afa import EnsembleUNet, read_weights_info
 from factories import TINY_OPEN_CLIP, write_captioned_images, write_tiny_sdxl_checkpoint
+from test_cli import run_afa
 from training import data as datasets
 from training import evaluate, train
 from training.metrics import encode_for_members, prepare_batch
@@ -26,7 +23,6 @@ from training.sd_checkpoint import SDXL_SCALE_FACTOR, load_frozen_models
 from training.sdxl_text import SIZE_EMBEDDING_WIDTH, SdxlTextEncoders, size_embeddings
 from training.text_encoder import tokenize
 
-REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 POOLED = TINY_OPEN_CLIP["embed_dim"]  # the pooled part of `y`; the rest is the size embeddings
 Y_WIDTH = POOLED + 6 * SIZE_EMBEDDING_WIDTH
@@ -152,8 +148,7 @@ def test_sdxl_members_train_resume_to_the_same_weights_evaluate_and_inspect(memb
     assert {"xl-1", "xl-2", "AFA"} <= set(results["models"]), results["models"].keys()
     assert all((report / name).is_file() for name in results["figures"].values()) and len(results["figures"]) == 2
 
-    inspected = subprocess.run([sys.executable, "-m", "afa", "inspect", str(tmp_path / "full.safetensors")], cwd=REPO,
-                               capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    inspected = run_afa("inspect", str(tmp_path / "full.safetensors"))
     assert inspected.returncode == 0, inspected.stderr
     assert "xl-1" in inspected.stdout and "mode sabw" in inspected.stdout
 
