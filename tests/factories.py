@@ -43,6 +43,32 @@ def write_captioned_images(folder, count: int = 12, width: int = 32, height: int
     return folder
 
 
+def trainer_args(members, dataset, run_folder, name: str, *extra: str) -> list[str]:
+    """training/train.py's command line for a short CPU run on tiny members: 32 px, batch 4, a quarter held out,
+    SABW 32 wide, fp32 weights written to `<run_folder>/<name>.safetensors`, the run in `<run_folder>/<name>`."""
+    return ["--members", *map(str, members), "--data", str(dataset), "--resolution", "32", "--batch-size", "4",
+            "--val-split", "0.25", "--hidden-channels", "32", "--num-workers", "0", "--save-dtype", "fp32",
+            "--output", str(run_folder / f"{name}.safetensors"), "--run-dir", str(run_folder / name), *extra]
+
+
+# The trainer's ablation flags and the latent cache, as every family's tests train them.
+TRAINER_VARIANTS = {
+    "ablations": ("--no-spatial", "--no-timestep", "--no-text"),
+    "last-block-fast": ("--mode", "last-block", "--preset", "fast"),
+    "shared-cached": ("--text-conditioning", "shared", "--cache-latents", "--crop", "center"),
+}
+
+
+def check_variant_config(config, flags) -> None:
+    """Asserts that a weights file's AggregatorConfig records the TRAINER_VARIANTS flags it was trained with."""
+    if "--no-text" in flags:
+        assert not config.use_text and not config.spatial and not config.use_timestep, config
+    if "last-block" in flags:
+        assert config.only_last_block and config.design == "fast", config
+    if "shared" in flags:
+        assert config.text_conditioning == "shared", config
+
+
 # A tiny SD 2.x-v model: the tiny UNet with linear transformer projections (SD 2.x's) reading a 64-wide context, and
 # an OpenCLIP text tower (open_clip's key layout, 2 layers, width 64, 1 head) under cond_stage_model.model.*.
 TINY_SD2_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from afa import read_weights_info
-from factories import TINY_OPEN_CLIP, write_captioned_images, write_tiny_sd2_checkpoint
+from factories import (TINY_OPEN_CLIP, TRAINER_VARIANTS, check_variant_config, trainer_args,
+                       write_captioned_images, write_tiny_sd2_checkpoint)
 from training import evaluate, train
 from training.open_clip_text import PAD_ID, OpenClipTextEncoder, pad_after_end
 from training.sd_checkpoint import load_frozen_models
@@ -28,12 +29,6 @@ def members(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_captioned_images(tmp_path_factory.mktemp("data"), width=40, height=40)
-
-
-def args_for(members, dataset, tmp_path, name, *extra):
-    return ["--members", *map(str, members), "--data", str(dataset), "--resolution", "32", "--batch-size", "4",
-            "--val-split", "0.25", "--hidden-channels", "32", "--num-workers", "0", "--save-dtype", "fp32",
-            "--output", str(tmp_path / f"{name}.safetensors"), "--run-dir", str(tmp_path / name), *extra]
 
 
 def test_the_open_clip_tower_loads_from_the_checkpoint_and_encodes_the_penultimate_layer(members):
@@ -58,11 +53,11 @@ def test_the_open_clip_tower_loads_from_the_checkpoint_and_encodes_the_penultima
 
 
 def test_sd2_v_members_train_resume_to_the_same_weights_and_evaluate(members, dataset, tmp_path):
-    assert train.main(args_for(members, dataset, tmp_path, "full", "--max-steps", "4")) == 0
+    assert train.main(trainer_args(members, dataset, tmp_path, "full", "--max-steps", "4")) == 0
     info = read_weights_info(tmp_path / "full.safetensors")
     assert info.config.context_dim == 64 and info.config.text_conditioning == "per_member"
 
-    args = args_for(members, dataset, tmp_path, "resumed")
+    args = trainer_args(members, dataset, tmp_path, "resumed")
     assert train.main(args + ["--max-steps", "1"]) == 0
     assert train.main(args + ["--max-steps", "4", "--resume", "latest"]) == 0
     full, resumed = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
@@ -77,21 +72,12 @@ def test_sd2_v_members_train_resume_to_the_same_weights_and_evaluate(members, da
     assert "sd2-1" in json.dumps(rows) and "AFA" in json.dumps(rows), results
 
 
-@pytest.mark.parametrize("flags", [
-    ("--no-spatial", "--no-timestep", "--no-text"),
-    ("--mode", "last-block", "--preset", "fast"),
-    ("--text-conditioning", "shared", "--cache-latents", "--crop", "center"),
-], ids=["ablations", "last-block-fast", "shared-cached"])
+@pytest.mark.parametrize("flags", TRAINER_VARIANTS.values(), ids=TRAINER_VARIANTS.keys())
 def test_the_ablation_flags_and_the_latent_cache_train_sd2_members(members, dataset, tmp_path, flags):
-    assert train.main(args_for(members, dataset, tmp_path, "run", "--max-steps", "2", *flags)) == 0
+    assert train.main(trainer_args(members, dataset, tmp_path, "run", "--max-steps", "2", *flags)) == 0
     info = read_weights_info(tmp_path / "run.safetensors")
     assert info.config.context_dim == 64
-    if "--no-text" in flags:
-        assert not info.config.use_text and not info.config.spatial and not info.config.use_timestep
-    if "last-block" in flags:
-        assert info.config.only_last_block and info.config.design == "fast"
-    if "shared" in flags:
-        assert info.config.text_conditioning == "shared"
+    check_variant_config(info.config, flags)
 
 
 def test_afa_check_and_inspect_read_sd2_members(members):

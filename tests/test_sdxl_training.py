@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from afa import EnsembleUNet, read_weights_info
-from factories import TINY_OPEN_CLIP, write_captioned_images, write_tiny_sdxl_checkpoint
+from factories import (TINY_OPEN_CLIP, TRAINER_VARIANTS, check_variant_config, trainer_args,
+                       write_captioned_images, write_tiny_sdxl_checkpoint)
 from test_cli import run_afa
 from training import data as datasets
 from training import evaluate, train
@@ -43,12 +44,6 @@ def frozen(members):
 def dataset(tmp_path_factory):
     """Wide images (48 x 32): a 32 px square crop has room to move, so crops and sizes differ per sample."""
     return write_captioned_images(tmp_path_factory.mktemp("data"), width=48, height=32)
-
-
-def args_for(members, dataset, tmp_path, name, *extra):
-    return ["--members", *map(str, members), "--data", str(dataset), "--resolution", "32", "--batch-size", "4",
-            "--val-split", "0.25", "--hidden-channels", "32", "--num-workers", "0", "--save-dtype", "fp32",
-            "--output", str(tmp_path / f"{name}.safetensors"), "--run-dir", str(tmp_path / name), *extra]
 
 
 def batch_of(dataset_folder, count: int = 3, crop: str = "random", epoch: int = 0) -> dict:
@@ -126,12 +121,12 @@ def test_each_member_reads_its_own_y(frozen):
 
 
 def test_sdxl_members_train_resume_to_the_same_weights_evaluate_and_inspect(members, dataset, tmp_path):
-    assert train.main(args_for(members, dataset, tmp_path, "full", "--max-steps", "4")) == 0
+    assert train.main(trainer_args(members, dataset, tmp_path, "full", "--max-steps", "4")) == 0
     info = read_weights_info(tmp_path / "full.safetensors")
     assert info.config.context_dim == 96 and info.config.text_conditioning == "per_member"
     assert len(info.config.block_channels) == 19
 
-    args = args_for(members, dataset, tmp_path, "resumed")
+    args = trainer_args(members, dataset, tmp_path, "resumed")
     assert train.main(args + ["--max-steps", "1"]) == 0
     assert train.main(args + ["--max-steps", "4", "--resume", "latest"]) == 0
     full, resumed = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
@@ -153,18 +148,12 @@ def test_sdxl_members_train_resume_to_the_same_weights_evaluate_and_inspect(memb
     assert "xl-1" in inspected.stdout and "mode sabw" in inspected.stdout
 
 
-@pytest.mark.parametrize("flags", [
-    ("--no-spatial", "--no-timestep", "--no-text"),
-    ("--mode", "last-block", "--preset", "fast"),
-    ("--text-conditioning", "shared", "--cache-latents", "--crop", "center"),
-], ids=["ablations", "last-block-fast", "shared-cached"])
+@pytest.mark.parametrize("flags", TRAINER_VARIANTS.values(), ids=TRAINER_VARIANTS.keys())
 def test_the_ablation_flags_and_the_latent_cache_train_sdxl_members(members, dataset, tmp_path, flags):
-    assert train.main(args_for(members, dataset, tmp_path, "run", "--max-steps", "2", *flags)) == 0
+    assert train.main(trainer_args(members, dataset, tmp_path, "run", "--max-steps", "2", *flags)) == 0
     info = read_weights_info(tmp_path / "run.safetensors")
-    if "--no-text" in flags:
-        assert not info.config.use_text and not info.config.spatial and not info.config.use_timestep
+    check_variant_config(info.config, flags)
     if "shared" in flags:
-        assert info.config.text_conditioning == "shared"
         cache = next((tmp_path / "run" / "latent-cache").iterdir())
         index = json.loads((cache / "index.json").read_text())
         assert all(sizes[2:4] == [0, 8] for sizes in index["sizes"].values())  # the centre crops' positions

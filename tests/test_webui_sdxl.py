@@ -9,12 +9,11 @@ encoders).
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "webui_standin"))
 
@@ -27,6 +26,7 @@ from modules import call_queue, infotext_utils, sd_models, shared  # noqa: E402
 from afa import read_weights_info  # noqa: E402
 from afa.ensemble import EnsembleUNet  # noqa: E402
 from afa.webui import folders, training_job  # noqa: E402
+from test_webui_text import write_text_variant  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
 TITLE = "AFA ensemble"
@@ -43,22 +43,10 @@ def params_of(processed) -> dict:
     return infotext_utils.parse_generation_parameters(processed.infotexts[0])
 
 
-def write_text_variant(models_dir: Path, name: str, unet_from: str, text_from: str) -> Path:
-    """A checkpoint with the UNet and VAE of `unet_from` and the conditioner (both text encoders) of `text_from`."""
-    tensors = load_file(str(models_dir / f"{unet_from}.safetensors"))
-    text = load_file(str(models_dir / f"{text_from}.safetensors"))
-    tensors.update({key: value for key, value in text.items() if key.startswith("conditioner.")})
-    path = models_dir / f"{name}.safetensors"
-    save_file(tensors, str(path))
-    shutil.copyfile(models_dir / f"{unet_from}.yaml", path.with_suffix(".yaml"))
-    sd_models.list_models()
-    return path
-
-
 @pytest.fixture
 def webui(tmp_path):
     with harness.webui(tmp_path, extensions=[EXTENSION_ROOT], checkpoints=CHECKPOINTS) as instance:
-        write_text_variant(Path(sd_models.model_path), "xl-a-text", "xl-a", "xl-b")
+        write_text_variant(Path(sd_models.model_path), "xl-a-text", "xl-a", "xl-b", text_prefix="conditioner.")
         yield instance
         training_job.job.cancel()
         training_job.job.wait(WAIT)

@@ -43,11 +43,13 @@ def pixels(image) -> bytes:
     return image.tobytes()
 
 
-def write_text_variant(models_dir: Path, name: str, unet_from: str, text_from: str) -> Path:
-    """A checkpoint with the UNet and VAE of `unet_from` and the text encoder of `text_from` (installed files)."""
+def write_text_variant(models_dir: Path, name: str, unet_from: str, text_from: str,
+                       text_prefix: str = "cond_stage_model.") -> Path:
+    """A checkpoint with the UNet and VAE of `unet_from` and the text encoder(s) of `text_from` (installed files; SDXL:
+    text_prefix "conditioner.")."""
     tensors = load_file(str(models_dir / f"{unet_from}.safetensors"))
     text = load_file(str(models_dir / f"{text_from}.safetensors"))
-    tensors.update({key: value for key, value in text.items() if key.startswith("cond_stage_model.")})
+    tensors.update({key: value for key, value in text.items() if key.startswith(text_prefix)})
     path = models_dir / f"{name}.safetensors"
     save_file(tensors, str(path))
     shutil.copyfile(models_dir / f"{unet_from}.yaml", path.with_suffix(".yaml"))

@@ -122,6 +122,24 @@ def write_strong_lora(path: Path, seed: int = 0, rank: int = 4, scale: float = 0
 TRAINING_IMAGES = "training-images"  # in the data dir: what the training tests train on
 
 
+def train_through_api(server, members, output: str, timeout: float = 600) -> dict:
+    """A short run (4 steps, 32 px, the `fast` design) through POST /afa/v1/train on the data dir's training images,
+    polled until it ends; its final status, which must be "finished"."""
+    import time
+
+    status = server.post("/afa/v1/train", {
+        "members": list(members), "data": str(server.data_dir / TRAINING_IMAGES), "resolution": 32,
+        "batch_size": 2, "max_steps": 4, "val_split": 0.25, "preset": "fast", "hidden_channels": 32,
+        "output": output})
+    deadline = time.time() + timeout
+    while status["state"] not in ("finished", "cancelled", "failed"):
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+        status = server.get("/afa/v1/train")
+    assert status["state"] == "finished", status["message"]
+    return status
+
+
 def write_training_images(folder: Path, count: int = 8) -> Path:
     """`count` random 40x40 PNGs with kohya-style .txt captions."""
     import numpy as np
@@ -458,4 +476,4 @@ def tier_helpers():
     as a `conftest`)."""
     from types import SimpleNamespace
     return SimpleNamespace(write_pair_weights=write_pair_weights, write_training_images=write_training_images,
-                           TRAINING_IMAGES=TRAINING_IMAGES)
+                           train_through_api=train_through_api, TRAINING_IMAGES=TRAINING_IMAGES)

@@ -6,8 +6,6 @@ averaging and SABW run with each member reading its own text encoder.
 Opt-in (its fixtures skip without AFA_WEBUI_DIR): AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
 """
 
-import time
-
 import pytest
 
 
@@ -29,17 +27,8 @@ def sd2_webui(tmp_path_factory, own_webui, tier_helpers):
         yield server
 
 
-def test_sd2_v_members_train_in_the_webui_and_ensemble(sd2_webui):
-    status = sd2_webui.post("/afa/v1/train", {
-        "members": list(MEMBERS), "data": str(sd2_webui.data_dir / "training-images"), "resolution": 32,
-        "batch_size": 2, "max_steps": 4, "val_split": 0.25, "preset": "fast", "hidden_channels": 32,
-        "output": "sd2-pair"})
-    deadline = time.time() + 600
-    while status["state"] not in ("finished", "cancelled", "failed"):
-        assert time.time() < deadline, status
-        time.sleep(0.5)
-        status = sd2_webui.get("/afa/v1/train")
-    assert status["state"] == "finished", status["message"]
+def test_sd2_v_members_train_in_the_webui_and_ensemble(sd2_webui, tier_helpers):
+    status = tier_helpers.train_through_api(sd2_webui, MEMBERS, "sd2-pair")
     errors = status["validation"][-1]["errors"]
     print(f"real A1111, tiny SD 2.x-v trained in the WebUI: validation {errors}")
 

@@ -6,7 +6,6 @@ per-level transformer depths, and read `y`), and differ from the base image.
 Opt-in (its fixtures skip without AFA_WEBUI_DIR): AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui
 """
 
-import time
 from pathlib import Path
 
 import pytest
@@ -59,19 +58,10 @@ def test_sdxl_members_ensemble_in_the_real_webui(sdxl_webui):
               f"{generation.max_diff(base)}/255")
 
 
-def test_sdxl_members_train_in_the_webui_and_read_their_own_conditioning(sdxl_webui):
+def test_sdxl_members_train_in_the_webui_and_read_their_own_conditioning(sdxl_webui, tier_helpers):
     """A SABW file trained in the WebUI (/afa/v1/train) on the two SDXL members, then used: each member reads the
     prompt as its own two text encoders encode it (context and `y`), with nothing left unmatched."""
-    status = sdxl_webui.post("/afa/v1/train", {
-        "members": list(MEMBERS), "data": str(sdxl_webui.data_dir / "training-images"), "resolution": 32,
-        "batch_size": 2, "max_steps": 4, "val_split": 0.25, "preset": "fast", "hidden_channels": 32,
-        "output": "xl-trained"})
-    deadline = time.time() + 600
-    while status["state"] not in ("finished", "cancelled", "failed"):
-        assert time.time() < deadline, status
-        time.sleep(0.5)
-        status = sdxl_webui.get("/afa/v1/train")
-    assert status["state"] == "finished", status["message"]
+    status = tier_helpers.train_through_api(sdxl_webui, MEMBERS, "xl-trained")
     print(f"real A1111, tiny SDXL trained in the WebUI: validation {status['validation'][-1]['errors']}")
 
     own = sdxl_webui.txt2img(afa=afa("SABW", "xl-trained"), **PAYLOAD)
