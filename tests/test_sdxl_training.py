@@ -157,3 +157,16 @@ def test_the_ablation_flags_and_the_latent_cache_train_sdxl_members(members, dat
         cache = next((tmp_path / "run" / "latent-cache").iterdir())
         index = json.loads((cache / "index.json").read_text())
         assert all(sizes[2:4] == [0, 8] for sizes in index["sizes"].values())  # the centre crops' positions
+
+
+def test_without_resolution_the_trainer_and_evaluator_use_the_members_native_size(members, tmp_path):
+    from factories import write_tiny_sd2_checkpoint
+    from training.sd_checkpoint import native_resolution
+
+    sd2 = write_tiny_sd2_checkpoint(tmp_path / "sd2.safetensors", 1)
+    sd2_base = write_tiny_sd2_checkpoint(tmp_path / "sd2-base.safetensors", 2, parameterization="eps")
+    assert [native_resolution(path) for path in (members[0], sd2, sd2_base)] == [1024, 768, 512]
+    assert native_resolution(tmp_path / "missing.safetensors") == 512  # loading it says what is wrong
+    assert train.parse_args(["--members", *map(str, members), "--data", "x"]).resolution == 1024
+    assert train.parse_args(["--members", str(sd2), str(sd2), "--data", "x", "--resolution", "64"]).resolution == 64
+    assert evaluate.parse_args(["--members", str(sd2), str(sd2_base), "--data", "x"]).resolution == 768

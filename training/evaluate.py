@@ -47,7 +47,7 @@ from training.cli import run  # noqa: E402
 from training.diffusion import NoiseSchedule, squared_error  # noqa: E402
 from training.metrics import (TIMESTEP_RANGES, denoising_errors, encode_for_members, ensemble_reading,  # noqa: E402
                               member_alone, range_label)
-from training.sd_checkpoint import load_frozen_models  # noqa: E402
+from training.sd_checkpoint import load_frozen_models, native_resolution  # noqa: E402
 from training.text_encoder import tokenize  # noqa: E402
 
 BLOCK_AVERAGE, NOISE_AVERAGE, AFA = "block average", "noise average", "AFA"
@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "members; each adds an AFA row and its aggregation maps")
     group.add_argument("--data", required=True, help="held-out images: a folder of images with .txt captions or "
                        "WebUI PNGs, or a JSONL/CSV manifest of image path + caption")
-    group.add_argument("--resolution", type=int, default=512, help="images are resized and center-cropped to this")
+    group.add_argument("--resolution", type=int, help="images are resized and center-cropped to this (default: the "
+                       "first member's native size: 512 SD 1.x and SD 2.x base, 768 SD 2.x-v, 1024 SDXL)")
     group.add_argument("--text-conditioning", choices=["per-member", "shared"], default="per-member",
                        help="how block and noise averaging read the prompt: member i its own text encoder's encoding, "
                        "or every member the first member's (AFA rows read it as their weights file says)")
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
+    if args.resolution is None:
+        args.resolution = native_resolution(args.members[0], args.config)
     for flag in ("samples", "figure_images"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be 0 or more")

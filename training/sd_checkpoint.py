@@ -179,6 +179,23 @@ def is_sdxl_checkpoint(path: str | Path) -> bool:
     return bool(read_prefixed_tensors(path, SDXL_TEXT_ENCODER_PREFIX + "1.model.ln_final."))
 
 
+NATIVE_RESOLUTIONS = {"sd": 512, "v": 768, "sdxl": 1024}
+
+
+def native_resolution(path: str | Path, config: str | Path | None = None) -> int:
+    """The image size a checkpoint's family was trained at: 1024 for SDXL, 768 for v-prediction models (SD 2.x
+    768-v), else 512 (SD 1.x, SD 2.x base). 512 when the file cannot be read (loading it reports why)."""
+    from afa.errors import AfaError
+
+    try:
+        if is_sdxl_checkpoint(path):
+            return NATIVE_RESOLUTIONS["sdxl"]
+        params = read_sd_config(path, config)["model"]["params"]
+    except (AfaError, OSError, ValueError):
+        return NATIVE_RESOLUTIONS["sd"]
+    return NATIVE_RESOLUTIONS["v" if params.get("parameterization") == "v" else "sd"]
+
+
 def read_sd_config(path: str | Path, config: str | Path | None = None) -> dict:
     """The ldm (or sgm, SDXL) config of a checkpoint: `config`, else `<name>.yaml` beside it, else the defaults of
     its family (v1-inference's; SDXL's scale factor for a checkpoint with SDXL's conditioner)."""

@@ -51,7 +51,7 @@ from training import data as datasets  # noqa: E402
 from training.cli import run  # noqa: E402
 from training.diffusion import per_sample_mse  # noqa: E402
 from training.metrics import denoising_errors, ensemble_reading, member_alone, prepare_batch  # noqa: E402
-from training.sd_checkpoint import FrozenModels, load_frozen_models  # noqa: E402
+from training.sd_checkpoint import FrozenModels, load_frozen_models, native_resolution  # noqa: E402
 
 STATE_FORMAT = 1
 
@@ -67,8 +67,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     group.add_argument("--val-data", help="held-out data in the same formats (default: --val-split of --data)")
     group.add_argument("--val-split", type=float, default=0.05, help="fraction of --data held out for validation "
                        "when --val-data is not given")
-    group.add_argument("--resolution", type=int, default=512, help="images are resized (shorter side) and cropped "
-                       "to this square (--crop)")
+    group.add_argument("--resolution", type=int, help="images are resized (shorter side) and cropped to this square "
+                       "(--crop); default: the first member's native size (512 SD 1.x and SD 2.x base, 768 SD 2.x-v, "
+                       "1024 SDXL)")
     group.add_argument("--crop", choices=["random", "center"], default="random", help="the square crop: a position "
                        "drawn per sample and epoch (the authors' RandomCrop) or the centre; validation images are "
                        "always centre-cropped")
@@ -161,7 +162,9 @@ def parse_args(argv: list[str] | None = None, exit_on_error: bool = True) -> arg
 
     if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
-    for flag in ("batch_size", "gradient_accumulation", "save_every"):
+    if args.resolution is None:
+        args.resolution = native_resolution(args.members[0], args.config)
+    for flag in ("batch_size", "gradient_accumulation", "save_every", "resolution"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.validate_every < 0:
