@@ -25,7 +25,7 @@ from modules import call_queue, infotext_utils, sd_models, shared  # noqa: E402
 
 from afa import read_weights_info  # noqa: E402
 from afa.ensemble import EnsembleUNet  # noqa: E402
-from afa.webui import folders, training_job  # noqa: E402
+from afa.webui import folders, gallery_maps, training_job  # noqa: E402
 from test_webui_text import write_text_variant  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,8 @@ NEGATIVE = "blurry, lowres"
 WAIT = 120
 
 
-def afa(members=("xl-a", "xl-b"), mode="Block average", weights="") -> dict:
-    return {TITLE: [True, list(members), weights, mode, False]}
+def afa(members=("xl-a", "xl-b"), mode="Block average", weights="", show_maps=False) -> dict:
+    return {TITLE: [True, list(members), weights, mode, show_maps]}
 
 
 def params_of(processed) -> dict:
@@ -139,8 +139,10 @@ def test_each_sdxl_member_reads_its_own_context_and_y(webui, monkeypatch, negati
     assert params["AFA text encoders"] == "Each member's own" and "AFA text notes" not in params
 
 
-def test_sdxl_weights_trained_through_the_api_run_as_sabw(webui, tmp_path):
+def test_sdxl_weights_trained_through_the_api_run_as_sabw_and_draw_their_maps(webui, tmp_path, monkeypatch):
     from factories import write_captioned_images
+
+    configure = gallery_maps.AggregationMaps.configure
 
     training_job.job.status = training_job.Status()
     (tmp_path / "images").mkdir()
@@ -163,4 +165,12 @@ def test_sdxl_weights_trained_through_the_api_run_as_sabw(webui, tmp_path):
     assert params["AFA mode"] == "SABW" and params["AFA weights"].startswith("xl-trained"), sabw.infotexts[0]
     assert "AFA text notes" not in params and "AFA not applied" not in params
     assert sabw.images[0].tobytes() != average.images[0].tobytes()
+    # the aggregation maps of the SDXL layout: output_blocks.1, .4 and .8 (the last output at each resolution)
+    recorded = []
+    monkeypatch.setattr(gallery_maps.AggregationMaps, "configure", lambda maps, ensemble, mode: (
+        recorded.append(gallery_maps.blocks_to_show(ensemble, mode)), configure(maps, ensemble, mode)))
+    with_maps = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(mode="SABW", weights="xl-trained",
+                                                                        show_maps=True))
+    assert len(with_maps.images) == 2 and with_maps.images[1].size != with_maps.images[0].size
+    assert recorded == [[11, 14, 18]] and with_maps.images[0].tobytes() == sabw.images[0].tobytes()
     training_job.job.status = training_job.Status()
