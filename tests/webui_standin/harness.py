@@ -131,6 +131,17 @@ def sdxl_checkpoint_file(seed: int) -> Path:
         return path
 
 
+def sd2_checkpoint_file(seed: int) -> Path:
+    """A tiny SD 2.x-v WebUI checkpoint with its yaml (tests/factories.py: write_tiny_sd2_checkpoint, the tiny
+    OpenCLIP tower under the architecture name the stand-in knows) drawn from `seed`, generated once per session."""
+    with _checkpoint_cache_lock:
+        path = _checkpoint_cache() / f"sd2-seed{seed}.safetensors"
+        if not path.exists():
+            from factories import TINY_OPEN_CLIP_ARCH, write_tiny_sd2_checkpoint
+            write_tiny_sd2_checkpoint(path, seed, arch=TINY_OPEN_CLIP_ARCH)
+        return path
+
+
 def default_config_file() -> Path:
     """The stand-in's `configs/v1-inference.yaml`, the config the WebUI builds a checkpoint without a yaml from:
     the tiny architecture (tiny_sd_config), written once per session into the checkpoint cache, because its text
@@ -151,13 +162,13 @@ def default_config_file() -> Path:
 def write_checkpoints(directory: Path, checkpoints: Iterable[tuple[str, int]] = DEFAULT_CHECKPOINTS, *,
                       fmt: str = "safetensors", with_yaml: bool = True) -> list[Path]:
     """Copies tiny checkpoints into `directory` as `<name>.<fmt>` (+ `<name>.yaml` beside each if `with_yaml`).
-    Each entry is (name, seed) for a tiny SD1 checkpoint, or (name, seed, "sdxl") for a tiny SDXL one
-    (safetensors)."""
+    Each entry is (name, seed) for a tiny SD1 checkpoint, or (name, seed, family) with family "sd2" (a tiny
+    SD 2.x-v one) or "sdxl" (a tiny SDXL one; both safetensors)."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
+    files = {"sd2": sd2_checkpoint_file, "sdxl": sdxl_checkpoint_file}
     for name, seed, *family in checkpoints:
-        sdxl = family == ["sdxl"]
-        source = sdxl_checkpoint_file(seed) if sdxl else tiny_checkpoint_file(seed, fmt)
+        source = files[family[0]](seed) if family else tiny_checkpoint_file(seed, fmt)
         target = directory / f"{name}{source.suffix}"
         shutil.copyfile(source, target)
         if with_yaml:

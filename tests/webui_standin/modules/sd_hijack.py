@@ -7,8 +7,8 @@ Kept from the real module:
 * `StableDiffusionModelHijack.hijack(m)` wraps the SD1 text encoder (`EmbeddingsWithFixes` around the token
   embedding, `FrozenCLIPEmbedderWithCustomWords` around `cond_stage_model`), adds `weighted_forward`, records
   `layers = flatten(m)` for `apply_circular` (Tiling), sets `sd_unet.original_forward`; `undo_hijack` reverses it.
-Not reproduced: cross-attention optimizations (the list is empty, `apply_optimizations` does nothing), SD2/SDXL/
-alt-diffusion text encoders, textual inversion.
+SD 2.x's OpenCLIP and SDXL's conditioner are wrapped as in v1.10. Not reproduced: cross-attention optimizations (the
+list is empty, `apply_optimizations` does nothing), alt-diffusion text encoders, textual inversion.
 """
 
 from types import MethodType
@@ -18,7 +18,7 @@ import torch
 from modules import devices, shared, script_callbacks, errors, sd_unet, patches  # noqa: F401
 from modules.shared import cmd_opts
 from modules import sd_hijack_clip, sd_hijack_open_clip, sd_hijack_unet  # noqa: F401
-from modules.standin_ldm import FrozenCLIPEmbedder, LatentDiffusion
+from modules.standin_ldm import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, LatentDiffusion
 from modules.standin_sgm import DiffusionEngine
 
 import ldm.modules.diffusionmodules.openaimodel
@@ -176,6 +176,10 @@ class StableDiffusionModelHijack:
             model_embeddings.token_embedding = EmbeddingsWithFixes(model_embeddings.token_embedding, self)
             m.cond_stage_model = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(m.cond_stage_model, self)
 
+        elif type(m.cond_stage_model) == FrozenOpenCLIPEmbedder:
+            m.cond_stage_model.model.token_embedding = EmbeddingsWithFixes(m.cond_stage_model.model.token_embedding, self)
+            m.cond_stage_model = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(m.cond_stage_model, self)
+
         apply_weighted_forward(m)
 
         self.apply_optimizations()
@@ -219,6 +223,9 @@ class StableDiffusionModelHijack:
             model_embeddings = m.cond_stage_model.transformer.text_model.embeddings
             if type(model_embeddings.token_embedding) == EmbeddingsWithFixes:
                 model_embeddings.token_embedding = model_embeddings.token_embedding.wrapped
+        elif type(m.cond_stage_model) == sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords:
+            m.cond_stage_model.wrapped.model.token_embedding = m.cond_stage_model.wrapped.model.token_embedding.wrapped
+            m.cond_stage_model = m.cond_stage_model.wrapped
 
         undo_optimizations()
         undo_weighted_forward(m)

@@ -1,5 +1,5 @@
-"""Stand-in of modules/sd_hijack_open_clip.py (v1.10): the wrapper of SDXL's OpenCLIP text encoder (embedders.1,
-`FrozenOpenCLIPEmbedder2WithCustomWords`): the same chunks, emphasis and BREAK as SD1's wrapper (sd_hijack_clip),
+"""Stand-in of modules/sd_hijack_open_clip.py (v1.10): the wrappers of SD 2.x's OpenCLIP text encoder
+(`FrozenOpenCLIPEmbedderWithCustomWords`) and SDXL's (embedders.1, `FrozenOpenCLIPEmbedder2WithCustomWords`): the same chunks, emphasis and BREAK as SD1's wrapper (sd_hijack_clip),
 open_clip's token ids (BPE of the same vocabulary; 0 padding after EOS), the layer the yaml names and the pooled
 output of the first chunk. The tokenizer is CLIP's tokenizer of open_clip's vocabulary (training/text_encoder.py:
 sd1_tokenizer), as open_clip's own package needs torchvision.
@@ -10,7 +10,9 @@ import torch
 from modules import sd_hijack_clip
 
 
-class FrozenOpenCLIPEmbedder2WithCustomWords(sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords):
+class _OpenClipWords(sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords):
+    """What both wrappers share (the real ones derive from FrozenCLIPEmbedderWithCustomWordsBase)."""
+
     def __init__(self, wrapped, hijack):
         from training.text_encoder import sd1_tokenizer
 
@@ -33,6 +35,18 @@ class FrozenOpenCLIPEmbedder2WithCustomWords(sd_hijack_clip.FrozenCLIPEmbedderWi
     def tokenize(self, texts):
         return self.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
 
+
+# modules/sd_hijack_open_clip.py (v1.10): FrozenOpenCLIPEmbedderWithCustomWords (SD 2.x)
+class FrozenOpenCLIPEmbedderWithCustomWords(_OpenClipWords):
+    def encode_with_transformers(self, tokens):
+        # set self.wrapped.layer_idx here according to opts.CLIP_stop_at_last_layers
+        z = self.wrapped.encode_with_transformer(tokens)
+
+        return z
+
+
+# modules/sd_hijack_open_clip.py (v1.10): FrozenOpenCLIPEmbedder2WithCustomWords (SDXL's embedders.1)
+class FrozenOpenCLIPEmbedder2WithCustomWords(_OpenClipWords):
     def encode_with_transformers(self, tokens):
         d = self.wrapped.encode_with_transformer(tokens)
         z = d[self.wrapped.layer]

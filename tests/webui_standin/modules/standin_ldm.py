@@ -13,6 +13,7 @@
   transformers' `CLIPTokenizer` and `CLIPTextModel` built from the local folder the yaml's `version` names (the
   tiny test text encoder's config and SD1's tokenizer files, written by training/sd_checkpoint.py: tiny_sd_config),
   as the WebUI builds them; never from the hub (SD1 yamls name openai/clip-vit-large-patch14, a download).
+* `FrozenOpenCLIPEmbedder` stands in for SD 2.x's ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder.
 """
 
 from __future__ import annotations
@@ -181,12 +182,46 @@ class FrozenCLIPEmbedder(torch.nn.Module):
         return self(text)
 
 
+# ldm/modules/encoders/modules.py: FrozenOpenCLIPEmbedder (SD 2.x)
+class FrozenOpenCLIPEmbedder(torch.nn.Module):
+    """ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder: the real signature; open_clip's text tower (whose package
+    needs torchvision) is training/open_clip_text.py's, in open_clip's key layout, sized by `arch` from the
+    architectures the stand-in knows (modules/standin_sgm.py: open_clip_architectures)."""
+
+    LAYERS = ["last", "penultimate"]
+
+    def __init__(self, arch="ViT-H-14", version="laion2b_s32b_b79k", device="cuda", max_length=77, freeze=True,
+                 layer="last"):
+        super().__init__()
+        from modules.standin_sgm import open_clip_tower
+
+        assert layer in self.LAYERS
+        self.model = open_clip_tower(arch)
+        self.device = device
+        self.max_length = max_length
+        if freeze:
+            self.model.eval().requires_grad_(False)
+        self.layer = layer
+        self.layer_idx = 0 if layer == "last" else 1
+
+    def encode_with_transformer(self, text):
+        x = self.model.token_embedding(text) + self.model.positional_embedding
+        for i, r in enumerate(self.model.transformer.resblocks):
+            if i == len(self.model.transformer.resblocks) - self.layer_idx:
+                break
+            x = r(x, self.model.attn_mask)
+        return self.model.ln_final(x)
+
+
 def _instantiate_cond_stage(config):
     target = config["target"]
     params = dict(config.get("params", {}) or {})
     if target in ("ldm.modules.encoders.modules.FrozenCLIPEmbedder", __name__ + ".FrozenCLIPEmbedder"):
         return FrozenCLIPEmbedder(**params)
-    raise NotImplementedError(f"stand-in: cond stage {target} is not reproduced (SD1 FrozenCLIPEmbedder only)")
+    if target == "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder":
+        return FrozenOpenCLIPEmbedder(**params)
+    raise NotImplementedError(f"stand-in: cond stage {target} is not reproduced (SD1's FrozenCLIPEmbedder and "
+                              f"SD 2.x's FrozenOpenCLIPEmbedder only)")
 
 
 # ldm/models/diffusion/ddpm.py: LatentDiffusion (the parts used for inference)

@@ -38,6 +38,18 @@ def open_clip_architectures() -> dict[str, dict]:
     return {"ViT-B-32": VIT_B_32_OPEN_CLIP, TINY_OPEN_CLIP_ARCH: TINY_OPEN_CLIP}
 
 
+def open_clip_tower(arch: str) -> torch.nn.Module:
+    """open_clip's text tower of architecture `arch` (weights from the checkpoint), as the WebUI's open_clip builds
+    it (training/open_clip_text.py's module: the same key layout)."""
+    from training.open_clip_text import OpenClipTextEncoder
+
+    architectures = open_clip_architectures()
+    if arch not in architectures:
+        raise NotImplementedError(f"stand-in: open_clip architecture {arch} is not reproduced "
+                                  f"({', '.join(architectures)})")
+    return OpenClipTextEncoder(**architectures[arch])
+
+
 def _instantiate(config):
     target = config["target"]
     params = dict(config.get("params", {}) or {})
@@ -78,14 +90,8 @@ class FrozenOpenCLIPEmbedder2(torch.nn.Module):
     def __init__(self, arch="ViT-H-14", version="laion2b_s32b_b79k", device="cuda", max_length=77, freeze=True,
                  layer="last", always_return_pooled=False, legacy=True):
         super().__init__()
-        from training.open_clip_text import OpenClipTextEncoder
-
         assert layer in self.LAYERS
-        architectures = open_clip_architectures()
-        if arch not in architectures:
-            raise NotImplementedError(f"stand-in: open_clip architecture {arch} is not reproduced "
-                                      f"({', '.join(architectures)})")
-        self.model = OpenClipTextEncoder(**architectures[arch])
+        self.model = open_clip_tower(arch)
         self.device = device
         self.max_length = max_length
         self.return_pooled = always_return_pooled
