@@ -95,3 +95,10 @@ def test_sd2_weights_trained_through_the_api_run_as_sabw(webui, tmp_path):
     assert "AFA text notes" not in params and "AFA not applied" not in params
     assert sabw.images[0].tobytes() != average.images[0].tobytes()
     training_job.job.status = training_job.Status()
+
+
+def test_the_training_tab_sets_the_resolution_of_v_members_to_768(webui):
+    members = next(block for block in webui.demo.blocks.values()
+                   if getattr(block, "elem_id", None) == "afa_train_members")
+    [[update]] = webui.event(members, "change", inputs=[["sd2-b", "sd2-a"]])
+    assert update["value"] == 768, update

@@ -174,3 +174,12 @@ def test_sdxl_weights_trained_through_the_api_run_as_sabw_and_draw_their_maps(we
     assert len(with_maps.images) == 2 and with_maps.images[1].size != with_maps.images[0].size
     assert recorded == [[11, 14, 18]] and with_maps.images[0].tobytes() == sabw.images[0].tobytes()
     training_job.job.status = training_job.Status()
+
+
+def test_the_training_tab_sets_the_resolution_to_the_first_members_native_size(webui):
+    members = next(block for block in webui.demo.blocks.values()
+                   if getattr(block, "elem_id", None) == "afa_train_members")
+    [[update]] = webui.event(members, "change", inputs=[["xl-a", "xl-b"]])
+    assert update["value"] == 1024, update
+    [[update]] = webui.event(members, "change", inputs=[["tiny-a"]])  # not installed here: left as it is
+    assert "value" not in update, update

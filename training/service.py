@@ -13,11 +13,12 @@ from pathlib import Path
 from training import data as datasets
 import torch
 
+from training.sd_checkpoint import native_resolution  # noqa: F401
 from training.train import (RESULT_SETTINGS, TrainingEvents, TrainingOutcome, UsageError, parse_args,  # noqa: F401
                             precision, train)
 
 __all__ = ["DATA_SNAPSHOT_NAME", "RESULT_SETTINGS", "TrainingEvents", "TrainingOutcome", "UsageError", "member_dtype",
-           "parse_args", "saved_arguments", "snapshot_data", "train"]
+           "native_resolution", "parse_args", "saved_arguments", "snapshot_data", "train"]
 
 DATA_SNAPSHOT_NAME = "data.jsonl"
 

@@ -24,7 +24,7 @@ from afa.aggregator import DEFAULT_PRESET, SABW_PRESETS
 from afa.errors import AfaError
 from afa.modes import SABW
 
-from . import folders, training_job
+from . import checkpoints, folders, training_job
 from .training_job import FINISHED, job
 from .ui import ACCORDIONS, REFRESH_SYMBOL
 
@@ -199,6 +199,18 @@ def use_weights():
     return updates
 
 
+def resolution_for(members):
+    """The resolution slider when the members change: the first member's native size (512 SD 1.x and SD 2.x base,
+    768 SD 2.x-v, 1024 SDXL); left as it is without a member or a trainer."""
+    if not members or training_job.trainer is None:
+        return gr.update()
+    try:
+        info = checkpoints.resolve_checkpoint(members[0])
+    except AfaError:
+        return gr.update()
+    return gr.update(value=training_job.trainer.native_resolution(info.filename))
+
+
 # -- the tab -------------------------------------------------------------------------------------------------------
 
 def create_tab():
@@ -218,8 +230,9 @@ def create_tab():
                                        value=DATA_OUTPUTS, elem_id="afa_train_data_source")
                 data_path = gr.Textbox(label="Folder (images with .txt captions or WebUI PNGs) or JSONL/CSV "
                                              "manifest", visible=False, elem_id="afa_train_data_path")
-                resolution = gr.Slider(label="Resolution (SD 1.x 512, SD 2.x-v 768, SDXL 1024)", minimum=32, maximum=2048,
-                                       step=32, value=512, elem_id="afa_train_resolution")
+                resolution = gr.Slider(label="Resolution (set to the first member's native size: SD 1.x 512, "
+                                             "SD 2.x-v 768, SDXL 1024)", minimum=32, maximum=2048, step=32,
+                                       value=512, elem_id="afa_train_resolution")
                 validation_percent = gr.Slider(label="Held out for validation (%)", minimum=0, maximum=50, step=1,
                                                value=5, elem_id="afa_train_validation_percent")
                 with gr.Row():
@@ -269,6 +282,7 @@ def create_tab():
                 batch_size, precision, gradient_checkpointing, validate_every, output]
         refresh_members.click(fn=lambda: gr.update(choices=shared.list_checkpoint_tiles(False)), outputs=[members],
                               show_progress=False)
+        members.change(fn=resolution_for, inputs=[members], outputs=[resolution], show_progress=False)
         data_source.change(fn=lambda source: gr.update(visible=source == DATA_PATH), inputs=[data_source],
                            outputs=[data_path], show_progress=False)
         start_button.click(fn=start, _js="afa_start_training", inputs=[id_task, *form], outputs=view,
