@@ -333,6 +333,8 @@ def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, w
     page.open_tab("AFA Training", "tab_afa_training")
     page.pick("afa_train_members", "tiny-a.safetensors")
     page.pick("afa_train_members", "tiny-b.safetensors")
+    # choosing members sets the resolution to the first one's native size (SD 1.x: 512); then it is set by hand
+    p.wait_for_function("() => document.querySelector('#afa_train_resolution input[type=number]').value === '512'")
     p.locator("#afa_train_preset label", has_text="fast").click()
     p.locator("#afa_train_data_source label", has_text="A folder or manifest").click()
     p.fill("#afa_train_data_path textarea", str(webui.data_dir / "training-images"))
