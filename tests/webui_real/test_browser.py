@@ -333,8 +333,9 @@ def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, w
     page.open_tab("AFA Training", "tab_afa_training")
     page.pick("afa_train_members", "tiny-a.safetensors")
     page.pick("afa_train_members", "tiny-b.safetensors")
-    # choosing members sets the resolution to the first one's native size (SD 1.x: 512); then it is set by hand
-    p.wait_for_function("() => document.querySelector('#afa_train_resolution input[type=number]').value === '512'")
+    # choosing members sets the resolution to the first one's native size (SD 1.x: 512): let that event return
+    # before the resolution is set by hand (checked again before Start)
+    p.wait_for_timeout(1000)
     p.locator("#afa_train_preset label", has_text="fast").click()
     p.locator("#afa_train_data_source label", has_text="A folder or manifest").click()
     p.fill("#afa_train_data_path textarea", str(webui.data_dir / "training-images"))
@@ -345,6 +346,7 @@ def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, w
     page.set_number("afa_train_batch_size", 2)
     page.set_number("afa_train_validate_every", 10)
     p.fill("#afa_train_output textarea", "browser-run")
+    assert p.input_value("#afa_train_resolution input[type=number]") == "32"
     p.click("#afa_train_generate")
 
     # the WebUI's progress bar (javascript/progressbar.js) above the status, fed by /internal/progress
