@@ -20,24 +20,16 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 
-from modules import infotext_utils, sd_models, shared  # noqa: E402
+from modules import sd_models, shared  # noqa: E402
 
-from afa import read_weights_info  # noqa: E402
-from afa.webui import folders, training_job  # noqa: E402
+from afa.webui import training_job  # noqa: E402
+from standin_jobs import WAIT, afa, params_of, resolution_for_members, sabw_against_average, \
+    train_through_api  # noqa: E402
 from test_webui_text import ContextSpy, write_text_variant  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
-TITLE = "AFA ensemble"
 CHECKPOINTS = (("sd2-a", 1, "sd2"), ("sd2-a2", 1, "sd2"), ("sd2-b", 2, "sd2"))
-WAIT = 120
-
-
-def afa(members=("sd2-a", "sd2-b"), mode="Block average", weights="") -> dict:
-    return {TITLE: [True, list(members), weights, mode, False]}
-
-
-def params_of(processed) -> dict:
-    return infotext_utils.parse_generation_parameters(processed.infotexts[0])
+MEMBERS = ("sd2-a", "sd2-b")
 
 
 @pytest.fixture
@@ -74,31 +66,10 @@ def test_sd2_members_read_their_own_encoding_and_identical_ones_give_the_loaded_
 
 
 def test_sd2_weights_trained_through_the_api_run_as_sabw(webui, tmp_path):
-    from factories import write_captioned_images
-
-    training_job.job.status = training_job.Status()
-    (tmp_path / "images").mkdir()
-    response = webui.client().post("/afa/v1/train", json={
-        "members": ["sd2-a", "sd2-b"], "data": str(write_captioned_images(tmp_path / "images")), "resolution": 32,
-        "batch_size": 2, "max_steps": 4, "val_split": 0.25, "preset": "fast", "hidden_channels": 32,
-        "output": "sd2-trained"})
-    assert response.status_code == 200, response.text
-    final = training_job.job.wait(WAIT)
-    assert final["state"] == training_job.FINISHED, final
-    info = read_weights_info(folders.weights_dir() / "sd2-trained.safetensors")
-    assert [ref.name for ref in info.members] == ["sd2-a", "sd2-b"] and info.config.context_dim == 64
-
-    average = webui.txt2img(script_args=afa())
-    sabw = webui.txt2img(script_args=afa(mode="SABW", weights="sd2-trained"))
-    params = params_of(sabw)
-    assert params["AFA mode"] == "SABW" and params["AFA weights"].startswith("sd2-trained"), sabw.infotexts[0]
-    assert "AFA text notes" not in params and "AFA not applied" not in params
-    assert sabw.images[0].tobytes() != average.images[0].tobytes()
-    training_job.job.status = training_job.Status()
+    info = train_through_api(webui, MEMBERS, "sd2-trained", tmp_path / "images")
+    assert info.config.context_dim == 64
+    sabw_against_average(webui, MEMBERS, "sd2-trained")
 
 
 def test_the_training_tab_sets_the_resolution_of_v_members_to_768(webui):
-    members = next(block for block in webui.demo.blocks.values()
-                   if getattr(block, "elem_id", None) == "afa_train_members")
-    [[update]] = webui.event(members, "change", inputs=[["sd2-b", "sd2-a"]])
-    assert update["value"] == 768, update
+    assert resolution_for_members(webui, ("sd2-b", "sd2-a"))["value"] == 768

@@ -21,26 +21,18 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 
-from modules import call_queue, infotext_utils, sd_models, shared  # noqa: E402
+from modules import sd_models, shared  # noqa: E402
 
-from afa import read_weights_info  # noqa: E402
 from afa.ensemble import EnsembleUNet  # noqa: E402
-from afa.webui import folders, gallery_maps, training_job  # noqa: E402
+from afa.webui import gallery_maps, training_job  # noqa: E402
+from standin_jobs import WAIT, afa, params_of, resolution_for_members, sabw_against_average, \
+    train_through_api  # noqa: E402
 from test_webui_text import write_text_variant  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
-TITLE = "AFA ensemble"
 CHECKPOINTS = (("xl-a", 1, "sdxl"), ("xl-a2", 1, "sdxl"), ("xl-b", 2, "sdxl"))
+MEMBERS = ("xl-a", "xl-b")
 NEGATIVE = "blurry, lowres"
-WAIT = 120
-
-
-def afa(members=("xl-a", "xl-b"), mode="Block average", weights="", show_maps=False) -> dict:
-    return {TITLE: [True, list(members), weights, mode, show_maps]}
-
-
-def params_of(processed) -> dict:
-    return infotext_utils.parse_generation_parameters(processed.infotexts[0])
 
 
 @pytest.fixture
@@ -76,7 +68,7 @@ def test_identical_members_give_the_loaded_models_image_and_different_ones_do_no
     same = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(("xl-a", "xl-a2")))
     assert params_of(same)["AFA mode"] == "Block average" and "AFA not applied" not in params_of(same)
     assert same.images[0].tobytes() == base.images[0].tobytes()
-    mixed = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa())
+    mixed = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(MEMBERS))
     params = params_of(mixed)
     assert params["AFA members"].startswith("xl-a [") and "xl-b [" in params["AFA members"]
     assert mixed.images[0].tobytes() != base.images[0].tobytes()
@@ -140,46 +132,20 @@ def test_each_sdxl_member_reads_its_own_context_and_y(webui, monkeypatch, negati
 
 
 def test_sdxl_weights_trained_through_the_api_run_as_sabw_and_draw_their_maps(webui, tmp_path, monkeypatch):
-    from factories import write_captioned_images
+    info = train_through_api(webui, MEMBERS, "xl-trained", tmp_path / "images")
+    assert info.config.context_dim == 96 and len(info.config.block_channels) == 19
+    _, sabw = sabw_against_average(webui, MEMBERS, "xl-trained", negative_prompt=NEGATIVE)
 
-    configure = gallery_maps.AggregationMaps.configure
-
-    training_job.job.status = training_job.Status()
-    (tmp_path / "images").mkdir()
-    images = write_captioned_images(tmp_path / "images")
-    client = webui.client()
-    response = client.post("/afa/v1/train", json={"members": ["xl-a", "xl-b"], "data": str(images),
-                                                  "resolution": 32, "batch_size": 2, "max_steps": 4,
-                                                  "val_split": 0.25, "preset": "fast", "hidden_channels": 32,
-                                                  "output": "xl-trained"})
-    assert response.status_code == 200, response.text
-    final = training_job.job.wait(WAIT)
-    assert final["state"] == training_job.FINISHED, final
-    assert not training_job.job.running and not call_queue.queue_lock.locked()
-    info = read_weights_info(folders.weights_dir() / "xl-trained.safetensors")
-    assert [ref.name for ref in info.members] == ["xl-a", "xl-b"] and info.config.context_dim == 96
-
-    average = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa())
-    sabw = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(mode="SABW", weights="xl-trained"))
-    params = params_of(sabw)
-    assert params["AFA mode"] == "SABW" and params["AFA weights"].startswith("xl-trained"), sabw.infotexts[0]
-    assert "AFA text notes" not in params and "AFA not applied" not in params
-    assert sabw.images[0].tobytes() != average.images[0].tobytes()
     # the aggregation maps of the SDXL layout: output_blocks.1, .4 and .8 (the last output at each resolution)
-    recorded = []
+    configure, recorded = gallery_maps.AggregationMaps.configure, []
     monkeypatch.setattr(gallery_maps.AggregationMaps, "configure", lambda maps, ensemble, mode: (
         recorded.append(gallery_maps.blocks_to_show(ensemble, mode)), configure(maps, ensemble, mode)))
-    with_maps = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(mode="SABW", weights="xl-trained",
+    with_maps = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(MEMBERS, mode="SABW", weights="xl-trained",
                                                                         show_maps=True))
     assert len(with_maps.images) == 2 and with_maps.images[1].size != with_maps.images[0].size
     assert recorded == [[11, 14, 18]] and with_maps.images[0].tobytes() == sabw.images[0].tobytes()
-    training_job.job.status = training_job.Status()
 
 
 def test_the_training_tab_sets_the_resolution_to_the_first_members_native_size(webui):
-    members = next(block for block in webui.demo.blocks.values()
-                   if getattr(block, "elem_id", None) == "afa_train_members")
-    [[update]] = webui.event(members, "change", inputs=[["xl-a", "xl-b"]])
-    assert update["value"] == 1024, update
-    [[update]] = webui.event(members, "change", inputs=[["tiny-a"]])  # not installed here: left as it is
-    assert "value" not in update, update
+    assert resolution_for_members(webui, MEMBERS)["value"] == 1024
+    assert "value" not in resolution_for_members(webui, ["tiny-a"])  # not installed here: left as it is

@@ -120,25 +120,18 @@ def tiny_checkpoint_file(seed: int, fmt: str = "safetensors") -> Path:
         return path
 
 
-def sdxl_checkpoint_file(seed: int) -> Path:
-    """A tiny SDXL WebUI checkpoint with its sgm yaml (tests/factories.py: write_tiny_sdxl_checkpoint, the tiny
-    OpenCLIP tower under the architecture name the stand-in knows) drawn from `seed`, generated once per session."""
-    with _checkpoint_cache_lock:
-        path = _checkpoint_cache() / f"sdxl-seed{seed}.safetensors"
-        if not path.exists():
-            from factories import write_tiny_sdxl_checkpoint
-            write_tiny_sdxl_checkpoint(path, seed)
-        return path
+def family_checkpoint_file(family: str, seed: int) -> Path:
+    """A tiny checkpoint of another family with its yaml, drawn from `seed`, generated once per session
+    (tests/factories.py, its OpenCLIP tower under the architecture name the stand-in knows): "sd2", a tiny SD 2.x-v
+    model (write_tiny_sd2_checkpoint); "sdxl", a tiny SDXL model in sgm's form (write_tiny_sdxl_checkpoint)."""
+    import factories
 
-
-def sd2_checkpoint_file(seed: int) -> Path:
-    """A tiny SD 2.x-v WebUI checkpoint with its yaml (tests/factories.py: write_tiny_sd2_checkpoint, the tiny
-    OpenCLIP tower under the architecture name the stand-in knows) drawn from `seed`, generated once per session."""
+    writers = {"sd2": lambda path: factories.write_tiny_sd2_checkpoint(path, seed, arch=factories.TINY_OPEN_CLIP_ARCH),
+               "sdxl": lambda path: factories.write_tiny_sdxl_checkpoint(path, seed)}
     with _checkpoint_cache_lock:
-        path = _checkpoint_cache() / f"sd2-seed{seed}.safetensors"
+        path = _checkpoint_cache() / f"{family}-seed{seed}.safetensors"
         if not path.exists():
-            from factories import TINY_OPEN_CLIP_ARCH, write_tiny_sd2_checkpoint
-            write_tiny_sd2_checkpoint(path, seed, arch=TINY_OPEN_CLIP_ARCH)
+            writers[family](path)
         return path
 
 
@@ -166,9 +159,8 @@ def write_checkpoints(directory: Path, checkpoints: Iterable[tuple[str, int]] = 
     SD 2.x-v one) or "sdxl" (a tiny SDXL one; both safetensors)."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    files = {"sd2": sd2_checkpoint_file, "sdxl": sdxl_checkpoint_file}
     for name, seed, *family in checkpoints:
-        source = files[family[0]](seed) if family else tiny_checkpoint_file(seed, fmt)
+        source = family_checkpoint_file(family[0], seed) if family else tiny_checkpoint_file(seed, fmt)
         target = directory / f"{name}{source.suffix}"
         shutil.copyfile(source, target)
         if with_yaml:
