@@ -224,8 +224,25 @@ def _instantiate_cond_stage(config):
                               f"SD 2.x's FrozenOpenCLIPEmbedder only)")
 
 
+class InferenceModel(torch.nn.Module):
+    """What ldm's LatentDiffusion (a LightningModule) and sgm's DiffusionEngine both offer the WebUI: the device and
+    dtype of the diffusion model (`self.model`), and an EMA scope that does nothing for inference."""
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    @contextlib.contextmanager
+    def ema_scope(self, context=None):
+        yield None
+
+
 # ldm/models/diffusion/ddpm.py: LatentDiffusion (the parts used for inference)
-class LatentDiffusion(torch.nn.Module):
+class LatentDiffusion(InferenceModel):
     def __init__(self, unet_config, first_stage_config, cond_stage_config, linear_start=1e-4, linear_end=2e-2,
                  timesteps=1000, conditioning_key=None, cond_stage_key="image", first_stage_key="image",
                  image_size=256, channels=3, parameterization="eps", scale_factor=1.0, use_ema=True,
@@ -274,18 +291,6 @@ class LatentDiffusion(torch.nn.Module):
         self.register_buffer('log_one_minus_alphas_cumprod', to_torch(np.log(1. - alphas_cumprod)))
         self.register_buffer('sqrt_recip_alphas_cumprod', to_torch(np.sqrt(1. / alphas_cumprod)))
         self.register_buffer('sqrt_recipm1_alphas_cumprod', to_torch(np.sqrt(1. / alphas_cumprod - 1)))
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.model.parameters()).dtype
-
-    @contextlib.contextmanager
-    def ema_scope(self, context=None):
-        yield None
 
     # ldm/models/diffusion/ddpm.py: LatentDiffusion.get_learned_conditioning
     def get_learned_conditioning(self, c):

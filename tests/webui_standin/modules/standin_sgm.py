@@ -22,12 +22,12 @@ generative-models, is not on PyPI), and of the WebUI's modules/sd_models_xl.py a
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
 from modules import devices, shared
+from modules.standin_ldm import InferenceModel
 
 
 def open_clip_architectures() -> dict[str, dict]:
@@ -212,7 +212,7 @@ class OpenAIWrapper(torch.nn.Module):
 
 
 # sgm/models/diffusion.py: DiffusionEngine (the parts used for inference)
-class DiffusionEngine(torch.nn.Module):
+class DiffusionEngine(InferenceModel):
     def __init__(self, network_config, denoiser_config, first_stage_config, conditioner_config=None,
                  scale_factor=1.0, disable_first_stage_autocast=False, **ignored):
         super().__init__()
@@ -225,18 +225,6 @@ class DiffusionEngine(torch.nn.Module):
         self.first_stage_model = AutoencoderKL(**dict(first_stage_config["params"]))
         self.scale_factor = scale_factor
         self.disable_first_stage_autocast = disable_first_stage_autocast
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.model.parameters()).dtype
-
-    @contextlib.contextmanager
-    def ema_scope(self, context=None):
-        yield None
 
     @torch.no_grad()
     def decode_first_stage(self, z):
