@@ -170,3 +170,25 @@ def test_without_resolution_the_trainer_and_evaluator_use_the_members_native_siz
     assert train.parse_args(["--members", *map(str, members), "--data", "x"]).resolution == 1024
     assert train.parse_args(["--members", str(sd2), str(sd2), "--data", "x", "--resolution", "64"]).resolution == 64
     assert evaluate.parse_args(["--members", str(sd2), str(sd2_base), "--data", "x"]).resolution == 768
+
+
+def test_the_schedule_comes_from_sgms_denoiser_sigmas_and_its_scaling(tmp_path):
+    """sgm stores its discrete denoiser's sigmas (sigma^2 = (1 - alphas_cumprod) / alphas_cumprod), not ldm's
+    alphas_cumprod; a VScaling denoiser in the yaml is v-prediction."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from training.sd_checkpoint import load_schedule, read_sd_config, schedule_buffers
+
+    path = write_tiny_sdxl_checkpoint(tmp_path / "xl-v.safetensors", 4)
+    alphas_cumprod = schedule_buffers(0.001, 0.02)["alphas_cumprod"]  # not SDXL's default schedule
+    tensors = load_file(str(path))
+    tensors["denoiser.sigmas"] = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    save_file(tensors, str(path))
+    config = yaml.safe_load(path.with_suffix(".yaml").read_text())
+    scaling = config["model"]["params"]["denoiser_config"]["params"]["scaling_config"]
+    scaling["target"] = scaling["target"].replace("EpsScaling", "VScaling")
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(config))
+    schedule = load_schedule(path, read_sd_config(path))
+    assert schedule.parameterization == "v"
+    torch.testing.assert_close(schedule.alphas_cumprod.float(), alphas_cumprod, rtol=1e-5, atol=1e-7)

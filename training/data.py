@@ -349,7 +349,8 @@ class ImageCaptionDataset(Dataset):
     """Loads `CaptionedImage`s. Use with `DataLoader(dataset, collate_fn=collate, ...)`.
 
     An item is {"pixel_values": [3 x R x R] in [-1, 1], "sizes": [6] (`load_image_and_sizes`), "caption": str,
-    "index": int}, or a `SkippedItem` when the image cannot be decoded (see the module docstring for why that is found here and not while indexing).
+    "index": int}, or a `SkippedItem` when the image cannot be decoded (see the module docstring for why that is
+    found here and not while indexing).
 
     `crop="random"` crops each item where the generator of (seed, epoch, index) says (see the module docstring);
     `for_epoch(epoch)` gives the dataset of an epoch's crops.

@@ -362,7 +362,8 @@ def load_text_encoders(member_paths: list[str | Path], config: str | Path | None
     encoders = []
     for path in member_paths:
         sd_config, search_dirs = read_sd_config(path, config), text_encoder_search_dirs(path)
-        sdxl = {SDXL_TEXT_ENCODER_PREFIX + k: v for k, v in read_prefixed_tensors(path, SDXL_TEXT_ENCODER_PREFIX).items()}
+        sdxl = {SDXL_TEXT_ENCODER_PREFIX + key: value
+                for key, value in read_prefixed_tensors(path, SDXL_TEXT_ENCODER_PREFIX).items()}
         if sdxl:
             encoder = load_sdxl_text_encoders(sdxl, sd_config, checkpoint_name=str(path), search_dirs=search_dirs)
         else:
