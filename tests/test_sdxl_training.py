@@ -192,3 +192,22 @@ def test_the_schedule_comes_from_sgms_denoiser_sigmas_and_its_scaling(tmp_path):
     schedule = load_schedule(path, read_sd_config(path))
     assert schedule.parameterization == "v"
     torch.testing.assert_close(schedule.alphas_cumprod.float(), alphas_cumprod, rtol=1e-5, atol=1e-7)
+
+
+def test_on_a_gpu_with_mixed_precision_the_text_encoders_are_kept_in_half_precision(members, dataset):
+    """train.py keeps the text encoders in the members' dtype on CUDA (SDXL's pair: 1.6 GB instead of 3.3 GB);
+    the conditioning they give then reaches the members as on a GPU (checked here in bfloat16 on the CPU)."""
+    assert train.text_encoder_dtype(torch.float16, torch.device("cuda", 0)) is torch.float16
+    assert train.text_encoder_dtype(torch.bfloat16, torch.device("cuda", 0)) is torch.bfloat16
+    assert train.text_encoder_dtype(torch.float32, torch.device("cpu")) is None
+
+    half = load_frozen_models(members, text_encoder_dtype=torch.bfloat16)
+    assert {parameter.dtype for encoder in half.text_encoders for parameter in encoder.parameters()} == {torch.bfloat16}
+    assert half.distinct_text_encoders == 2 and half.vae.parts["encoder"].conv_in.weight.dtype == torch.float32
+    inputs = prepare_batch(batch_of(dataset), half.vae, half.text_encoders, half.schedule, seed=0, device=CPU)
+    assert inputs["member_contexts"][0].dtype == torch.bfloat16 and inputs["member_vectors"][0].dtype == torch.bfloat16
+    ensemble = EnsembleUNet(half.members, None, "average")
+    with torch.no_grad():
+        prediction = ensemble(inputs["noisy"], inputs["timesteps"], member_contexts=inputs["member_contexts"],
+                              member_vectors=inputs["member_vectors"])
+    assert prediction.dtype == torch.float32 and torch.isfinite(prediction).all()

@@ -348,9 +348,10 @@ def text_encoder_search_dirs(path: str | Path) -> list[Path]:
 
 
 def load_text_encoders(member_paths: list[str | Path], config: str | Path | None = None,
-                       device: torch.device | str = "cpu") -> list[torch.nn.Module]:
-    """Each member's own frozen text encoder(s) (`cond_stage_model.*`, SDXL's `conditioner.embedders.*`; float32, on
-    `device`), in member order; members whose encoders have identical weights get the same module object.
+                       device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> list[torch.nn.Module]:
+    """Each member's own frozen text encoder(s) (`cond_stage_model.*`, SDXL's `conditioner.embedders.*`; float32, or
+    `dtype`, on `device`), in member order; members whose encoders have identical weights get the same module
+    object (compared in float32, before the cast).
 
     Raises:
         CheckpointError: a member holds no text encoder, or one that does not match its yaml (named).
@@ -378,17 +379,18 @@ def load_text_encoders(member_paths: list[str | Path], config: str | Path | None
             distinct.append(shared)
         encoders.append(shared)
     for encoder in distinct:  # on the CPU until compared; Module.to moves in place, so shared stays shared
-        encoder.to(device)
+        encoder.to(device, dtype)
     return encoders
 
 
 def load_frozen_models(member_paths: list[str | Path], config: str | Path | None = None,
                        device: torch.device | str = "cpu", member_dtype: torch.dtype | None = None,
                        members: list[torch.nn.Module | None] | None = None,
-                       member_refs: list[MemberRef] | None = None) -> FrozenModels:
+                       member_refs: list[MemberRef] | None = None,
+                       text_encoder_dtype: torch.dtype | None = None) -> FrozenModels:
     """Loads the members (cast to `member_dtype`), each member's own text encoder, and the first member's VAE and
-    schedule: what training/train.py trains with and training/evaluate.py evaluates with. The VAE and text encoders
-    stay float32.
+    schedule: what training/train.py trains with and training/evaluate.py evaluates with. The VAE stays float32
+    (SDXL's VAE overflows in fp16), the text encoders too unless `text_encoder_dtype` is given.
 
     `members` may give UNets already in memory for some of the paths (None entries are read from their files):
     they are used as they are (their dtype and device), frozen and in eval mode. `member_refs` may give the files'
@@ -408,5 +410,5 @@ def load_frozen_models(member_paths: list[str | Path], config: str | Path | None
     first = member_paths[0]
     sd_config = read_sd_config(first, config)
     vae = load_vae(first, sd_config, device)
-    text_encoders = load_text_encoders(member_paths, config, device)
+    text_encoders = load_text_encoders(member_paths, config, device, text_encoder_dtype)
     return FrozenModels(member_refs, members, layout, vae, text_encoders, load_schedule(first, sd_config))
