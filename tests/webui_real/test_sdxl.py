@@ -125,3 +125,44 @@ def test_sdxl_conditioning_equals_sgms_conditioner(sdxl_data_dir, webui_python):
     GeneralConditioner on the same tiny SDXL checkpoint: the WebUI's SDXL conditioning."""
     checkpoint = sdxl_data_dir / "models" / "Stable-diffusion" / f"{MEMBERS[0]}.safetensors"
     print(webui_python("-c", CONDITIONING_SCRIPT, str(checkpoint)).stdout.strip().splitlines()[-1])
+
+
+def test_the_training_tab_trains_sdxl_members_in_a_browser(sdxl_webui, screenshots, tmp_path):
+    """The AFA Training tab in Chromium with SDXL members: choosing them sets the resolution to SDXL's 1024; a short
+    run at 32 px finishes, its table lists both members, and nothing on the page failed."""
+    browser = pytest.importorskip("test_browser")  # skips where Chromium or playwright is missing
+    with browser.sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(browser.CHROMIUM), headless=True,
+            args=browser.CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000})
+        context.set_default_timeout(browser.TIMEOUT_MS)
+        try:
+            page = browser.Page(context.new_page(), sdxl_webui.url, screenshots)
+            page.load()
+            p = page.page
+            page.open_tab("AFA Training", "tab_afa_training")
+            page.pick("afa_train_members", f"{MEMBERS[0]}.safetensors")
+            page.pick("afa_train_members", f"{MEMBERS[1]}.safetensors")
+            p.wait_for_function(
+                "() => document.querySelector('#afa_train_resolution input[type=number]').value === '1024'")
+            p.locator("#afa_train_preset label", has_text="fast").click()
+            p.locator("#afa_train_data_source label", has_text="A folder or manifest").click()
+            p.fill("#afa_train_data_path textarea", str(sdxl_webui.data_dir / "training-images"))
+            page.set_number("afa_train_resolution", 32)
+            page.set_number("afa_train_validation_percent", 25)
+            p.locator("#afa_train_length_unit label", has_text="Steps").click()
+            page.set_number("afa_train_steps", 4)
+            page.set_number("afa_train_batch_size", 2)
+            p.fill("#afa_train_output textarea", "xl-browser")
+            p.click("#afa_train_generate")
+            p.wait_for_function("() => document.querySelector('#afa_train_status').innerText"
+                                ".includes('wrote xl-browser')", timeout=browser.GENERATION_TIMEOUT_MS)
+            p.wait_for_selector("#afa_train_validation_table td", state="visible")
+            p.wait_for_timeout(1500)  # the plots redraw
+            page.shot("20-training-sdxl", "#tab_afa_training")
+            table = p.inner_text("#afa_train_validation_table")
+            assert all(model in table for model in ("AFA", "block average", *MEMBERS)), table
+            page.assert_no_errors("training tab, SDXL members")
+        finally:
+            context.close()
+    assert (sdxl_webui.data_dir / "models" / "AFA" / "xl-browser.safetensors").is_file()
