@@ -148,6 +148,29 @@ class Page:
         box.fill(str(value))
         box.press("Enter")
 
+    def fill_training_form(self, members, data, steps: int, output: str, resolution: int = 32,
+                           batch_size: int = 2, validate_every: int | None = None) -> None:
+        """The AFA Training tab's form as a user fills it: the members (their change event sets the resolution to
+        the first member's native size, so the page waits for it before the resolution is set by hand), the `fast`
+        design, a folder of images, 25 % held out, a number of steps, the batch size, the output name."""
+        p = self.page
+        self.open_tab("AFA Training", "tab_afa_training")
+        for member in members:
+            self.pick("afa_train_members", f"{member}.safetensors")
+        p.wait_for_timeout(1000)  # the members' change event
+        p.locator("#afa_train_preset label", has_text="fast").click()
+        p.locator("#afa_train_data_source label", has_text="A folder or manifest").click()
+        p.fill("#afa_train_data_path textarea", str(data))
+        self.set_number("afa_train_resolution", resolution)
+        self.set_number("afa_train_validation_percent", 25)
+        p.locator("#afa_train_length_unit label", has_text="Steps").click()
+        self.set_number("afa_train_steps", steps)
+        self.set_number("afa_train_batch_size", batch_size)
+        if validate_every is not None:
+            self.set_number("afa_train_validate_every", validate_every)
+        p.fill("#afa_train_output textarea", output)
+        assert p.input_value("#afa_train_resolution input[type=number]") == str(resolution)
+
     def small_job(self, tab: str = "txt2img") -> None:
         self.page.fill(f"#{tab}_prompt textarea", "a photo of a cat")
         self.set_number(f"{tab}_steps", 2)
@@ -330,23 +353,8 @@ def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, w
     the loss curve while it trains; Cancel; Resume of the stopped run; the validation plot and table; "Use these
     weights" fills the txt2img accordion (members, the new weights, SABW) and the job runs as SABW."""
     p = page.page
-    page.open_tab("AFA Training", "tab_afa_training")
-    page.pick("afa_train_members", "tiny-a.safetensors")
-    page.pick("afa_train_members", "tiny-b.safetensors")
-    # choosing members sets the resolution to the first one's native size (SD 1.x: 512): let that event return
-    # before the resolution is set by hand (checked again before Start)
-    p.wait_for_timeout(1000)
-    p.locator("#afa_train_preset label", has_text="fast").click()
-    p.locator("#afa_train_data_source label", has_text="A folder or manifest").click()
-    p.fill("#afa_train_data_path textarea", str(webui.data_dir / "training-images"))
-    page.set_number("afa_train_resolution", 32)
-    page.set_number("afa_train_validation_percent", 25)
-    p.locator("#afa_train_length_unit label", has_text="Steps").click()
-    page.set_number("afa_train_steps", 80)
-    page.set_number("afa_train_batch_size", 2)
-    page.set_number("afa_train_validate_every", 10)
-    p.fill("#afa_train_output textarea", "browser-run")
-    assert p.input_value("#afa_train_resolution input[type=number]") == "32"
+    page.fill_training_form(["tiny-a", "tiny-b"], webui.data_dir / "training-images", steps=80,
+                            output="browser-run", validate_every=10)
     p.click("#afa_train_generate")
 
     # the WebUI's progress bar (javascript/progressbar.js) above the status, fed by /internal/progress

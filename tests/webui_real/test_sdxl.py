@@ -142,18 +142,10 @@ def test_the_training_tab_trains_sdxl_members_in_a_browser(sdxl_webui, screensho
             p = page.page
             page.open_tab("AFA Training", "tab_afa_training")
             page.pick("afa_train_members", f"{MEMBERS[0]}.safetensors")
-            page.pick("afa_train_members", f"{MEMBERS[1]}.safetensors")
             p.wait_for_function(
                 "() => document.querySelector('#afa_train_resolution input[type=number]').value === '1024'")
-            p.locator("#afa_train_preset label", has_text="fast").click()
-            p.locator("#afa_train_data_source label", has_text="A folder or manifest").click()
-            p.fill("#afa_train_data_path textarea", str(sdxl_webui.data_dir / "training-images"))
-            page.set_number("afa_train_resolution", 32)
-            page.set_number("afa_train_validation_percent", 25)
-            p.locator("#afa_train_length_unit label", has_text="Steps").click()
-            page.set_number("afa_train_steps", 4)
-            page.set_number("afa_train_batch_size", 2)
-            p.fill("#afa_train_output textarea", "xl-browser")
+            page.load()  # a fresh form for the run
+            page.fill_training_form(MEMBERS, sdxl_webui.data_dir / "training-images", steps=4, output="xl-browser")
             p.click("#afa_train_generate")
             p.wait_for_function("() => document.querySelector('#afa_train_status').innerText"
                                 ".includes('wrote xl-browser')", timeout=browser.GENERATION_TIMEOUT_MS)
