@@ -76,13 +76,23 @@ class OpenClipTextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.token_embedding.weight.device
 
-    def encode(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """token ids [B x 77] -> the penultimate layer's hidden states after `ln_final` [B x 77 x width] (ldm's
-        FrozenOpenCLIPEmbedder with layer "penultimate", what the WebUI gives SD 2.x at every CLIP skip)."""
+    def penultimate(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token ids [B x 77] -> the input of the last transformer block [B x 77 x width] (no `ln_final`)."""
         x = self.token_embedding(token_ids.to(self.device)) + self.positional_embedding
         for block in self.transformer.resblocks[:-1]:
             x = block(x, self.attn_mask)
-        return self.ln_final(x)
+        return x
+
+    def pooled(self, penultimate: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's text embedding [B x embed_dim] from `penultimate`: the last block, `ln_final`, the EOS position
+        (the row's highest id, open_clip's `text.argmax(dim=-1)`), times `text_projection`."""
+        last = self.ln_final(self.transformer.resblocks[-1](penultimate, self.attn_mask))
+        return last[torch.arange(last.shape[0]), token_ids.argmax(dim=-1)] @ self.text_projection
+
+    def encode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token ids [B x 77] -> the penultimate layer's hidden states after `ln_final` [B x 77 x width] (ldm's
+        FrozenOpenCLIPEmbedder with layer "penultimate", what the WebUI gives SD 2.x at every CLIP skip)."""
+        return self.ln_final(self.penultimate(token_ids))
 
 
 def open_clip_config(tensors: Mapping[str, torch.Tensor], checkpoint_name: str) -> dict:

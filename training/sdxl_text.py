@@ -71,14 +71,8 @@ class SdxlTextEncoders(nn.Module):
         token_ids = token_ids.to(self.device)
         hidden = self.clip_l(input_ids=token_ids, output_hidden_states=True).hidden_states[self.clip_l_layer_idx]
         big_g_ids = pad_after_end(token_ids, END_OF_TEXT_ID)
-        x = self.big_g.token_embedding(big_g_ids) + self.big_g.positional_embedding
-        for block in self.big_g.transformer.resblocks[:-1]:
-            x = block(x, self.big_g.attn_mask)
-        penultimate = x
-        last = self.big_g.ln_final(self.big_g.transformer.resblocks[-1](x, self.big_g.attn_mask))
-        # the EOS position: the highest id of the row (open_clip's `text.argmax(dim=-1)`)
-        pooled = last[torch.arange(last.shape[0]), big_g_ids.argmax(dim=-1)] @ self.big_g.text_projection
-        return torch.cat([hidden, penultimate], dim=-1), pooled
+        penultimate = self.big_g.penultimate(big_g_ids)
+        return torch.cat([hidden, penultimate], dim=-1), self.big_g.pooled(penultimate, big_g_ids.to(self.device))
 
     def vector(self, pooled: torch.Tensor, original_size: torch.Tensor, crop_top_left: torch.Tensor,
                target_size: torch.Tensor) -> torch.Tensor:

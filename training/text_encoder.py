@@ -282,7 +282,7 @@ def text_encoder_state_dict(state_dict: Mapping[str, torch.Tensor], checkpoint_n
         -> dict[str, torch.Tensor]:
     """The text encoder's tensors of a WebUI checkpoint, named as `CLIPTextModel.state_dict()` names them.
 
-    :raises UnsupportedTextEncoderError: for SD2 (OpenCLIP) and SDXL checkpoints.
+    :raises UnsupportedTextEncoderError: for SDXL checkpoints (their pair: training/sdxl_text.py).
     :raises CheckpointError: when the checkpoint holds no SD1 text encoder.
     """
     if any(key.startswith(SDXL_CONDITIONER_PREFIX) for key in state_dict):
@@ -304,8 +304,9 @@ def text_encoder_state_dict(state_dict: Mapping[str, torch.Tensor], checkpoint_n
 
 
 def load_text_encoder(state_dict: Mapping[str, torch.Tensor], config_yaml: Mapping | None,
-                      checkpoint_name: str = "checkpoint", search_dirs: Sequence[str | Path] = ()) -> CLIPTextModel:
-    """The SD1 text encoder of a WebUI checkpoint: a frozen `CLIPTextModel` in eval mode, float32, on the CPU.
+                      checkpoint_name: str = "checkpoint", search_dirs: Sequence[str | Path] = ()) -> torch.nn.Module:
+    """The text encoder of an SD 1.x or SD 2.x WebUI checkpoint, frozen, in eval mode, float32, on the CPU: SD1's
+    `CLIPTextModel`, or SD 2.x's OpenCLIP tower (`cond_stage_model.model.*`, training/open_clip_text.py).
 
     :param state_dict: the checkpoint's flat state dict (other models' keys are ignored). Text-encoder keys with or
         without `text_model.` (older checkpoints) are accepted; `position_ids` may be absent.
@@ -314,7 +315,8 @@ def load_text_encoder(state_dict: Mapping[str, torch.Tensor], config_yaml: Mappi
     :param search_dirs: where a relative `version` folder of the yaml is looked for (the WebUI's own directory,
         from which the WebUI resolves it, and the checkpoint's folder).
     :raises CheckpointError: when keys or shapes do not match the config (the message names the key and shapes).
-    :raises UnsupportedTextEncoderError: for SD2/SDXL checkpoints.
+    :raises UnsupportedTextEncoderError: for SDXL checkpoints (training/sdxl_text.py reads their pair), or an
+        OpenCLIP yaml over a checkpoint without an OpenCLIP tower.
     """
     if any(key.startswith(OPEN_CLIP_PREFIX) for key in state_dict):  # SD 2.x
         from .open_clip_text import load_open_clip_text_encoder

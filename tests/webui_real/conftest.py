@@ -122,6 +122,20 @@ def write_strong_lora(path: Path, seed: int = 0, rank: int = 4, scale: float = 0
 TRAINING_IMAGES = "training-images"  # in the data dir: what the training tests train on
 
 
+def members_data_dir(tmp_path_factory, name: str, members, write_member) -> tuple[Path, list[Path]]:
+    """A data dir of its own for `own_webui`: `write_member(path, seed)` writes each member's checkpoint (seeds 1,
+    2, ...) into models/Stable-diffusion, and the training images go beside them. Returns (data dir, files)."""
+    data_dir = tmp_path_factory.mktemp(name)
+    folder = data_dir / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    files = []
+    for seed, member in enumerate(members, start=1):
+        files.append(folder / f"{member}.safetensors")
+        write_member(files[-1], seed)
+    write_training_images(data_dir / TRAINING_IMAGES)
+    return data_dir, files
+
+
 def train_through_api(server, members, output: str, timeout: float = 600) -> dict:
     """A short run (4 steps, 32 px, the `fast` design) through POST /afa/v1/train on the data dir's training images,
     polled until it ends; its final status, which must be "finished"."""
@@ -476,4 +490,5 @@ def tier_helpers():
     as a `conftest`)."""
     from types import SimpleNamespace
     return SimpleNamespace(write_pair_weights=write_pair_weights, write_training_images=write_training_images,
-                           train_through_api=train_through_api, TRAINING_IMAGES=TRAINING_IMAGES)
+                           train_through_api=train_through_api, members_data_dir=members_data_dir,
+                           TRAINING_IMAGES=TRAINING_IMAGES)

@@ -10,19 +10,15 @@ import pytest
 
 
 MEMBERS = ("sd2-a", "sd2-b")
-PAYLOAD = dict(prompt="a photo of a cat", steps=2, width=64, height=64, seed=1, sampler_name="Euler", cfg_scale=7)
 
 
 @pytest.fixture(scope="module")
 def sd2_webui(tmp_path_factory, own_webui, tier_helpers):
     from factories import VIT_B_32_OPEN_CLIP, write_tiny_sd2_checkpoint
 
-    data_dir = tmp_path_factory.mktemp("webui-sd2-data")
-    folder = data_dir / "models" / "Stable-diffusion"
-    folder.mkdir(parents=True)
-    for seed, name in enumerate(MEMBERS, start=1):
-        write_tiny_sd2_checkpoint(folder / f"{name}.safetensors", seed, tower=VIT_B_32_OPEN_CLIP, arch="ViT-B-32")
-    tier_helpers.write_training_images(data_dir / tier_helpers.TRAINING_IMAGES)
+    data_dir, _ = tier_helpers.members_data_dir(
+        tmp_path_factory, "webui-sd2-data", MEMBERS,
+        lambda path, seed: write_tiny_sd2_checkpoint(path, seed, tower=VIT_B_32_OPEN_CLIP, arch="ViT-B-32"))
     with own_webui(data_dir, MEMBERS) as server:
         yield server
 
@@ -32,9 +28,9 @@ def test_sd2_v_members_train_in_the_webui_and_ensemble(sd2_webui, tier_helpers):
     errors = status["validation"][-1]["errors"]
     print(f"real A1111, tiny SD 2.x-v trained in the WebUI: validation {errors}")
 
-    base = sd2_webui.txt2img(**PAYLOAD)
+    base = sd2_webui.txt2img()
     for mode, weights in (("Block average", ""), ("SABW", "sd2-pair")):
-        generation = sd2_webui.txt2img(afa=[True, list(MEMBERS), weights, mode, False], **PAYLOAD)
+        generation = sd2_webui.txt2img(afa=[True, list(MEMBERS), weights, mode, False])
         params = generation.params
         assert params.get("AFA mode") == mode and "AFA not applied" not in params, generation.infotext
         assert params.get("AFA text encoders") == "Each member's own", generation.infotext

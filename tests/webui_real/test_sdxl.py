@@ -13,7 +13,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBERS = ("xl-1", "xl-2")
-PAYLOAD = dict(prompt="a photo of a cat", steps=2, width=64, height=64, seed=1, sampler_name="Euler", cfg_scale=7)
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +21,13 @@ def sdxl_data_dir(tmp_path_factory, webui_python, tier_helpers):
     from training.sd_checkpoint import TINY_CLIP_TEXT_CONFIG
     from training.text_encoder import write_text_encoder_folder
 
-    data_dir = tmp_path_factory.mktemp("webui-sdxl-data")
-    folder = data_dir / "models" / "Stable-diffusion"
-    folder.mkdir(parents=True)
-    text_folder = write_text_encoder_folder(folder / "tiny-clip-text", TINY_CLIP_TEXT_CONFIG)
-    files = []
-    for seed, name in enumerate(MEMBERS, start=1):
-        files.append(folder / f"{name}.safetensors")
-        webui_python(str(REPO / "tests/webui_real/sdxl_checkpoint.py"), str(files[-1]), str(text_folder), str(seed))
+    text_folder = write_text_encoder_folder(tmp_path_factory.mktemp("sdxl-text") / "tiny-clip-text",
+                                            TINY_CLIP_TEXT_CONFIG)
+    data_dir, files = tier_helpers.members_data_dir(
+        tmp_path_factory, "webui-sdxl-data", MEMBERS,
+        lambda path, seed: webui_python(str(REPO / "tests/webui_real/sdxl_checkpoint.py"), str(path),
+                                        str(text_folder), str(seed)))
     tier_helpers.write_pair_weights(data_dir / "models" / "AFA" / "xl-pair.safetensors", files, context_dim=544)
-    tier_helpers.write_training_images(data_dir / tier_helpers.TRAINING_IMAGES)
     return data_dir
 
 
@@ -47,9 +43,9 @@ def afa(mode: str, weights: str = "") -> list:
 
 
 def test_sdxl_members_ensemble_in_the_real_webui(sdxl_webui):
-    base = sdxl_webui.txt2img(**PAYLOAD)
+    base = sdxl_webui.txt2img()
     for mode, weights in (("Block average", ""), ("SABW", "xl-pair")):
-        generation = sdxl_webui.txt2img(afa=afa(mode, weights), **PAYLOAD)
+        generation = sdxl_webui.txt2img(afa=afa(mode, weights))
         params = generation.params
         assert params.get("AFA mode") == mode and "AFA not applied" not in params, generation.infotext
         assert params["AFA members"].startswith("xl-1 [") and "xl-2 [" in params["AFA members"]
@@ -64,12 +60,12 @@ def test_sdxl_members_train_in_the_webui_and_read_their_own_conditioning(sdxl_we
     status = tier_helpers.train_through_api(sdxl_webui, MEMBERS, "xl-trained")
     print(f"real A1111, tiny SDXL trained in the WebUI: validation {status['validation'][-1]['errors']}")
 
-    own = sdxl_webui.txt2img(afa=afa("SABW", "xl-trained"), **PAYLOAD)
+    own = sdxl_webui.txt2img(afa=afa("SABW", "xl-trained"))
     params = own.params
     assert params.get("AFA mode") == "SABW" and params.get("AFA weights", "").startswith("xl-trained"), own.infotext
     assert params.get("AFA text encoders") == "Each member's own", own.infotext
     assert "AFA text notes" not in params, own.infotext  # xl-2's encoders found, every chunk and y row matched
-    loaded = sdxl_webui.txt2img(afa=afa("SABW", "xl-trained"), **PAYLOAD,
+    loaded = sdxl_webui.txt2img(afa=afa("SABW", "xl-trained"),
                                 override_settings={"afa_text_encoders": "The loaded checkpoint's"})
     assert "AFA text notes" in loaded.params, loaded.infotext  # trained per member, used shared: said
     assert not own.same_image(loaded)

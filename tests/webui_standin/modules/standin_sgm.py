@@ -27,7 +27,7 @@ import math
 import torch
 
 from modules import devices, shared
-from modules.standin_ldm import InferenceModel
+from modules import standin_ldm
 
 
 def open_clip_architectures() -> dict[str, dict]:
@@ -59,28 +59,11 @@ def _instantiate(config):
     return STANDIN_CLASSES[name](**params)
 
 
-# sgm/modules/encoders/modules.py: AbstractEmbModel's attributes, FrozenCLIPEmbedder
-class FrozenCLIPEmbedder(torch.nn.Module):
-    LAYERS = ["last", "pooled", "hidden"]
-
-    def __init__(self, version="openai/clip-vit-large-patch14", device="cuda", max_length=77, freeze=True,
-                 layer="last", layer_idx=None, always_return_pooled=False):
-        super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-        assert layer in self.LAYERS
-        self.tokenizer = CLIPTokenizer.from_pretrained(version, local_files_only=True)
-        self.transformer = CLIPTextModel(CLIPTextConfig.from_pretrained(version, local_files_only=True))
-        self.device = device
-        self.max_length = max_length
-        if freeze:
-            self.transformer.eval().requires_grad_(False)
-        self.layer = layer
-        self.layer_idx = layer_idx
+# sgm/modules/encoders/modules.py: FrozenCLIPEmbedder (ldm's, with sgm's `always_return_pooled`)
+class FrozenCLIPEmbedder(standin_ldm.FrozenCLIPEmbedder):
+    def __init__(self, *args, always_return_pooled=False, **kwargs):
+        super().__init__(*args, **kwargs)
         self.return_pooled = always_return_pooled
-        if layer == "hidden":
-            assert layer_idx is not None
-            assert 0 <= abs(layer_idx) <= 12
 
 
 # sgm/modules/encoders/modules.py: FrozenOpenCLIPEmbedder2 (legacy=False: a dict of layers and the pooled output)
@@ -91,6 +74,8 @@ class FrozenOpenCLIPEmbedder2(torch.nn.Module):
                  layer="last", always_return_pooled=False, legacy=True):
         super().__init__()
         assert layer in self.LAYERS
+        if legacy or layer != "penultimate":
+            raise NotImplementedError("stand-in: only SDXL's embedder (layer penultimate, legacy False) is reproduced")
         self.model = open_clip_tower(arch)
         self.device = device
         self.max_length = max_length
@@ -98,23 +83,14 @@ class FrozenOpenCLIPEmbedder2(torch.nn.Module):
         if freeze:
             self.model.eval().requires_grad_(False)
         self.layer = layer
-        self.layer_idx = 0 if layer == "last" else 1
+        self.layer_idx = 1
         self.legacy = legacy
 
     def encode_with_transformer(self, text):
-        x = self.model.token_embedding(text) + self.model.positional_embedding
-        blocks = self.model.transformer.resblocks
-        outputs = {}
-        for index, block in enumerate(blocks):
-            if index == len(blocks) - self.layer_idx:
-                outputs["penultimate"] = x
-            x = block(x, self.model.attn_mask)
-        outputs["last"] = x
-        if self.legacy:
-            return self.model.ln_final(outputs[self.layer])
-        pooled = self.model.ln_final(outputs["last"])
-        outputs["pooled"] = pooled[torch.arange(pooled.shape[0]), text.argmax(dim=-1)] @ self.model.text_projection
-        return outputs
+        """{"penultimate": the last block's input, "pooled": the projected EOS embedding}: sgm's dict (the tower's
+        own `penultimate` and `pooled`, training/open_clip_text.py)."""
+        penultimate = self.model.penultimate(text)
+        return {"penultimate": penultimate, "pooled": self.model.pooled(penultimate, text)}
 
 
 # sgm/modules/encoders/modules.py: ConcatTimestepEmbedderND (sgm's timestep_embedding: cos half, then sin half)
@@ -212,17 +188,16 @@ class OpenAIWrapper(torch.nn.Module):
 
 
 # sgm/models/diffusion.py: DiffusionEngine (the parts used for inference)
-class DiffusionEngine(InferenceModel):
+class DiffusionEngine(standin_ldm.InferenceModel):
     def __init__(self, network_config, denoiser_config, first_stage_config, conditioner_config=None,
                  scale_factor=1.0, disable_first_stage_autocast=False, **ignored):
         super().__init__()
         from afa.unet import build_unet
-        from modules.standin_ldm import AutoencoderKL
 
         self.model = OpenAIWrapper(build_unet(dict(network_config["params"])))
         self.denoiser = _Denoiser(denoiser_config)
         self.conditioner = GeneralConditioner(**dict(conditioner_config["params"]))
-        self.first_stage_model = AutoencoderKL(**dict(first_stage_config["params"]))
+        self.first_stage_model = standin_ldm.AutoencoderKL(**dict(first_stage_config["params"]))
         self.scale_factor = scale_factor
         self.disable_first_stage_autocast = disable_first_stage_autocast
 
@@ -273,8 +248,6 @@ class DiffusionEngine(InferenceModel):
 # modules/sd_models_xl.py (v1.10): extend_sdxl (sgm's LegacyDDPMDiscretization is ldm's linear schedule)
 def extend_sdxl(model):
     """this adds a bunch of parameters to make SDXL model look a bit more like SD1.5 to the rest of the codebase."""
-    from modules.standin_ldm import make_beta_schedule
-
     dtype = next(model.model.diffusion_model.parameters()).dtype
     model.model.diffusion_model.dtype = dtype
     model.model.conditioning_key = 'crossattn'
@@ -283,7 +256,7 @@ def extend_sdxl(model):
 
     model.parameterization = "v" if model.denoiser.scaling.is_v else "eps"
 
-    betas = make_beta_schedule(1000, linear_start=0.00085, linear_end=0.012)
+    betas = standin_ldm.make_beta_schedule(1000, linear_start=0.00085, linear_end=0.012)
     model.alphas_cumprod = torch.asarray(torch.cumprod(1.0 - betas.double(), dim=0), device=devices.device,
                                          dtype=torch.float32)
 
