@@ -8,6 +8,8 @@ reaching every member; training, resuming to the same weights, the ablation flag
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from factories import (TINY_OPEN_CLIP, TRAINER_VARIANTS, check_variant_config, t
                        write_captioned_images, write_tiny_sdxl_checkpoint)
 from test_cli import run_afa
 from training import data as datasets
+from training import sd_checkpoint
 from training import evaluate, train
 from training.metrics import encode_for_members, prepare_batch
 from training.sd_checkpoint import SDXL_SCALE_FACTOR, load_frozen_models
@@ -211,3 +214,16 @@ def test_on_a_gpu_with_mixed_precision_the_text_encoders_are_kept_in_half_precis
         prediction = ensemble(inputs["noisy"], inputs["timesteps"], member_contexts=inputs["member_contexts"],
                               member_vectors=inputs["member_vectors"])
     assert prediction.dtype == torch.float32 and torch.isfinite(prediction).all()
+
+
+def test_whether_a_checkpoint_is_sdxl_is_read_once_per_file_version(members, tmp_path, monkeypatch):
+    """A .ckpt is read whole to list its keys: the resolution default, the config defaults and the text encoders
+    ask the same question of it, and only the first reads the file (until the file changes)."""
+    path = tmp_path / "copy.safetensors"
+    shutil.copyfile(members[0], path)
+    reads = []
+    original = sd_checkpoint.read_prefixed_tensors
+    monkeypatch.setattr(sd_checkpoint, "read_prefixed_tensors", lambda *a, **k: reads.append(a) or original(*a, **k))
+    assert all(sd_checkpoint.is_sdxl_checkpoint(path) for _ in range(3)) and len(reads) == 1
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert sd_checkpoint.is_sdxl_checkpoint(path) and len(reads) == 2

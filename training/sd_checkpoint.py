@@ -13,6 +13,7 @@ text config and SD1's tokenizer files), which the WebUI and the trainer build it
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,18 @@ SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders."
 
 
 def is_sdxl_checkpoint(path: str | Path) -> bool:
-    """Whether a checkpoint holds SDXL's conditioner (its text encoders under `conditioner.embedders.*`)."""
+    """Whether a checkpoint holds SDXL's conditioner (its text encoders under `conditioner.embedders.*`). Asked once
+    per file version: a `.ckpt` is a pickle that is read whole to list its keys, and the resolution default, the
+    config defaults and the text encoders all ask."""
+    try:
+        stat = Path(path).stat()
+    except OSError:  # reading it says what is wrong
+        return _holds_sdxl_conditioner(str(path), 0)
+    return _holds_sdxl_conditioner(str(Path(path).resolve()), stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _holds_sdxl_conditioner(path: str, mtime_ns: int) -> bool:
     return bool(read_prefixed_tensors(path, SDXL_TEXT_ENCODER_PREFIX + "1.model.ln_final."))
 
 
