@@ -6,7 +6,8 @@ WebUI checkpoint) or a bare UNet state dict. The architecture comes from an ldm 
 beside the checkpoint, as the WebUI does) or is inferred from tensor shapes.
 
 Members are read one tensor at a time and cast on the way (`dtype`), then adopted by a UNet built on the meta device,
-so loading an fp16 member never holds an fp32 copy of it.
+so loading an fp16 member never holds an fp32 copy of it. Every tensor read is a fresh allocation that owns its memory
+(`owned_tensor`), never a view into the file's memory map.
 """
 
 from __future__ import annotations
@@ -122,11 +123,20 @@ def read_prefixed_tensors(path: str | Path, prefix: str, dtype: torch.dtype | No
     to `dtype` as it is read."""
     path = Path(path)
     with _open_tensors(path) as (keys, get_tensor, _):
-        return {key[len(prefix):]: _cast(get_tensor(key), dtype) for key in keys if key.startswith(prefix)}
+        return {key[len(prefix):]: owned_tensor(get_tensor(key), dtype) for key in keys if key.startswith(prefix)}
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+def owned_tensor(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of `tensor` in memory of its own (floating point ones cast to `dtype` when given), contiguous.
+
+    safetensors and torch.load(mmap=True) return views into a private memory map of the file, at whatever offset
+    the tensor has in it (often not 16-byte aligned). Adopting such views ties the model to the file (rewriting it
+    in place while the model is cached) and, on the CPU, BLAS kernels round differently for unaligned matrices
+    (MKL's sgemv on AVX2 machines): an ensemble of identical members then differs from the member by a few ulps.
+    PyTorch's allocator aligns every fresh tensor to 64 bytes, so one copy (the cast itself, when there is one)
+    removes both. The copy replaces the view, so peak memory grows by one tensor at a time, not by a model."""
+    target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return tensor.to(dtype=target, memory_format=torch.contiguous_format, copy=True)
 
 
 def read_unet_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -134,7 +144,7 @@ def read_unet_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> 
     path = Path(path)
     with _open_tensors(path) as (keys, get_tensor, _):
         unet_keys, bare = _unet_keys(path, keys)
-        return {_unet_key(key, bare): _cast(get_tensor(key), dtype) for key in unet_keys}
+        return {_unet_key(key, bare): owned_tensor(get_tensor(key), dtype) for key in unet_keys}
 
 
 # -- architecture ---------------------------------------------------------------------------------------------------

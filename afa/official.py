@@ -37,7 +37,7 @@ from safetensors import safe_open
 
 from .aggregator import Aggregator, AggregatorConfig, preset_config
 from .errors import WeightsFileError
-from .members import MemberRef, check_members, describe_difference, read_unet_shapes
+from .members import MemberRef, check_members, describe_difference, owned_tensor, read_unet_shapes
 from .unet import BlockLayout
 from .weights import save_weights
 
@@ -141,7 +141,7 @@ def _weights_file(folder: Path, label: str) -> Path:
 def _read_tensors(path: Path, label: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            return {key: owned_tensor(handle.get_tensor(key)) for key in handle.keys()}
     except Exception as error:  # safetensors_rust.SafetensorError and I/O errors
         raise WeightsFileError(f"{path}: {label}: not a readable safetensors file (truncated or corrupt?): "
                                f"{error}") from None

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from .aggregator import Aggregator, AggregatorConfig
 from .errors import MembersMismatchError, WeightsFileError
-from .members import MemberRef, describe_difference
+from .members import MemberRef, describe_difference, owned_tensor
 from .modes import Mode, trained_mode
 
 FORMAT_VERSION = 2
@@ -148,8 +148,6 @@ def load_weights(path: str | Path, members: Sequence[MemberRef] | None = None,
         found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
         describe_difference(expected, found, what=f"{path}: tensors do not match its aggregator config",
                             expected_label="the config", found_label="the file", error=WeightsFileError)
-        state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
-    if dtype is not None:
-        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        state_dict = {k: owned_tensor(handle.get_tensor(k), dtype) for k in handle.keys()}
     aggregator.load_state_dict(state_dict, strict=True, assign=True)
     return aggregator.to(device).eval(), info
