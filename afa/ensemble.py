@@ -4,8 +4,12 @@
 drops into the WebUI (through `sd_unet`), into k-diffusion's denoiser wrappers and into the trainer unchanged.
 
 It never calls a member's `forward()`: the WebUI replaces `UNetModel.forward` on the class with a switch that routes
-every UNet call to the active `SdUnet` -- which is this ensemble, so a member's `forward()` would recurse. The block
-loop below is ldm's `UNetModel.forward` written out (guided-diffusion's three phases with the `hs` skip stack).
+every UNet call to the active `SdUnet` -- which is this ensemble, so a member's `forward()` would recurse, and in
+ComfyUI a member's `forward()` runs the whole UNet. The block loop below is the UNet's forward written out
+(guided-diffusion's three phases with the `hs` skip stack); how one member's pieces run (its time embedding, a block,
+the skip concatenation, the output head) is the host's: a `BlockRunner`. The default, `LdmBlockRunner`, runs ldm's
+(and sgm's) UNetModel as ldm's forward does; ComfyUI's glue supplies one that runs `comfy.ldm`'s as ComfyUI's forward
+does (transformer options, ControlNet residuals). Nothing here imports a host or ldm at import time.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
-from ldm.modules.diffusionmodules import openaimodel
 from torch import nn
 
 from .aggregator import Aggregator
@@ -49,6 +52,61 @@ def _parameter_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+class LdmBlockRunner:
+    """How one member's pieces run, as ldm's `UNetModel.forward` runs them (also sgm's, which has the same blocks).
+
+    A host whose UNet code differs (ComfyUI's `comfy.ldm`) subclasses this and overrides what it does otherwise.
+    ldm's module is looked up at call time, not import time: the WebUI patches `timestep_embedding` (dtype handling)
+    and swaps `openaimodel.th` for a proxy whose `cat()` resizes mismatched skips, and the core must import without
+    ldm (ComfyUI has none)."""
+
+    @staticmethod
+    def _openaimodel():
+        from ldm.modules.diffusionmodules import openaimodel
+        return openaimodel
+
+    def begin_pass(self) -> None:
+        """Called before each pass through the blocks (one per call; one per member in noise averaging)."""
+
+    def input_dtype(self, first_member: nn.Module, x: torch.Tensor) -> torch.dtype:
+        """The dtype the features run in (ldm: the members' parameter dtype)."""
+        return _parameter_dtype(first_member)
+
+    def embed(self, member: nn.Module, timesteps: torch.Tensor, y: torch.Tensor | None,
+              dtype: torch.dtype) -> torch.Tensor:
+        """The member's time embedding [B x time_embed_dim] (+ its label embedding of y when it has one, as SDXL)."""
+        t_emb = self._openaimodel().timestep_embedding(timesteps, member.model_channels, repeat_only=False)
+        emb = member.time_embed(t_emb.to(_parameter_dtype(member.time_embed)))
+        if getattr(member, "num_classes", None) is not None:
+            emb = emb + member.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
+        return emb
+
+    def block(self, stage: str, index: int, block: nn.Module, h: torch.Tensor, emb: torch.Tensor,
+              context: torch.Tensor | None, output_shape: torch.Size | None) -> torch.Tensor:
+        """One block (stage "input", "middle" or "output", index within the stage) on h [B x C x H x W].
+        `output_shape` is the shape of the skip the next output block will take (None for other blocks)."""
+        return block(h, emb, context)
+
+    def after_block(self, stage: str, h: torch.Tensor) -> torch.Tensor:
+        """The mixed feature of an input or middle block, before the next block and the skip stack read it."""
+        return h
+
+    def after_skip(self, h: torch.Tensor) -> torch.Tensor:
+        """The mixed feature of an input block after it was pushed on the skip stack, before the next block."""
+        return h
+
+    def concat_skip(self, index: int, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Output block `index`'s input: [B x (C_h + C_skip) x H x W]."""
+        return self._openaimodel().th.cat([h, skip], dim=1)
+
+    def head(self, member: nn.Module, h: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+        """The output head (`out`) on the last block's feature: the member's prediction [B x C_out x H x W]."""
+        return member.out(h)
+
+
+LDM_BLOCKS = LdmBlockRunner()
+
+
 class EnsembleUNet(nn.Module):
     """N frozen UNets of one architecture plus an optional trained `Aggregator`.
 
@@ -58,16 +116,18 @@ class EnsembleUNet(nn.Module):
         aggregator: required for the modes that need weights (afa.modes).
         mode: an afa.modes Mode, or its name.
         observer: optional `Observer` that receives the weight maps of every mixed block.
+        runner: how the members' pieces run (default ldm's); `forward(runner=...)` overrides it for one call.
     """
 
     def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None = None, mode: Mode | str = SABW,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, runner: LdmBlockRunner = LDM_BLOCKS):
         super().__init__()
         if len(members) < 2:
             raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
         self.aggregator = aggregator
         self.observer = observer
+        self.runner = runner
         self.gradient_checkpointing = False
         self.offload_device: torch.device | None = None
         """Low-VRAM mode: members stay where they are (the CPU) and each member block, time embedding and output
@@ -94,25 +154,28 @@ class EnsembleUNet(nn.Module):
 
     # -- one block of one member -------------------------------------------------------------------------------
 
-    def _run_block(self, member: nn.Module, block_index: int, h: torch.Tensor, emb: torch.Tensor,
-                   context: torch.Tensor | None) -> torch.Tensor:
-        """Block `block_index` of `member` on h [B x C_in x H x W]; the last block includes the output head."""
+    def _stage(self, block_index: int) -> tuple[str, int]:
+        """("input" | "middle" | "output", index within that stage) of a block in forward order."""
         n = self.num_input_blocks
-        head = None
         if block_index < n:
-            block = member.input_blocks[block_index]
-        elif block_index == n:
-            block = member.middle_block
-        else:
-            block = member.output_blocks[block_index - n - 1]
-            if block_index == self.num_blocks - 1:
-                head = member.out  # the last block ends with the output head, so its output is the prediction
-        modules = [block] if head is None else [block, head]
+            return "input", block_index
+        return ("middle", 0) if block_index == n else ("output", block_index - n - 1)
+
+    def _run_block(self, runner: LdmBlockRunner, member: nn.Module, block_index: int, h: torch.Tensor,
+                   emb: torch.Tensor, context: torch.Tensor | None, output_shape: torch.Size | None,
+                   x_dtype: torch.dtype) -> torch.Tensor:
+        """Block `block_index` of `member` on h [B x C_in x H x W]; the last block includes the output head."""
+        stage, index = self._stage(block_index)
+        block = {"input": lambda: member.input_blocks[index], "middle": lambda: member.middle_block,
+                 "output": lambda: member.output_blocks[index]}[stage]()
+        head = member.out if block_index == self.num_blocks - 1 else None  # so its output is the prediction
+        modules = [module for module in (block, head) if module is not None]
 
         def run(h, emb, context):
             with self._visiting(modules):
-                h = block(h, emb, context)
-                return h if head is None else head(h)
+                if block is not None:  # ComfyUI allows a UNet without a middle block
+                    h = runner.block(stage, index, block, h, emb, context, output_shape)
+                return h if head is None else runner.head(member, h, x_dtype)
 
         if self.gradient_checkpointing and torch.is_grad_enabled():
             # Members are frozen, but gradients flow through them to earlier SABW blocks: recompute their
@@ -120,18 +183,14 @@ class EnsembleUNet(nn.Module):
             return torch.utils.checkpoint.checkpoint(run, h, emb, context, use_reentrant=False)
         return run(h, emb, context)
 
-    def _member_embedding(self, member: nn.Module, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _member_embedding(self, runner: LdmBlockRunner, member: nn.Module, timesteps: torch.Tensor,
+                          y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The member's own time embedding (+ label embedding when it takes `y`, as SDXL does)."""
-        # Looked up on the ldm module at call time so the WebUI's patched timestep_embedding (dtype handling) applies.
-        t_emb = openaimodel.timestep_embedding(timesteps, member.model_channels, repeat_only=False)
         class_conditional = getattr(member, "num_classes", None) is not None
         if class_conditional and y is None:
             raise ValueError("these members are class-conditional (they have label_emb): pass y")
         with self._visiting([member.time_embed] + ([member.label_emb] if class_conditional else [])):
-            emb = member.time_embed(t_emb.to(_parameter_dtype(member.time_embed)))
-            if class_conditional:
-                emb = emb + member.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
-        return emb
+            return runner.embed(member, timesteps, y, dtype)
 
     @contextlib.contextmanager
     def _visiting(self, modules: list[nn.Module]):
@@ -148,32 +207,40 @@ class EnsembleUNet(nn.Module):
             for module in modules:
                 module.to(home)
 
-    def _forward_blocks(self, members: Sequence[nn.Module], embeddings: Sequence[torch.Tensor], x: torch.Tensor,
-                        contexts: Sequence[torch.Tensor | None],
-                        combine: Callable[[int, list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    def _forward_blocks(self, runner: LdmBlockRunner, members: Sequence[nn.Module],
+                        embeddings: Sequence[torch.Tensor], x: torch.Tensor, contexts: Sequence[torch.Tensor | None],
+                        combine: Callable[[int, list[torch.Tensor]], torch.Tensor], x_dtype: torch.dtype) \
+            -> torch.Tensor:
         """Runs `members` block by block on a shared input, combining their outputs after every block.
 
         Member i reads embeddings[i] and contexts[i]. Output blocks take the combined feature concatenated with the
         combined output of the matching input block (the skip connection), so skips carry mixed features.
         """
+        runner.begin_pass()
         h = x
         skips = []
         for block_index in range(self.num_blocks):
-            if block_index > self.num_input_blocks:
-                # openaimodel.th: the WebUI swaps in a torch proxy whose cat() resizes mismatched skips.
-                h = openaimodel.th.cat([h, skips.pop()], dim=1)
-            features = [self._run_block(member, block_index, h, emb, context)
+            stage, index = self._stage(block_index)
+            output_shape = None
+            if stage == "output":
+                h = runner.concat_skip(index, h, skips.pop())
+                output_shape = skips[-1].shape if skips else None
+            features = [self._run_block(runner, member, block_index, h, emb, context, output_shape, x_dtype)
                         for member, emb, context in zip(members, embeddings, contexts)]
             h = combine(block_index, features)
-            if block_index < self.num_input_blocks:
+            if stage != "output":
+                h = runner.after_block(stage, h)
+            if stage == "input":
                 skips.append(h)
+                h = runner.after_skip(h)
         return h
 
     # -- the ensembled forward -----------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, member_contexts: Sequence[torch.Tensor] | None = None,
-                member_vectors: Sequence[torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+                member_vectors: Sequence[torch.Tensor] | None = None, runner: LdmBlockRunner | None = None,
+                **kwargs) -> torch.Tensor:
         """Ensembled noise (or v) prediction.
 
         Args:
@@ -188,11 +255,13 @@ class EnsembleUNet(nn.Module):
             member_vectors: per-member `y` of class-conditional members, N x [B x adm_in_channels]: member i's label
                 embedding reads member_vectors[i] (SDXL: the prompt's pooled embedding from member i's own bigG
                 encoder, with the size conditioning). Overrides `y`.
+            runner: how the members' pieces run for this call (default: the ensemble's `runner`).
         Returns:
             [B x C_out x H x W] in x's dtype.
         """
         members = list(self.members)
-        dtype = _parameter_dtype(members[0])
+        runner = runner or self.runner
+        dtype = runner.input_dtype(members[0], x)
         h = x.to(dtype)
         if member_contexts is not None:
             if len(member_contexts) != len(members):
@@ -212,20 +281,21 @@ class EnsembleUNet(nn.Module):
             vectors = list(member_vectors)
         else:
             vectors = [y] * len(members)
-        embeddings = [self._member_embedding(member, timesteps, vector) for member, vector in zip(members, vectors)]
+        embeddings = [self._member_embedding(runner, member, timesteps, vector, dtype)
+                      for member, vector in zip(members, vectors)]
         last_block = self.num_blocks - 1
 
         if not self.mode.mixes_every_block:
-            predictions = [self._forward_blocks([member], [emb], h, [member_context],
-                                                lambda _, features: features[0])
+            predictions = [self._forward_blocks(runner, [member], [emb], h, [member_context],
+                                                lambda _, features: features[0], x.dtype)
                            for member, emb, member_context in zip(members, embeddings, contexts)]
             time_embedding = self._time_embedding(timesteps, embeddings)
             return self._combine(last_block, predictions, context, time_embedding).to(x.dtype)
 
         time_embedding = self._time_embedding(timesteps, embeddings)
         return self._forward_blocks(
-            members, embeddings, h, contexts,
-            lambda block_index, features: self._combine(block_index, features, context, time_embedding),
+            runner, members, embeddings, h, contexts,
+            lambda block_index, features: self._combine(block_index, features, context, time_embedding), x.dtype,
         ).to(x.dtype)
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""Full-file sha256 of checkpoints, computed once and cached -- the WebUI's checkpoint hash.
+"""Full-file sha256 of checkpoints, computed once and cached -- the WebUI's checkpoint hash; and the fingerprint of a
+UNet's own tensors, for hosts where a model does not carry its file (ComfyUI).
 
 The WebUI identifies a checkpoint by the sha256 of the whole file (its "shorthash" is the first 10 hex digits);
 weights files record their members by it. Hashing a 2-7 GB checkpoint takes seconds to a minute, so results are
@@ -13,6 +14,9 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
 
 CACHE_ENV = "AFA_HASH_CACHE"
 _lock = threading.Lock()
@@ -71,3 +75,29 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
         entries[key] = entry
         _write_disk_cache(cache_file, entries)
     return entry["sha256"]
+
+
+FINGERPRINT_SAMPLES = 1024
+"""Evenly spaced elements read from each tensor for the UNet fingerprint."""
+
+
+def unet_fingerprint(names: Iterable[str], get_tensor: Callable[[str], torch.Tensor]) -> str:
+    """The sha256 of a UNet's own tensors: each tensor's name (UNet-relative, e.g. `input_blocks.0.0.weight`), shape
+    and up to FINGERPRINT_SAMPLES evenly spaced elements, in name order, the elements rounded to float16.
+
+    A ComfyUI MODEL does not carry its file, so the file's sha256 cannot bind it to a weights file; this can, from
+    the file (its UNet tensors) and from the loaded model alike. Float16 rounding makes it independent of the
+    precision a host loads the model in (an fp16 file loaded as fp32 or the reverse gives the same fingerprint);
+    sampling keeps it fast for 12B-parameter models. Fine-tunes change every tensor, so a sample tells them apart.
+    Weights cast to fp8 on loading have another fingerprint (the rounding differs). Tensors are read one at a time
+    through `get_tensor(name)` (a state dict's `__getitem__`, or a file reader), so a file is never held whole.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        tensor = get_tensor(name)
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::step][:FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float16)
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .unet import block_name
+from .members import unet_shapes
+from .unet import block_layout, block_name
 
 # The Okabe-Ito colour-blind-safe palette, reordered so the first two (the common 2-member case) contrast most.
 # AFA ensembles at most 6 members; the 7th colour is spare.
@@ -232,6 +233,19 @@ def render_weight_maps(maps: Sequence[tuple[str, torch.Tensor]], member_names: S
 
 
 # -- collecting maps from a running ensemble -----------------------------------------------------------------------
+
+def blocks_to_show(ensemble, mode) -> list[int]:
+    """Block indices drawn by default: the last output block at each resolution (for SD 1.x: output_blocks.1, 4, 7
+    and 11; the last includes the output head, so it is the mixed prediction); modes that mix only the prediction
+    (noise average, last block) have that one block. `ensemble` is an EnsembleUNet, `mode` an afa.modes Mode."""
+    last = ensemble.num_blocks - 1
+    if not mode.mixes_every_block:
+        return [last]
+    downsampling = block_layout(unet_shapes(ensemble.members[0])).downsampling
+    first_output = ensemble.num_input_blocks + 1
+    return [index for index in range(first_output, last + 1)
+            if index == last or downsampling[index] != downsampling[index + 1]]
+
 
 def block_indices(names: Iterable[str], num_input_blocks: int) -> list[int]:
     """Block indices (forward order) of ldm block names such as `input_blocks.0`, `middle_block`, `output_blocks.10`.

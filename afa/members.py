@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, IncompatibleMembersError
-from .hashing import file_sha256, shorthash
+from .hashing import file_sha256, shorthash, unet_fingerprint
 from .unet import UNET_KEY_PREFIX, BlockLayout, block_layout, build_unet, infer_unet_params, unet_params_from_yaml
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -30,20 +30,24 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 @dataclass(frozen=True)
 class MemberRef:
-    """How a weights file names a member: a display name and the full-file sha256 that binds it."""
+    """How a weights file names a member: a display name, the full-file sha256 that binds it in the WebUI and the
+    trainer, and (files written since ComfyUI support) the fingerprint of its UNet tensors (`afa.hashing.
+    unet_fingerprint`) that binds it where a model does not carry its file."""
 
     name: str
     sha256: str
+    unet: str | None = None
 
     def __str__(self) -> str:
         return f"{self.name} [{shorthash(self.sha256)}]"
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "MemberRef":
+    def from_file(cls, path: str | Path, with_unet: bool = False) -> "MemberRef":
+        """The file's name and sha256 (and, `with_unet`, its UNet's fingerprint, which reads the UNet)."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: file not found")
-        return cls(path.stem, file_sha256(path))
+        return cls(path.stem, file_sha256(path), unet_fingerprint_of_file(path) if with_unet else None)
 
 
 # -- reading tensors -----------------------------------------------------------------------------------------------
@@ -137,6 +141,15 @@ def owned_tensor(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torc
     removes both. The copy replaces the view, so peak memory grows by one tensor at a time, not by a model."""
     target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
     return tensor.to(dtype=target, memory_format=torch.contiguous_format, copy=True)
+
+
+def unet_fingerprint_of_file(path: str | Path) -> str:
+    """`afa.hashing.unet_fingerprint` of a checkpoint's UNet, read one tensor at a time."""
+    path = Path(path)
+    with _open_tensors(path) as (keys, get_tensor, _):
+        unet_keys, bare = _unet_keys(path, keys)
+        by_name = {_unet_key(key, bare): key for key in unet_keys}
+        return unet_fingerprint(by_name, lambda name: get_tensor(by_name[name]))
 
 
 def read_unet_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -262,7 +262,7 @@ def import_official(folder: str | Path, member_paths: Sequence[str | Path], outp
         aggregator = Aggregator(config)
     aggregator.load_state_dict(state_dict, strict=True, assign=True)
 
-    members = [MemberRef.from_file(path) for path in member_paths]
+    members = [MemberRef.from_file(path, with_unet=True) for path in member_paths]
     training = {
         "imported_from": SOURCE,
         "source_folder": str(folder.resolve()),

@@ -3,7 +3,9 @@
 Metadata (all values are strings, as safetensors requires):
     afa_format_version  "2"
     afa_config          AggregatorConfig as JSON
-    afa_members         JSON list of {"name", "sha256"}, in the order the aggregator's weights refer to them
+    afa_members         JSON list of {"name", "sha256"[, "unet"]}, in the order the aggregator's weights refer to
+                        them; "unet" is the member's UNet fingerprint (afa.hashing.unet_fingerprint), recorded
+                        since ComfyUI support (an optional key: older readers ignore it, older files lack it)
     afa_training        JSON object of training facts (steps, dataset size, date, ...), may be "{}"
 
 Format 2 added the config fields of the paper design, the text conditioning and the CLIP skip; a format 1 file
@@ -28,6 +30,7 @@ from safetensors.torch import save_file
 
 from .aggregator import Aggregator, AggregatorConfig
 from .errors import MembersMismatchError, WeightsFileError
+from .hashing import shorthash
 from .members import MemberRef, describe_difference, owned_tensor
 from .modes import Mode, trained_mode
 
@@ -62,7 +65,8 @@ def save_weights(path: str | Path, aggregator: Aggregator, members: Sequence[Mem
     metadata = {
         "afa_format_version": str(FORMAT_VERSION),
         "afa_config": json.dumps(aggregator.config.to_dict()),
-        "afa_members": json.dumps([{"name": m.name, "sha256": m.sha256} for m in members]),
+        "afa_members": json.dumps([{"name": m.name, "sha256": m.sha256, **({"unet": m.unet} if m.unet else {})}
+                                   for m in members]),
         "afa_training": json.dumps(training or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +98,8 @@ def _parse_metadata(path: Path, metadata: dict | None) -> WeightsInfo:
                                f"({FORMAT_VERSION}); update the extension")
     try:
         config = AggregatorConfig.from_dict(json.loads(metadata["afa_config"]), source=str(path))
-        members = [MemberRef(str(m["name"]), str(m["sha256"])) for m in json.loads(metadata["afa_members"])]
+        members = [MemberRef(str(m["name"]), str(m["sha256"]), str(m["unet"]) if m.get("unet") else None)
+                   for m in json.loads(metadata["afa_members"])]
         training = json.loads(metadata.get("afa_training", "{}"))
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, WeightsFileError):
@@ -125,6 +130,51 @@ def check_members_match(info: WeightsInfo, members: Sequence[MemberRef]) -> None
                                    f"as: {expected_text} (given: {given_text})")
     raise MembersMismatchError(f"{info.path}: these weights were trained for {len(expected)} other members.\n"
                                f"  expected: {expected_text}\n  given:    {given_text}")
+
+
+def check_member_fingerprints(info: WeightsInfo, fingerprints: Sequence[str], given_names: Sequence[str]) -> bool:
+    """Refuses members whose UNet fingerprints (in order) are not those the file records. Returns False, checking
+    nothing, when the file records none (written before fingerprints were recorded): the caller says so."""
+    if len(fingerprints) != len(info.members):
+        raise MembersMismatchError(f"{info.path.name}: these weights are for {len(info.members)} members "
+                                   f"({', '.join(m.name for m in info.members)}); {len(fingerprints)} were given")
+    if not all(m.unet for m in info.members):
+        return False
+    expected = [m.unet for m in info.members]
+    if list(fingerprints) == expected:
+        return True
+    found = [f"{name} [{shorthash(fingerprint)}]" for name, fingerprint in zip(given_names, fingerprints)]
+    wanted = [f"{m.name} [{shorthash(m.unet)}]" for m in info.members]
+    if sorted(fingerprints) == sorted(expected):
+        order = [f"member {index + 1}: {m.name}" for index, m in enumerate(info.members)]
+        raise MembersMismatchError(f"{info.path.name}: these weights are for the same members in another order; "
+                                   f"connect them as {', '.join(order)} (given: {', '.join(found)})")
+    raise MembersMismatchError(f"{info.path.name}: these weights were trained for other members (UNet "
+                               f"fingerprints differ).\n  expected: {', '.join(wanted)}\n  given:    {', '.join(found)}")
+
+
+def check_weights_fit(info: WeightsInfo, block_channels: Sequence[int], context_dim: int | None,
+                      num_members: int) -> None:
+    """Refuses a weights file whose aggregator does not fit these members (block layout, text width, how many):
+    what binds a file whose members cannot be identified (one written before UNet fingerprints, in ComfyUI)."""
+    config = info.config
+    problems = []
+    if config.num_members != num_members:
+        problems.append(f"{config.num_members} members, {num_members} given")
+    if list(config.block_channels) != list(block_channels):
+        problems.append(f"UNets of {len(config.block_channels)} blocks with channels "
+                        f"{_short_list(config.block_channels)}, the members have {len(block_channels)} blocks with "
+                        f"channels {_short_list(block_channels)}")
+    elif context_dim is not None and config.context_dim != context_dim:
+        problems.append(f"text conditioning {config.context_dim} wide, the members read {context_dim}")
+    if problems:
+        raise MembersMismatchError(f"{info.path.name} does not fit these members: it was trained for "
+                                   + "; for ".join(problems))
+
+
+def _short_list(values: Sequence[int]) -> str:
+    values = list(values)
+    return str(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:6]))}, ..., {values[-1]}]"
 
 
 def load_weights(path: str | Path, members: Sequence[MemberRef] | None = None,

@@ -220,3 +220,22 @@ def test_a_loaded_member_survives_its_file_rewritten_in_place(checkpoint_factory
     shutil.copyfile(checkpoint_factory(2), path)
     after = unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unet_fingerprint_is_the_same_from_the_file_and_the_loaded_unet_in_any_precision(checkpoint_factory):
+    from afa.hashing import unet_fingerprint
+    from afa.members import MemberRef, unet_fingerprint_of_file
+
+    path = checkpoint_factory(1)
+    from_file = unet_fingerprint_of_file(path)
+    for dtype in (None, torch.float16, torch.bfloat16):
+        state = load_member(path, dtype=dtype).state_dict()
+        fingerprint = unet_fingerprint(state, state.__getitem__)
+        assert fingerprint == from_file or dtype is torch.bfloat16  # bf16 rounds otherwise than fp16
+    assert unet_fingerprint_of_file(checkpoint_factory(1, dtype=torch.float16)) == from_file  # an fp16 copy
+    assert unet_fingerprint_of_file(checkpoint_factory(2)) != from_file
+    assert MemberRef.from_file(path, with_unet=True).unet == from_file
+    assert MemberRef.from_file(path).unet is None
+    state = load_member(path).state_dict()
+    state["out.2.bias"] = state["out.2.bias"] + 1e-2  # one changed tensor changes it
+    assert unet_fingerprint(state, state.__getitem__) != from_file

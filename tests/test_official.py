@@ -138,7 +138,7 @@ def test_imported_weights_give_their_maps_at_every_block(num_members, members, l
     assert imported.path == output and output.is_file()
     assert snapshot(folder) == before  # the input folder is never modified
 
-    refs = [MemberRef.from_file(p) for p in paths]
+    refs = [MemberRef.from_file(p, with_unet=True) for p in paths]  # imported files record UNet fingerprints too
     aggregator, info = load_weights(output, members=refs)  # strict: keys, shapes and the members' binding
     config = info.config
     assert info.members == refs == imported.members

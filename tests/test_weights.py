@@ -160,3 +160,38 @@ def test_loaded_aggregators_own_aligned_memory(tmp_path):
     for dtype in (None, torch.float16):
         loaded, _ = load_weights(path, MEMBERS, dtype=dtype)
         assert all(tensor.data_ptr() % 64 == 0 for tensor in loaded.state_dict().values())
+
+
+def test_unet_fingerprints_are_recorded_and_checked_in_order(tmp_path):
+    from afa.weights import check_member_fingerprints
+
+    members = [MemberRef("alpha", "a" * 64, "1" * 64), MemberRef("beta", "b" * 64, "2" * 64)]
+    path = save_weights(tmp_path / "w.safetensors", make_aggregator(), members)
+    info = read_weights_info(path)
+    assert info.members == members
+    assert check_member_fingerprints(info, ["1" * 64, "2" * 64], ["model_1", "model_2"]) is True
+    with pytest.raises(MembersMismatchError, match="same members in another order; connect them as member 1: alpha"):
+        check_member_fingerprints(info, ["2" * 64, "1" * 64], ["model_1", "model_2"])
+    with pytest.raises(MembersMismatchError, match=r"other members(.|\n)*expected: alpha \[1111111111\]"):
+        check_member_fingerprints(info, ["1" * 64, "3" * 64], ["model_1", "model_2"])
+    with pytest.raises(MembersMismatchError, match="for 2 members .alpha, beta.; 3 were given"):
+        check_member_fingerprints(info, ["1" * 64] * 3, ["model_1", "model_2", "model_3"])
+    # a file written before fingerprints: nothing to check, and the caller is told so
+    legacy = save_weights(tmp_path / "legacy.safetensors", make_aggregator(), MEMBERS)
+    assert check_member_fingerprints(read_weights_info(legacy), ["1" * 64, "2" * 64], ["a", "b"]) is False
+    with safe_open(str(legacy), framework="pt") as handle:
+        assert "unet" not in handle.metadata()["afa_members"]  # older readers see what they always saw
+
+
+def test_weights_that_do_not_fit_the_members_are_refused(tmp_path):
+    from afa.weights import check_weights_fit
+
+    info = read_weights_info(save_weights(tmp_path / "w.safetensors", make_aggregator(), MEMBERS))
+    check_weights_fit(info, CHANNELS, 32, 2)
+    with pytest.raises(MembersMismatchError, match="trained for 2 members, 3 given"):
+        check_weights_fit(info, CHANNELS, 32, 3)
+    sdxl_like = [320] * 4 + [640] * 3 + [1280] * 5 + [640] * 3 + [320] * 3 + [4]
+    with pytest.raises(MembersMismatchError, match="UNets of 25 blocks .* the members have 19 blocks"):
+        check_weights_fit(info, sdxl_like, 2048, 2)
+    with pytest.raises(MembersMismatchError, match="text conditioning 32 wide, the members read 768"):
+        check_weights_fit(info, CHANNELS, 768, 2)

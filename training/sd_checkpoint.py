@@ -13,6 +13,7 @@ text config and SD1's tokenizer files), which the WebUI and the trainer build it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import yaml
 from safetensors.torch import save_file
 
 from afa.aggregator import TEXT_CONDITIONINGS
+from afa.hashing import unet_fingerprint
 from afa.members import MemberRef, check_members, load_member, read_prefixed_tensors, unet_shapes
 from afa.unet import PRESETS, UNET_KEY_PREFIX, UNET_TARGET, BlockLayout, build_unet
 
@@ -419,6 +421,11 @@ def load_frozen_models(member_paths: list[str | Path], config: str | Path | None
     members = [load_member(path, member_dtype, device, config) if unet is None else unet.eval().requires_grad_(False)
                for path, unet in zip(member_paths, given)]
     layout = check_members([(ref.name, unet_shapes(member)) for ref, member in zip(member_refs, members)])
+    # Weights files bind their members by UNet fingerprint too, so that ComfyUI (where a model has no file) can
+    # check them; the loaded UNets give it without reading the files again.
+    states = [member.state_dict() for member in members]
+    member_refs = [ref if ref.unet else dataclasses.replace(ref, unet=unet_fingerprint(state, state.__getitem__))
+                   for ref, state in zip(member_refs, states)]
     first = member_paths[0]
     sd_config = read_sd_config(first, config)
     vae = load_vae(first, sd_config, device)

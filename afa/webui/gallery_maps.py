@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from afa.maps import WeightMapRecorder, colorize_weights, legend_entries, render_grid
-from afa.members import unet_shapes
+from afa.maps import WeightMapRecorder, blocks_to_show, colorize_weights, legend_entries, render_grid
 from afa.modes import Mode
-from afa.unet import block_layout, block_name
+from afa.unet import block_name
 
 CELL_SIZE = 128
 
@@ -30,19 +29,6 @@ class _Pass:
     label: str
     recorders: list[WeightMapRecorder] = field(default_factory=list)  # one per image of the batch
     steps: list[tuple[int, int]] = field(default_factory=list)  # (step, total) of each recorded call
-
-
-def blocks_to_show(ensemble, mode: Mode) -> list[int]:
-    """Block indices drawn: the last output block at each resolution (for SD 1.x: output_blocks.1, 4, 7 and 11;
-    the last includes the output head, so it is the mixed prediction); modes that mix only the prediction (noise
-    average, last block) have that one block."""
-    last = ensemble.num_blocks - 1
-    if not mode.mixes_every_block:
-        return [last]
-    downsampling = block_layout(unet_shapes(ensemble.members[0])).downsampling
-    first_output = ensemble.num_input_blocks + 1
-    return [index for index in range(first_output, last + 1)
-            if index == last or downsampling[index] != downsampling[index + 1]]
 
 
 class AggregationMaps:
