@@ -89,3 +89,13 @@ def random_inputs(batch: int = 2, size: int = 16, context_dim: int = 32, in_chan
     return x, timesteps, context
 
 
+@pytest.fixture
+def comfy_standin(tmp_path):
+    """The ComfyUI 0.3.64 stand-in (tests/comfyui_standin) imported for one test, as `main.py --cpu` would with
+    `--base-directory <tmp_path>/comfyui` (folder_paths' models/, input/, output/ there); removed from sys.modules and
+    sys.path afterwards. Yields comfyui_factories.comfyui_standin's namespace (`.nodes`, `.folder_paths`, `.args`,
+    `.models_dir`, ...); build tiny models with tests/comfyui_factories.py."""
+    from comfyui_factories import comfyui_standin
+
+    with comfyui_standin(tmp_path / "comfyui") as standin:
+        yield standin
