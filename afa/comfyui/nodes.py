@@ -1,0 +1,144 @@
+"""AFA's ComfyUI nodes, one class per operation (ComfyUI's classic node API, as its core nodes use):
+
+    AFA Ensemble               2-6 MODELs + mode + SABW weights -> one MODEL (and its aggregation maps)
+    AFA Text Encode            a prompt + one CLIP per member -> CONDITIONING each member reads with its own CLIP
+    AFA Aggregation Maps       the maps of the latest sampling run -> IMAGE (the paper's Figure 6)
+
+They validate and build; the work is in afa.comfyui.ensemble_model, .text and .maps, and in the core.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import folder_paths
+
+from afa.members import MAX_MEMBERS, MIN_MEMBERS
+from afa.modes import CHOICES
+
+from .ensemble_model import build_ensemble
+from .text import encode_for_members
+
+WEIGHTS_FOLDER = "afa"
+NO_WEIGHTS = "none"
+CATEGORY = "advanced/model_merging/AFA"
+
+
+def weights_choices() -> list[str]:
+    return [NO_WEIGHTS] + [name for name in folder_paths.get_filename_list(WEIGHTS_FOLDER)
+                           if name.endswith(".safetensors")]
+
+
+def _numbered(kind: str, tooltip: str, required_count: int) -> tuple[dict, dict]:
+    """The inputs `<kind>_1`..`<kind>_6` of a node: the first `required_count` required, the rest optional."""
+    inputs = {f"{kind.lower()}_{index}": (kind, {"tooltip": tooltip.format(index=index)})
+              for index in range(1, MAX_MEMBERS + 1)}
+    names = list(inputs)
+    return ({name: inputs[name] for name in names[:required_count]},
+            {name: inputs[name] for name in names[required_count:]})
+
+
+def _connected(first, kwargs: dict, kind: str) -> list:
+    """The connected numbered inputs in order (first, then <kind>_2..), skipping unconnected optional ones."""
+    rest = [kwargs.get(f"{kind}_{index}") for index in range(2, MAX_MEMBERS + 1)]
+    return [first] + [value for value in rest if value is not None]
+
+
+class AFAEnsemble:
+    """Ensembles 2-6 checkpoints of one architecture at inference: every member's UNet runs at every step, and
+    after every block their features are mixed (SABW: learned per-pixel weights; or equal weights)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional = _numbered("MODEL", "member {index}: a checkpoint's MODEL (LoRAs applied to it apply "
+                                                "to this member only)", MIN_MEMBERS)
+        return {"required": {
+            **required,
+            "mode": ([mode.label for mode in CHOICES], {
+                "default": "Block average",
+                "tooltip": "SABW: mix with the learned weights of a weights file trained for these members. "
+                           "Block average: equal weights after every block (no file). Noise average: average "
+                           "the members' predictions (no file)."}),
+            "weights": (weights_choices(), {
+                "tooltip": "SABW weights (models/afa/), made by training/train.py or the A1111 AFA Training tab "
+                           "for these members in this order; used in mode SABW only"}),
+        }, "optional": optional}
+
+    RETURN_TYPES = ("MODEL", "AFA_MAPS")
+    RETURN_NAMES = ("model", "maps")
+    OUTPUT_TOOLTIPS = ("the ensemble: connect it wherever a MODEL goes (samplers, hires pass, img2img)",
+                       "the aggregation maps of its latest sampling run, for AFA Aggregation Maps")
+    FUNCTION = "ensemble"
+    CATEGORY = CATEGORY
+    DESCRIPTION = __doc__
+
+    def ensemble(self, model_1, model_2, mode, weights, **optional):
+        models = _connected(model_1, {"model_2": model_2, **optional}, "model")
+        path = None if weights == NO_WEIGHTS else folder_paths.get_full_path_or_raise(WEIGHTS_FOLDER, weights)
+        return build_ensemble(models, mode, Path(path) if path else None)
+
+
+class AFATextEncode:
+    """Encodes a prompt with each member's own CLIP (as CLIPTextEncode does with each), so that every member of an
+    AFA ensemble reads the prompt as its own text encoder encodes it. With one CLIP, every member reads its
+    encoding (exactly CLIPTextEncode's conditioning)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required, optional = _numbered("CLIP", "the CLIP of member {index}'s checkpoint (in the ensemble's order)",
+                                       1)
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "the prompt"}),
+            **required,
+        }, "optional": optional}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("the prompt as each member's CLIP encodes it",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = __doc__
+
+    def encode(self, text, clip_1, **optional):
+        return (encode_for_members(_connected(clip_1, optional, "clip"), text),)
+
+
+class AFAAggregationMaps:
+    """Draws how the ensemble mixed its members in its latest sampling run: for chosen blocks and steps, each pixel
+    in the colours of the members that own it (the paper's Figure 6)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "maps": ("AFA_MAPS", {"tooltip": "the maps output of AFA Ensemble"}),
+            "samples": ("LATENT", {"tooltip": "the sampler's output: the maps are drawn after it ran"}),
+            "blocks": ("STRING", {"default": "", "tooltip": "block names, comma separated (e.g. output_blocks.1, "
+                                  "output_blocks.11); empty: the last output block at each resolution"}),
+            "every": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "draw every N-th step and the last; "
+                              "0: the last step only"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "draw"
+    CATEGORY = CATEGORY
+    DESCRIPTION = __doc__
+
+    def draw(self, maps, samples, blocks, every):
+        names = [name.strip() for name in blocks.split(",") if name.strip()]
+        image = maps.render(names, every)
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+        return (pixels[None],)  # IMAGE: [1 x H x W x 3] in 0..1
+
+
+NODE_CLASS_MAPPINGS = {
+    "AFAEnsemble": AFAEnsemble,
+    "AFATextEncode": AFATextEncode,
+    "AFAAggregationMaps": AFAAggregationMaps,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AFAEnsemble": "AFA Ensemble",
+    "AFATextEncode": "AFA Text Encode (per member)",
+    "AFAAggregationMaps": "AFA Aggregation Maps",
+}
