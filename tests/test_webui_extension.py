@@ -27,7 +27,7 @@ import harness  # noqa: E402
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from modules import devices, infotext_utils, script_callbacks, scripts, sd_models, sd_unet, shared  # noqa: E402
+from modules import devices, errors, infotext_utils, script_callbacks, scripts, sd_models, sd_unet, shared  # noqa: E402
 
 from afa import Aggregator, IncompatibleMembersError, MemberRef, default_config, file_sha256, save_weights  # noqa: E402
 from afa.ensemble import EnsembleUNet  # noqa: E402
@@ -835,6 +835,73 @@ def test_only_the_script_imports_the_glue():
     importers = [p for p in EXTENSION_ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts
                  and p.parent.name != "webui" and imports_glue.search(p.read_text(encoding="utf-8"))]
     assert [p.relative_to(EXTENSION_ROOT).as_posix() for p in importers] == ["scripts/afa_script.py"]
+
+
+FORGE_LAYOUTS = {
+    "Forge": ("modules_forge", "no ldm"),  # lllyasviel's Forge, reForge, Forge Classic and Neo
+    "a fork that kept ldm": ("modules_forge",),
+    "a WebUI without ldm": ("no ldm",),
+}
+
+
+@pytest.mark.parametrize("layout", FORGE_LAYOUTS)
+def test_in_forge_the_extension_registers_nothing_and_says_so_in_one_line(tmp_path, monkeypatch, capsys, layout):
+    """Installed in a WebUI it cannot run in, the extension leaves the host as it was: no script, setting, SD Unet
+    option, callback, tab or route, no error report, one line saying what it needs; --afa-dir still parses.
+
+    Its scripts load as a fresh Forge process offers them: a `modules_forge` package on the path and/or no `ldm`
+    (`import ldm` fails), and `afa` and `training` not yet imported. (The stand-in's own model still needs ldm, so
+    that layout holds while the scripts load.)"""
+    forge_root = tmp_path / "forge"
+    (forge_root / "modules_forge").mkdir(parents=True)
+    (forge_root / "modules_forge" / "__init__.py").write_text("", encoding="utf-8")
+    hidden_packages = ("afa", "training", "modules_forge") + (("ldm",) if "no ldm" in FORGE_LAYOUTS[layout] else ())
+    load_scripts = scripts.load_scripts
+
+    def ours(name: str) -> bool:
+        return name.split(".")[0] in hidden_packages
+
+    def load_scripts_in_that_layout():
+        saved_modules, saved_path = dict(sys.modules), list(sys.path)
+        for name in filter(ours, list(sys.modules)):
+            del sys.modules[name]
+        if "no ldm" in FORGE_LAYOUTS[layout]:
+            sys.modules["ldm"] = None  # what `import ldm` and find_spec("ldm") meet in a WebUI without it
+        if "modules_forge" in FORGE_LAYOUTS[layout]:
+            sys.path.insert(0, str(forge_root))
+        try:
+            load_scripts()
+        finally:
+            for name in filter(ours, list(sys.modules)):
+                del sys.modules[name]
+            sys.modules.update({name: module for name, module in saved_modules.items() if ours(name)})
+            sys.path[:] = saved_path
+
+    monkeypatch.setattr(scripts, "load_scripts", load_scripts_in_that_layout)
+    errors.exception_records.clear()
+    folder = tmp_path / "weights"
+    with harness.webui(tmp_path, extensions=[EXTENSION_ROOT],
+                       argv=harness.DEFAULT_ARGV + ("--afa-dir", str(folder))) as instance:
+        output = capsys.readouterr()
+        ours = [line for line in (output.out + output.err).splitlines() if "AFA" in line]
+        assert len(ours) == 1 and "needs AUTOMATIC1111's WebUI 1.10 or ComfyUI" in ours[0], output
+        assert errors.exception_records == [] and "Traceback" not in output.err, output.err
+
+        assert shared.cmd_opts.afa_dir == str(folder)
+        # (the stand-in WebUI lives in this checkout too: its own scripts and callbacks are under tests/)
+        extension_files = tuple(str(EXTENSION_ROOT / part) + os.sep for part in ("scripts", "afa", "training"))
+        assert not [data for data in scripts.scripts_data if data.path.startswith(extension_files)]
+        assert instance.script(TITLE) is None and instance.script(TITLE, is_img2img=True) is None
+        assert not [callback for callbacks in script_callbacks.callback_map.values() for callback in callbacks
+                    if callback.script.startswith(extension_files)]
+        assert not [key for key, info in shared.opts.data_labels.items() if info.section[0] == "afa"]
+        assert not [option for option in sd_unet.unet_options if "AFA" in option.label]
+        assert instance.client().get("/afa/v1/weights").status_code == 404
+        assert not [block for block in instance.demo.blocks.values()
+                    if "afa" in (getattr(block, "elem_id", None) or "")]
+        processed = instance.txt2img()  # the WebUI itself works
+        assert len(processed.images) == 1 and "AFA" not in processed.infotexts[0]
+    assert harness.leaked_patches() == []
 
 
 

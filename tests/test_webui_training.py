@@ -208,9 +208,14 @@ def test_refusals_name_the_problem_and_start_nothing(webui, tmp_path):
     assert "--device, --run-dir: set by the WebUI" in refused({**TRAIN, "run_dir": "/tmp/x", "device": "cuda"})
     assert "unrecognized arguments: --colour" in refused({**TRAIN, "colour": "red"})
     assert "--batch-size must be a multiple" in refused({**TRAIN, "gradient_accumulation": 3})
+    assert "--batch-size must be at least 1" in refused({**TRAIN, "batch_size": 0})
+    folders.weights_dir().mkdir(parents=True, exist_ok=True)
+    (folders.weights_dir() / "pair.safetensors").write_bytes(b"SABW weights")
+    weights_member = {**TRAIN, "members": ["tiny-a", "pair.safetensors"]}
+    assert "'pair.safetensors' is not an installed checkpoint" in refused(weights_member)
+    assert client.post("/afa/v1/train", json=[TRAIN]).status_code == 422  # not an object: FastAPI's validation
     assert "is a path" in refused({**TRAIN, "output": "../outside"})
     assert "resume: no stopped run named 'never'" in refused({"resume": True, "output": "never"})
-    folders.weights_dir().mkdir(parents=True, exist_ok=True)
     (folders.weights_dir() / "taken.safetensors").write_bytes(b"user's file")
     assert "already exist" in refused({**TRAIN, "output": "taken"})
     assert (folders.weights_dir() / "taken.safetensors").read_bytes() == b"user's file"
@@ -220,6 +225,85 @@ def test_refusals_name_the_problem_and_start_nothing(webui, tmp_path):
     assert not training_job.runs_dir().exists() or not any(training_job.runs_dir().iterdir())
     assert training_job.job.status.state == training_job.IDLE
     assert client.get("/afa/v1/train").json()["state"] == training_job.IDLE
+
+
+@pytest.fixture
+def no_member_loads(monkeypatch) -> list:
+    """The names of the runs that got as far as loading their members (each then fails at once)."""
+    loaded = []
+
+    def members_for(self, plan, restore):
+        loaded.append(plan.name)
+        raise training_job.TrainingRefused("the test expected no member to load")
+
+    monkeypatch.setattr(training_job.TrainingJob, "members_for", members_for)
+    return loaded
+
+
+def assert_nothing_started(client, loaded: list) -> None:
+    assert training_job.job.wait(WAIT)["state"] == training_job.IDLE and loaded == []
+    assert client.get("/afa/v1/train").json()["state"] == training_job.IDLE
+    assert not training_job.runs_dir().exists() or not any(training_job.runs_dir().iterdir())
+    assert not call_queue.queue_lock.locked()
+
+
+@pytest.mark.parametrize("max_steps, reason", [(-5, "--max-steps must be at least 1, got -5"),
+                                                (0, "--max-steps must be at least 1, got 0"),
+                                                (2.5, "--max-steps: invalid int value: '2.5'"),
+                                                ("ten", "--max-steps: invalid int value: 'ten'"),
+                                                (True, "--max-steps: expected one argument")])
+def test_a_length_that_is_not_a_positive_whole_number_is_refused_before_a_member_loads(
+        webui, tmp_path, no_member_loads, max_steps, reason):
+    """0 would silently train for --epochs, -5 "finish" before the first step: both are refused like a non-integer,
+    through the API and through the tab's Steps field."""
+    client = webui.client()
+    response = client.post("/afa/v1/train", json={**TRAIN, "data": str(harness_images(tmp_path)),
+                                                  "max_steps": max_steps})
+    assert response.status_code == 400 and reason in response.json()["detail"], response.text
+    assert_nothing_started(client, no_member_loads)
+
+    if isinstance(max_steps, int) and not isinstance(max_steps, bool):  # what the tab's Steps field can hold
+        [view] = webui.event(tab_component(webui, "afa_train_generate"),
+                             inputs=form_values(["tiny-a", "tiny-b"], max_steps, "tab-run"))
+        assert reason in view[0] and "task(test-start)" in progress.finished_tasks
+        assert_nothing_started(client, no_member_loads)
+
+
+def test_too_few_training_images_for_one_batch_are_refused_before_a_member_loads(webui, tmp_path, no_member_loads):
+    """train.py drops the tail of an epoch that does not fill a batch: a data source whose training images (its
+    captioned images less the share held out for validation) do not fill one batch would load every member and
+    then fail. It is refused when the request is checked, through the API and the tab, naming the counts."""
+    from factories import write_captioned_images
+
+    client = webui.client()
+    one = tmp_path / "one"
+    one.mkdir()
+    write_captioned_images(one, count=1)
+    (one / "zz-uncaptioned.png").write_bytes(b"not a png")
+    response = client.post("/afa/v1/train", json={**TRAIN, "data": str(one), "batch_size": 8, "val_split": 0})
+    detail = response.json()["detail"]
+    assert response.status_code == 400 and "1 training images do not fill one batch of 8" in detail, response.text
+    assert "zz-uncaptioned.png" in detail  # with what indexing skipped, as for a source without captioned images
+    assert_nothing_started(client, no_member_loads)
+
+    # 8 captioned images, a quarter held out: 6 train, which fill batches of 6 but not of 8
+    eight = harness_images(tmp_path)
+    response = client.post("/afa/v1/train", json={**TRAIN, "data": str(eight), "batch_size": 8})
+    detail = response.json()["detail"]
+    assert response.status_code == 400 and "6 training images do not fill one batch of 8" in detail, response.text
+    assert "8 captioned images" in detail and "2 of them held out for validation" in detail
+    assert_nothing_started(client, no_member_loads)
+
+    generate_outputs(webui)  # the tab's default source: the WebUI's 8 outputs, a quarter held out
+    form = form_values(["tiny-a", "tiny-b"], 4, "tab-run")
+    form[10] = 8  # batch size
+    [view] = webui.event(tab_component(webui, "afa_train_generate"), inputs=form)
+    assert "6 training images do not fill one batch of 8" in view[0]
+    assert_nothing_started(client, no_member_loads)
+
+    response = client.post("/afa/v1/train", json={**TRAIN, "data": str(eight), "batch_size": 6, "max_steps": 1})
+    assert response.status_code == 200, response.text  # exactly one batch: starts (and loads its members)
+    assert training_job.job.wait(WAIT)["state"] == training_job.FAILED and no_member_loads == [response.json()["name"]]
 
 
 def test_without_its_trainer_the_tab_refuses_and_says_why(webui, monkeypatch):
@@ -312,6 +396,12 @@ def test_a_generation_queues_behind_a_run_and_interrupt_stops_the_run(webui, mon
     # resuming keeps the run's settings; only its length may change
     response = client.post("/afa/v1/train", json={"resume": True, "output": "queued", "batch_size": 4})
     assert response.status_code == 400 and "only max_steps, epochs may change" in response.json()["detail"]
+    for max_steps, reason in ((-5, "got -5"), (0, "got 0"), (2.5, "got 2.5"), (True, "got True")):
+        response = client.post("/afa/v1/train", json={"resume": True, "output": "queued", "max_steps": max_steps})
+        detail = response.json()["detail"]
+        assert response.status_code == 400 and "--max-steps must be a whole number of at least 1" in detail, detail
+        assert reason in detail
+    assert training_job.job.status.state == training_job.CANCELLED  # nothing started
     response = client.post("/afa/v1/train", json={"resume": True, "output": "queued", "max_steps": 5})
     assert response.status_code == 200, response.text
     final = training_job.job.wait(WAIT)

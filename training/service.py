@@ -18,7 +18,7 @@ from training.train import (RESULT_SETTINGS, TrainingEvents, TrainingOutcome, Us
                             precision, train)
 
 __all__ = ["DATA_SNAPSHOT_NAME", "RESULT_SETTINGS", "TrainingEvents", "TrainingOutcome", "UsageError", "member_dtype",
-           "native_resolution", "parse_args", "saved_arguments", "snapshot_data", "train"]
+           "native_resolution", "parse_args", "saved_arguments", "snapshot_data", "train", "training_image_count"]
 
 DATA_SNAPSHOT_NAME = "data.jsonl"
 
@@ -47,6 +47,17 @@ def snapshot_data(sources: list[str | Path], manifest: str | Path) -> tuple[int,
             file.write(json.dumps({"image": str(Path(record.image_path).resolve()), "caption": record.caption}) + "\n")
     os.replace(temporary, manifest)
     return len(records), report
+
+
+def training_image_count(manifest: str | Path, val_split: float, seed: int) -> int:
+    """How many images of a data snapshot (`snapshot_data`'s manifest) a run trains on: its captioned images less
+    those train.py holds out for validation with `--val-split` (the WebUI never sets `--val-data`), chosen as
+    train.py chooses them (`index_captioned_images`, `split_for_validation`). Reads the manifest and checks that
+    each image file exists; decodes no image, so a file that fails to decode is found only when training reads it.
+    """
+    records = datasets.index_captioned_images(manifest, datasets.SkipReport())
+    train_records, _ = datasets.split_for_validation(records, val_split, seed)
+    return len(train_records)
 
 
 def member_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:

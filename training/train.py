@@ -177,6 +177,9 @@ def parse_args(argv: list[str] | None = None, exit_on_error: bool = True) -> arg
         parser.error("--caption-dropout must be in [0, 1]")
     if args.max_steps is None and args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        # 0 would silently mean --epochs (`max_steps or ...`), a negative count a run that ends before its first step
+        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
     if args.clip_skip < 1:
         parser.error("--clip-skip must be at least 1")
     if args.cache_latents and args.crop == "random":

@@ -193,6 +193,18 @@ def plan_run(request: dict) -> Plan:
     return Plan(name, infos, args, sources, layout, resume=False)
 
 
+def whole_count(flag: str, value) -> int:
+    """A resumed run's new --max-steps or --epochs, read as train.py's parser reads the text a new run's request
+    becomes (`int(str(value))`: 2.5 and true are refused), and at least 1."""
+    try:
+        count = int(str(value))
+    except ValueError:
+        count = None
+    if count is None or count < 1:
+        raise TrainingRefused(f"--{flag.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
+    return count
+
+
 def plan_resume(output, members, overrides: dict) -> Plan:
     """A stopped run continued with the command line it was saved with (so it ends as the uninterrupted run);
     only how long it trains may change (RESUME_OVERRIDES)."""
@@ -219,7 +231,7 @@ def plan_resume(output, members, overrides: dict) -> Plan:
         raise TrainingRefused(f"resume: run {name!r} was trained with members "
                               f"{', '.join(checkpoints.label(i) for i in infos)}")
     values = {k: v for k, v in saved.items() if k != "step"}
-    values.update({k: v for k, v in overrides.items() if k in RESUME_OVERRIDES and v is not None})
+    values.update({k: whole_count(k, v) for k, v in overrides.items() if k in RESUME_OVERRIDES and v is not None})
     values.update(run_dir=run_dir, resume="latest", device=str(devices.device), num_workers=0)
     layout = check_members([(checkpoints.label(info), checkpoints.unet_shapes_of(info)) for info in infos])
     return Plan(name, infos, argparse.Namespace(**values), [], layout, resume=True, start_step=saved["step"])
@@ -236,6 +248,31 @@ def state_bytes(plan: Plan) -> int:
     with torch.device("meta"):
         parameters = sum(p.numel() for p in Aggregator(config).parameters())
     return parameters * 4 * 3 * (args.keep_checkpoints + 1) + parameters * 4
+
+
+def check_data(plan: Plan):
+    """Writes a new run's data snapshot and checks that it fills at least one batch, before any member is loaded;
+    returns the report of the files indexing skipped. A refused snapshot is deleted (and the run folder, if that
+    leaves it empty)."""
+    count, report = trainer.snapshot_data(plan.sources, plan.args.data)
+    sources = ", ".join(public_text(str(source)) for source in plan.sources)
+    skipped = f"\n{public_lines(report.summary())}" if report.total else ""
+    if count == 0:
+        problem = f"no captioned images in {sources}{skipped}"
+    else:
+        # train.py drops the batch a tail of images does not fill: with fewer images than one batch it has nothing
+        training = trainer.training_image_count(plan.args.data, plan.args.val_split, plan.args.seed)
+        batch_size = plan.args.batch_size
+        problem = None if training >= batch_size else (
+            f"{training} training images do not fill one batch of {batch_size} ({count} captioned images in "
+            f"{sources}, {count - training} of them held out for validation): add images, or lower the batch size "
+            f"or the share held out{skipped}")
+    if problem is not None:
+        Path(plan.args.data).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            plan.args.run_dir.rmdir()  # only if empty: a folder the user made stays
+        raise TrainingRefused(problem)
+    return report
 
 
 def check_free_disk(plan: Plan) -> None:
@@ -378,15 +415,7 @@ class TrainingJob:
             try:
                 self.snapshot_report = None
                 if not plan.resume:
-                    count, report = trainer.snapshot_data(plan.sources, plan.args.data)
-                    self.snapshot_report = report
-                    if count == 0:
-                        Path(plan.args.data).unlink(missing_ok=True)
-                        with contextlib.suppress(OSError):
-                            plan.args.run_dir.rmdir()  # only if empty: a folder the user made stays
-                        raise TrainingRefused("no captioned images in " + ", ".join(
-                            public_text(str(s)) for s in plan.sources) + (f"\n{public_lines(report.summary())}"
-                                                                          if report.total else ""))
+                    self.snapshot_report = check_data(plan)
                 losses, validation = history(plan.args.run_dir, plan.start_step) if plan.resume else ([], [])
                 self.status = Status(state=PREPARING, name=plan.name, members=[info.title for info in plan.infos],
                                      step=plan.start_step, start_step=plan.start_step, losses=losses,

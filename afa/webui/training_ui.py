@@ -66,10 +66,18 @@ def request_from_form(members, preset, data_source, data_path, resolution, valid
     if data_source == DATA_PATH and not request["data"]:
         raise training_job.TrainingRefused("name the folder or manifest to train on")
     if length_unit == LENGTH_STEPS:
-        request["max_steps"] = int(steps)
+        request["max_steps"] = form_number(steps, "Steps")
     else:
-        request["epochs"] = int(epochs)
+        request["epochs"] = form_number(epochs, "Epochs")
     return request
+
+
+def form_number(value, label: str) -> int:
+    """A Number field's value for the trainer, which checks its range (--max-steps and --epochs at least 1); an
+    emptied field (None) is refused here, naming the field."""
+    if value is None:
+        raise training_job.TrainingRefused(f"{label}: enter a whole number")
+    return int(value)
 
 
 # -- the right column ----------------------------------------------------------------------------------------------
@@ -235,11 +243,14 @@ def create_tab():
                                        value=512, elem_id="afa_train_resolution")
                 validation_percent = gr.Slider(label="Held out for validation (%)", minimum=0, maximum=50, step=1,
                                                value=5, elem_id="afa_train_validation_percent")
+                # The Number fields set no gradio `minimum`: gradio would refuse a smaller value before Start's
+                # handler runs, leaving the progress bar Start opened waiting; the trainer's own check (e.g.
+                # --max-steps at least 1) refuses it instead, with its reason, and closes the bar.
                 with gr.Row():
                     length_unit = gr.Radio(label="Train for", choices=[LENGTH_EPOCHS, LENGTH_STEPS],
                                            value=LENGTH_EPOCHS, elem_id="afa_train_length_unit")
-                    epochs = gr.Number(label="Epochs", value=10, precision=0, minimum=1, elem_id="afa_train_epochs")
-                    steps = gr.Number(label="Steps", value=1000, precision=0, minimum=1, elem_id="afa_train_steps")
+                    epochs = gr.Number(label="Epochs", value=10, precision=0, elem_id="afa_train_epochs")
+                    steps = gr.Number(label="Steps", value=1000, precision=0, elem_id="afa_train_steps")
                 with gr.Row():
                     batch_size = gr.Slider(label="Batch size", minimum=1, maximum=64, step=1, value=8,
                                            elem_id="afa_train_batch_size")
@@ -249,7 +260,7 @@ def create_tab():
                     gradient_checkpointing = gr.Checkbox(label="Gradient checkpointing (less VRAM, slower)",
                                                          value=False, elem_id="afa_train_gradient_checkpointing")
                     validate_every = gr.Number(label="Validate every N steps (0: each epoch)", value=0,
-                                               precision=0, minimum=0, elem_id="afa_train_validate_every")
+                                               precision=0, elem_id="afa_train_validate_every")
                 output = gr.Textbox(label="Output name (weights folder)", placeholder="afa-<member>+<member>",
                                     elem_id="afa_train_output")
                 with gr.Row():

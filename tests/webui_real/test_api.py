@@ -271,9 +271,28 @@ def test_training_through_the_api_cancels_resumes_to_the_same_weights_and_runs_a
 
 
 def test_training_refusals_through_the_api(webui):
+    """Each refused when the request is checked, before a member loads: HTTP 400 with the reason (a body that is
+    not an object: FastAPI's 422), and no run starts (as tests/test_webui_training.py checks in the stand-in)."""
+    before = webui.get("/afa/v1/train")
     for body, expected in ((training_body(webui, "x", members=["tiny-a"]), "choose 2 to 6 members"),
+                           (training_body(webui, "x", members=["tiny-a", "pair.safetensors"]),
+                            "'pair.safetensors' is not an installed checkpoint"),  # a SABW weights file
                            (training_body(webui, "x", data="/nonexistent"), "no such folder"),
-                           (training_body(webui, "x", device="cuda"), "--device: set by the WebUI")):
+                           (training_body(webui, "x", device="cuda"), "--device: set by the WebUI"),
+                           (training_body(webui, "x", colour="red"), "unrecognized arguments: --colour"),
+                           (training_body(webui, "../outside"), "is a path"),
+                           (training_body(webui, "x", batch_size=0), "--batch-size must be at least 1"),
+                           (training_body(webui, "x", max_steps=-5), "--max-steps must be at least 1, got -5"),
+                           (training_body(webui, "x", max_steps=0), "--max-steps must be at least 1, got 0"),
+                           (training_body(webui, "x", max_steps=2.5), "--max-steps: invalid int value: '2.5'"),
+                           # 8 captioned images, a quarter held out for validation
+                           (training_body(webui, "x", batch_size=8), "6 training images do not fill one batch of 8")):
         with pytest.raises(AssertionError, match="HTTP 400") as refused:  # conftest's WebUIError
             webui.post("/afa/v1/train", body)
         assert expected in str(refused.value)
+    with pytest.raises(AssertionError, match="HTTP 422"):
+        webui.post("/afa/v1/train", [training_body(webui, "x")])
+    after = webui.get("/afa/v1/train")
+    assert (after["state"], after["name"], after["started_at"]) == (before["state"], before["name"],
+                                                                    before["started_at"])
+    assert not (webui.data_dir / "afa-training" / "x").exists()
