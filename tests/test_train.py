@@ -79,7 +79,7 @@ def test_outputs_of_a_run(baseline, members):
     member_names = {path.stem for path in members}
     output = baseline / "baseline.safetensors"
     info = read_weights_info(output)
-    assert info.members == [MemberRef.from_file(path) for path in members]
+    assert info.members == [MemberRef.from_file(path, with_unet=True) for path in members]  # UNet fingerprints too
     assert info.training["steps"] == 4 and info.training["dataset_size"] == 9
     assert info.config.num_members == 2 and info.config.hidden_channels == 32 and info.mode.name == "sabw"
     assert info.config.design == "paper" and info.config.max_resolution is None  # the default preset
