@@ -25,7 +25,7 @@ from modules import sd_models, shared  # noqa: E402
 from afa.webui import training_job  # noqa: E402
 from standin_jobs import WAIT, afa, params_of, resolution_for_members, sabw_against_average, \
     train_through_api  # noqa: E402
-from test_webui_text import ContextSpy, write_text_variant  # noqa: E402
+from test_webui_text import ContextSpy, write_moved_copy, write_text_variant  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = (("sd2-a", 1, "sd2"), ("sd2-a2", 1, "sd2"), ("sd2-b", 2, "sd2"))
@@ -36,6 +36,7 @@ MEMBERS = ("sd2-a", "sd2-b")
 def webui(tmp_path):
     with harness.webui(tmp_path, extensions=[EXTENSION_ROOT], checkpoints=CHECKPOINTS) as instance:
         write_text_variant(Path(sd_models.model_path), "sd2-a-text", "sd2-a", "sd2-b")
+        write_moved_copy(Path(sd_models.model_path), "sd2-a-moved", "sd2-a")
         yield instance
         training_job.job.cancel()
         training_job.job.wait(WAIT)
@@ -48,6 +49,8 @@ def test_sd2_members_read_their_own_encoding_and_identical_ones_give_the_loaded_
     base = webui.txt2img(negative_prompt="blurry")
     same = webui.txt2img(negative_prompt="blurry", script_args=afa(("sd2-a", "sd2-a2")))
     assert same.images[0].tobytes() == base.images[0].tobytes()
+    moved = webui.txt2img(negative_prompt="blurry", script_args=afa(("sd2-a", "sd2-a-moved")))  # another sha256
+    assert moved.images[0].tobytes() == base.images[0].tobytes()
 
     spy = ContextSpy(monkeypatch)
     spy.watch_loaded_unet(monkeypatch)

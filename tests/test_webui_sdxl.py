@@ -27,7 +27,7 @@ from afa.ensemble import EnsembleUNet  # noqa: E402
 from afa.webui import gallery_maps, training_job  # noqa: E402
 from standin_jobs import WAIT, afa, params_of, resolution_for_members, sabw_against_average, \
     train_through_api  # noqa: E402
-from test_webui_text import write_text_variant  # noqa: E402
+from test_webui_text import write_moved_copy, write_text_variant  # noqa: E402
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = (("xl-a", 1, "sdxl"), ("xl-a2", 1, "sdxl"), ("xl-b", 2, "sdxl"))
@@ -39,6 +39,7 @@ NEGATIVE = "blurry, lowres"
 def webui(tmp_path):
     with harness.webui(tmp_path, extensions=[EXTENSION_ROOT], checkpoints=CHECKPOINTS) as instance:
         write_text_variant(Path(sd_models.model_path), "xl-a-text", "xl-a", "xl-b", text_prefix="conditioner.")
+        write_moved_copy(Path(sd_models.model_path), "xl-a-moved", "xl-a")
         yield instance
         training_job.job.cancel()
         training_job.job.wait(WAIT)
@@ -68,6 +69,8 @@ def test_identical_members_give_the_loaded_models_image_and_different_ones_do_no
     same = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(("xl-a", "xl-a2")))
     assert params_of(same)["AFA mode"] == "Block average" and "AFA not applied" not in params_of(same)
     assert same.images[0].tobytes() == base.images[0].tobytes()
+    moved = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(("xl-a", "xl-a-moved")))  # another sha256
+    assert moved.images[0].tobytes() == base.images[0].tobytes()
     mixed = webui.txt2img(negative_prompt=NEGATIVE, script_args=afa(MEMBERS))
     params = params_of(mixed)
     assert params["AFA members"].startswith("xl-a [") and "xl-b [" in params["AFA members"]
