@@ -38,12 +38,14 @@ class ComfyBlockRunner(LdmBlockRunner):
     attention patches see: the same for every member, as if each were the only model) and the video arguments.
     """
 
-    def __init__(self, x: torch.Tensor, control: dict | None, transformer_options: dict, extra: dict):
+    def __init__(self, x: torch.Tensor, control: dict | None, transformer_options: dict, extra: dict,
+                 default_num_video_frames: int | None = None):
         self.control = control
         self.options = transformer_options
         self.patches = transformer_options.get("patches", {})
         self.x_shape = list(x.shape)
         self.extra = extra
+        self.num_video_frames = extra.get("num_video_frames", default_num_video_frames)
         self.pending_control: dict | None = None
         self.block_key: tuple | None = None
         self.block_transformer_index = 0
@@ -79,8 +81,7 @@ class ComfyBlockRunner(LdmBlockRunner):
         self.options["block"] = key
         return forward_timestep_embed(block, h, emb, context, self.options, output_shape,
                                       time_context=self.extra.get("time_context"),
-                                      num_video_frames=self.extra.get("num_video_frames",
-                                                                      getattr(block, "default_num_video_frames", None)),
+                                      num_video_frames=self.num_video_frames,
                                       image_only_indicator=self.extra.get("image_only_indicator"))
 
     def after_block(self, stage: str, h: torch.Tensor) -> torch.Tensor:
@@ -149,8 +150,13 @@ class EnsembleForward:
                 member_vectors = [torch.cat([pooled.to(y.dtype), y[:, width:]], dim=1)
                                   for pooled in member_pooled.unbind(1)]
         aggregator = self.aggregator_patcher.model if self.aggregator_patcher is not None else None
+        if aggregator is not None and next(aggregator.parameters()).device != x.device:
+            # ComfyUI loads modules without comfy.ops casting only while they fit its low-VRAM budget and leaves the
+            # rest on the offload device; SABW is small (~2% of a member), so it runs where the features are
+            aggregator.to(x.device)
         observer = self.maps.observer(transformer_options) if self.maps is not None else None
         ensemble = EnsembleUNet(members, aggregator, mode=self.mode, observer=observer)
-        runner = ComfyBlockRunner(x, control, transformer_options, kwargs)
+        runner = ComfyBlockRunner(x, control, transformer_options, kwargs,
+                                  getattr(first, "default_num_video_frames", None))
         return ensemble(x, timesteps, context, y, member_contexts=member_contexts, member_vectors=member_vectors,
                         runner=runner)
