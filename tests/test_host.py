@@ -57,6 +57,8 @@ def test_python_m_afa_runs_with_the_webuis_venv(tmp_path, checkpoint_factory):
         "try:\n"
         "    runpy.run_module('afa', run_name='__main__', alter_sys=True)\n"
         "finally:\n"
+        "    from afa.ensemble import LDM_BLOCKS\n"
+        "    LDM_BLOCKS._openaimodel()\n"  # what an ensemble imports at its first block (afa imports no ldm itself)
         "    print('ldm from', sys.modules['ldm'].__path__[0] if 'ldm' in sys.modules else None)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=extension, capture_output=True, text=True,
                             timeout=300)
