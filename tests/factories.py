@@ -3,6 +3,9 @@ tests/webui_real/), which cannot import one another's conftest modules (pytest n
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import torch
 
 
@@ -187,3 +190,20 @@ def write_tiny_sdxl_checkpoint(path, seed: int, tower: dict = TINY_OPEN_CLIP, te
     state_dict.update({"conditioner.embedders.1.model." + k: v for k, v in big_g.state_dict().items()})
     config = tiny_sdxl_config(folder, unet_params, big_g_arch) if with_yaml else None
     return write_webui_checkpoint(path, state_dict, config)
+
+
+# -- the real-host tiers' servers (tests/webui_real, tests/comfyui_real) -------------------------------------------
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a host server the tier starts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(log: Path, lines: int = 60) -> str:
+    """The last `lines` lines of a server's log, for a failure message."""
+    try:
+        return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"(no log: {error})"

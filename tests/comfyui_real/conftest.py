@@ -32,7 +32,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from factories import free_port, log_tail  # tests/factories.py: shared by the real tiers
 
 from .comfyui_workflows import CHECKPOINT_SEEDS, SABW_MEMBERS, SABW_WEIGHTS  # plain data
 
@@ -216,19 +217,6 @@ def write_base_directory(base: Path, checkpoints: dict[str, Path], weights: Path
 
 
 # -- the server -------------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def log_tail(log: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError as error:
-        return f"(no log: {error})"
-
 
 class ComfyUIError(AssertionError):
     pass

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from factories import free_port, log_tail  # tests/factories.py: shared by the real tiers
 
 WEBUI_DIR_VARIABLE = "AFA_WEBUI_DIR"
 SKIP_MESSAGE = ("real-WebUI tier: set AFA_WEBUI_DIR to an A1111 1.10 checkout with its venv at $AFA_WEBUI_DIR/venv "
@@ -178,19 +179,6 @@ def write_data_dir(data_dir: Path) -> None:
 
 
 # -- the server ------------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def log_tail(log: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError as error:
-        return f"(no log: {error})"
-
 
 class WebUIError(AssertionError):
     pass
