@@ -34,10 +34,15 @@ def member_alone(unet: Callable, member_index: int) -> ModelCall:
 
 def ensemble_reading(ensemble: Callable, text_conditioning: str) -> ModelCall:
     """An EnsembleUNet reading the prompt as `text_conditioning` says: "per_member" (member i reads member i's
-    encoding, SABW their mean) or "shared" (every member and SABW read the first member's)."""
+    encoding, SABW their mean) or "shared" (every member and SABW read the first member's).
+
+    The contexts may go on past the members' (a merge's own text encoder, training/evaluate.py): the ensemble reads
+    the first len(ensemble.members)."""
+    count = len(ensemble.members)
     if text_conditioning == "per_member":
         return lambda noisy, timesteps, member_contexts, member_vectors=None: ensemble(
-            noisy, timesteps, member_contexts=member_contexts, member_vectors=member_vectors)
+            noisy, timesteps, member_contexts=member_contexts[:count],
+            member_vectors=member_vectors[:count] if member_vectors is not None else None)
     if text_conditioning == "shared":
         return lambda noisy, timesteps, member_contexts, member_vectors=None: ensemble(
             noisy, timesteps, member_contexts[0], y=member_vectors[0] if member_vectors is not None else None)
@@ -138,7 +143,8 @@ def denoising_errors(models: Mapping[str, ModelCall], loader: Iterable[dict], va
     Args:
         models: name -> `ModelCall` (wrap a member in `member_alone`, an ensemble in `ensemble_reading`).
         loader: batches as training/data.py's `collate` makes them (with "indices": the keys of the draws).
-        text_encoders: each member's own text encoder (FrozenModels.text_encoders); the latents are the VAE
+        text_encoders: each member's own text encoder (FrozenModels.text_encoders), then any other model's (a
+            merge's), whose encodings follow the members' in the models' member_contexts; the latents are the VAE
             posterior means.
     Returns:
         {name: {"all": mse, "t 0-249": mse, ...}}; a range without samples is left out.
