@@ -82,6 +82,13 @@ def _member_backup(module: torch.nn.Module, name: str, encoder: dict[str, torch.
     return encoder[f"{name}.weight"].clone()
 
 
+def _exchange(first: torch.Tensor, second: torch.Tensor) -> None:
+    """Exchanges the values of two tensors of one shape and dtype in place (each keeps its storage and device)."""
+    held = first.detach().clone()
+    first.copy_(second)
+    second.copy_(held)
+
+
 def checkpoint_key(key: str) -> str:
     """A text-encoder key as the WebUI loads it (old SD 1.x files lack `text_model.`: sd_models.py, v1.10)."""
     return sd_models.transform_checkpoint_dict_key(key, sd_models.checkpoint_dict_replacements_sd1)
@@ -217,21 +224,33 @@ class MemberTextConditioning:
     @contextlib.contextmanager
     def _weights(self, encoder: dict[str, torch.Tensor]):
         """The loaded text encoder with a member's weights for one pass; on exit (also on errors) every parameter
-        and the Lora extension's state get back exactly what they held. copy_ writes into the parameters wherever
-        they are (--lowvram moves the encoder to the GPU only while it runs).
+        and the Lora extension's state get back exactly what they held, and so does `encoder`. The values move
+        into the parameters wherever they are (--lowvram moves the encoder to the GPU only while it runs).
+
+        Without a LoRA merged into the loaded encoder, each parameter exchanges its values with the member's tensor
+        (the loaded weights wait in the member's tensors during the pass): one tensor's temporary at a time, where a
+        copy of the loaded encoder would take its full size (0.46 GiB for SD 1.x in fp32) at every prompt, memory
+        the allocator keeps from the OS after the job.
 
         Prompt LoRAs: the built-in Lora extension merges a LoRA into a layer's weight on its first forward and keeps
-        the unmerged weight as `network_weights_backup` (networks.py v1.10: network_apply_weights). For the member's
-        pass, the backups become the member's weights and the layers are marked unmerged, so Lora merges the same
-        LoRA into the member's weights; afterwards the loaded merged weights, backups and marks are put back."""
-        saved = {name: parameter.detach().clone() for name, parameter in self.parameters.items()}
+        the unmerged weight as `network_weights_backup` (networks.py v1.10: network_apply_weights). Then the loaded
+        (merged) weights are copied aside and the member's copied in; the backups become the member's weights and
+        the layers are marked unmerged, so Lora merges the same LoRA into the member's weights; afterwards the
+        loaded merged weights, backups and marks are put back."""
         lora_states = {name: (module, {key: getattr(module, key) for key in _LORA_STATE if hasattr(module, key)})
                        for name, module in self.lora_modules.items()}
+        merged = any(state.get("network_current_names") for _, state in lora_states.values())
+        saved = {name: parameter.detach().clone() for name, parameter in self.parameters.items()} if merged else {}
+        exchanged = []
         try:
             with torch.no_grad():
                 for name, parameter in self.parameters.items():
-                    parameter.copy_(encoder[name])
-            for name, (module, state) in lora_states.items():
+                    if merged:
+                        parameter.copy_(encoder[name])
+                    else:
+                        _exchange(parameter, encoder[name])
+                        exchanged.append(name)
+            for name, (module, state) in lora_states.items() if merged else ():
                 if state.get("network_weights_backup") is not None:
                     module.network_weights_backup = _member_backup(module, name, encoder)
                     bias = encoder.get(f"{name}.bias")
@@ -241,9 +260,11 @@ class MemberTextConditioning:
             yield
         finally:
             with torch.no_grad():
-                for name, parameter in self.parameters.items():
+                for name in reversed(exchanged):
+                    _exchange(self.parameters[name], encoder[name])
+                for name, parameter in self.parameters.items() if merged else ():
                     parameter.copy_(saved[name])
-            for module, state in lora_states.values():
+            for module, state in lora_states.values() if merged else ():
                 for key in _LORA_STATE:
                     if key in state:
                         setattr(module, key, state[key])
