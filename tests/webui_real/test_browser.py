@@ -7,6 +7,7 @@ Opt-in: AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui (installs 
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"]
 TIMEOUT_MS = 60_000
 GENERATION_TIMEOUT_MS = 180_000
+TRAINING_TIMEOUT_MS = 600_000  # a short run in a busy 2-core machine: 5 to 9 s per step, a validation every epoch
 
 # Uncaught JavaScript errors of A1111 1.10 itself: gradio 3.41's Blocks raises this when a steps/width/height number
 # box changes, with no extension installed (reproduced against the same WebUI with an empty extensions folder).
@@ -38,6 +40,22 @@ WEBUI_OWN_JS_ERRORS = ("Cannot read properties of undefined (reading 'props')",)
 ERROR_BADGES_JS = """() => Array.from(document.querySelectorAll('.toast-body.error, .wrap > span.error'))
     .filter(element => element.getClientRects().length > 0)
     .map(element => ((element.closest('[id]') || {}).id || '?') + ': ' + element.innerText.trim())"""
+
+
+PICK_TIMEOUT_MS = 20_000
+
+# A dropdown's choice shows: a multiselect's token, a single choice's input text
+PICKED_JS = """([id, prefix]) => {
+    const root = document.querySelector(`#${id}`);
+    const tokens = Array.from(root.querySelectorAll('.token')).map(token => token.innerText.trim());
+    return tokens.some(text => text.startsWith(prefix)) || root.querySelector('input').value.startsWith(prefix);
+}"""
+DROPDOWN_STATE_JS = """id => {
+    const root = document.querySelector(`#${id}`), input = root.querySelector('input');
+    return {focused: document.activeElement === input, text: input.value,
+            active: document.activeElement ? document.activeElement.tagName + '#' + document.activeElement.id : null,
+            listed: Array.from(root.querySelectorAll('ul.options li')).map(item => item.dataset.value)};
+}"""
 
 
 def accordion_id(tab: str, name: str) -> str:
@@ -93,8 +111,15 @@ class Page:
         websocket.on("framereceived", frame)
 
     def load(self) -> None:
+        """Opens the page and waits for what its loading does after the network is idle: A1111's onUiLoaded
+        callbacks (javascript/inputAccordion.js adds each accordion's visible checkbox) and the queued load event
+        that fills the extra-networks pages (ui_extra_networks.py, over the queue's websocket, which "networkidle"
+        does not wait for; the first page of a session builds them, slowly on a busy server)."""
         self.page.goto(self.url, wait_until="networkidle", timeout=GENERATION_TIMEOUT_MS)
         self.page.wait_for_selector("#txt2img_prompt textarea", state="visible")
+        self.page.wait_for_selector(f"#{accordion_id('txt2img', 'enabled')}-visible-checkbox", state="attached")
+        self.page.wait_for_function("() => document.querySelector('#txt2img_checkpoints_cards_html')"
+                                    "?.innerHTML.trim().length > 0", timeout=GENERATION_TIMEOUT_MS)
         self.page.wait_for_timeout(1000)  # late load events
 
     # -- checks --
@@ -123,15 +148,35 @@ class Page:
 
     def pick(self, element_id: str, value_prefix: str) -> None:
         """Chooses the option whose value starts with `value_prefix` in a gradio 3.41 dropdown (one more token in
-        a multiselect one)."""
-        box = self.page.locator(f"#{element_id} input").first
-        box.click()
-        box.fill(value_prefix)  # filters the options; the first match becomes the active one
-        box.press("End")  # any key but Escape shows the list (a focused input is not refocused by the click)
-        self.page.locator(f'#{element_id} ul.options li[data-value^="{value_prefix}"]').first.wait_for(
-            state="visible")
+        a multiselect one), and returns once the choice shows and the option list has closed.
+
+        The list opens on a key press in the focused input (a focused input is not refocused by the click, so the
+        click alone may not open it), shows the options the typed text filters, and closes with a 200 ms
+        transition after Escape. Each pick waits for the one before it to be over (choice shown, list gone), so
+        it never types into a list that is still closing. Should the list still not show the option (issue 17: it
+        did not, once, in 60 s, unreproduced since), the attempt is reported with the dropdown's state (a warning
+        in pytest's summary) and made again with the input focused anew."""
+        root = self.page.locator(f"#{element_id}")
+        box = root.locator("input").first
+        option = root.locator(f'ul.options li[data-value^="{value_prefix}"]').first
+        for attempt in range(3):
+            if attempt:
+                warnings.warn(f"pick({element_id!r}, {value_prefix!r}): option not shown in {PICK_TIMEOUT_MS} ms, "
+                              f"again; state: {self.page.evaluate(DROPDOWN_STATE_JS, element_id)}")
+                box.evaluate("input => input.blur()")  # the next click focuses it anew, which opens the list
+            box.click()
+            box.fill(value_prefix)  # filters the options; the first match becomes the active one
+            box.press("End")  # any key but Escape shows the list
+            try:
+                option.wait_for(state="visible", timeout=PICK_TIMEOUT_MS)
+                break
+            except sync_api.TimeoutError:
+                if attempt == 2:
+                    raise
         box.press("Enter")
         self.page.keyboard.press("Escape")
+        self.page.wait_for_function(PICKED_JS, arg=[element_id, value_prefix])
+        root.locator("ul.options").first.wait_for(state="detached")  # none left, the closing one included
 
     def options(self, element_id: str) -> list[str]:
         self.page.locator(f"#{element_id} input").first.click()
@@ -353,14 +398,14 @@ def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, w
     the loss curve while it trains; Cancel; Resume of the stopped run; the validation plot and table; "Use these
     weights" fills the txt2img accordion (members, the new weights, SABW) and the job runs as SABW."""
     p = page.page
-    page.fill_training_form(["tiny-a", "tiny-b"], webui.data_dir / "training-images", steps=80,
+    page.fill_training_form(["tiny-a", "tiny-b"], webui.data_dir / "training-images", steps=40,
                             output="browser-run", validate_every=10)
     p.click("#afa_train_generate")
 
     # the WebUI's progress bar (javascript/progressbar.js) above the status, fed by /internal/progress
     p.wait_for_selector("#tab_afa_training .progressDiv", state="visible", timeout=GENERATION_TIMEOUT_MS)
-    p.wait_for_function("() => /step (1[0-9]|[2-9][0-9]) of 80/.test("
-                        "document.querySelector('#afa_train_status').innerText)", timeout=GENERATION_TIMEOUT_MS)
+    p.wait_for_function("() => /step (1[0-9]|[23][0-9]) of 40/.test("
+                        "document.querySelector('#afa_train_status').innerText)", timeout=TRAINING_TIMEOUT_MS)
     page.shot("10-training-running", "#tab_afa_training")
     p.click("#afa_train_interrupt")
     p.wait_for_function("() => document.querySelector('#afa_train_status').innerText.includes('cancelled')",
@@ -372,7 +417,7 @@ def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, w
     page.pick("afa_train_resume_run", "browser-run")
     p.click("#afa_train_resume")
     p.wait_for_function("() => document.querySelector('#afa_train_status').innerText.includes('wrote browser-run')",
-                        timeout=GENERATION_TIMEOUT_MS)
+                        timeout=TRAINING_TIMEOUT_MS)
     p.wait_for_selector("#afa_train_validation_table td", state="visible")
     p.wait_for_timeout(1500)  # the plots redraw
     page.shot("11-training-finished", "#tab_afa_training")
