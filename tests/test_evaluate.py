@@ -41,10 +41,12 @@ def held_out(tmp_path_factory) -> Path:
     return folder
 
 
-def run_evaluate(members, data: Path, output_dir: Path, *extra: str) -> dict:
+def run_evaluate(members, data: Path, output_dir: Path, *extra: str, merges: bool = False) -> dict:
+    """evaluate.main on tiny members; the merge baselines only when asked (their search costs a hundred passes)."""
     code = evaluate.main(["--members", *map(str, members), "--data", str(data), "--resolution", "32",
                           "--draws", "4", "--batch-size", "8", "--figure-images", "2", "--timesteps", *TIMESTEPS,
-                          "--figure-draws", "3", "--cell-size", str(CELL), "--output-dir", str(output_dir), *extra])
+                          "--figure-draws", "3", "--cell-size", str(CELL), "--output-dir", str(output_dir),
+                          *([] if merges else ["--merge-baselines", "none"]), *extra])
     assert code == 0
     return json.loads((output_dir / evaluate.RESULTS_FILE).read_text())
 
@@ -97,6 +99,30 @@ def test_identical_members_have_equal_errors_and_identical_figure_columns(checkp
             cells.append(figure[top:top + CELL, left:left + CELL])
         assert all(np.array_equal(cells[0], cell) for cell in cells)
         assert (cells[0] == TIE_COLOR).all()
+
+
+def test_merge_rows_are_searched_on_validation_draws_and_evaluated_on_the_table_draws(checkpoint_factory, held_out,
+                                                                                  tmp_path, capsys):
+    members = [checkpoint_factory(1), checkpoint_factory(2)]  # seeds 1 and 2: different text encoders too
+    results = run_evaluate(members, held_out, tmp_path, "--figure-images", "0", "--merge-ratios", "0",
+                           "--mbw-ratios", "0", "1", "--validation-samples", "3", "--validation-draws", "1",
+                           merges=True)
+    first = results["members"][0]["name"]
+    weighted, mbw = results["merges"]
+    # Ratio 0 is the first member's UNet and text encoder bit for bit: on the table's draws, its very row.
+    assert weighted["row"] == "weighted merge (r=0.00)" and weighted["kind"] == "weighted merge"
+    assert results["models"][weighted["row"]] == results["models"][first]
+    assert weighted["evaluations"] == 1 and weighted["weights"] == [[1.0, 0.0]] * 26
+    # MBW: 25 UNet blocks and BASE (the members' text encoders differ), each trying ratio 1 once after the start.
+    assert mbw["row"] == "MBW" and mbw["blocks"][0] == "IN00" and mbw["blocks"][-2:] == ["OUT11", "BASE"]
+    assert len(mbw["weights"]) == 26 and mbw["evaluations"] == 1 + 26
+    assert mbw["validation_losses"]["sweep 1"] <= mbw["validation_losses"]["start"]
+    unet_bytes = sum(value.numel() * value.element_size() for value in load_member(members[0]).state_dict().values())
+    assert weighted["extra_memory_bytes"] > unet_bytes  # a UNet and a text encoder
+    assert results["best_merge"] in (weighted["row"], "MBW") and results["best_member"] in results["models"]
+    printed = capsys.readouterr().out
+    assert "vs best member" in printed and "vs best merge" in printed
+    assert "MBW: 26 blocks (IN00..BASE) by coordinate descent" in printed and "this favours the merges" in printed
 
 
 def test_per_pixel_errors_tell_different_members_apart(checkpoint_factory):
@@ -203,6 +229,7 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for flag in ("--members", "--weights", "--data", "--resolution", "--samples", "--seed", "--output-dir",
                  "--draws", "--timesteps", "--figure-images", "--figure-draws", "--map-blocks", "--cell-size",
-                 "--text-conditioning", "--clip-skip"):
+                 "--text-conditioning", "--clip-skip", "--merge-baselines", "--validation-data",
+                 "--validation-samples", "--validation-draws", "--merge-ratios", "--mbw-ratios", "--mbw-sweeps"):
         assert flag in result.stdout
     assert "(default: 256)" in result.stdout  # ArgumentDefaultsHelpFormatter

@@ -70,6 +70,8 @@ def test_sd2_v_members_train_resume_to_the_same_weights_and_evaluate(members, da
     results = json.loads((report / evaluate.RESULTS_FILE).read_text())
     rows = results["rows"] if "rows" in results else results
     assert "sd2-1" in json.dumps(rows) and "AFA" in json.dumps(rows), results
+    assert [merge["kind"] for merge in results["merges"]] == ["weighted merge", "MBW"]
+    assert len(results["merges"][1]["blocks"]) in (25, 26)  # IN00..OUT11 (and BASE when the towers differ)
 
 
 @pytest.mark.parametrize("flags", TRAINER_VARIANTS.values(), ids=TRAINER_VARIANTS.keys())

@@ -136,14 +136,18 @@ def test_sdxl_members_train_resume_to_the_same_weights_evaluate_and_inspect(memb
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     validation = [record["validation"] for record in log if "validation" in record][-1]
-    assert set(validation) == {"xl-1", "xl-2", "block average", "AFA"}
+    rows = list(validation)  # the merge baselines too: the SDXL UNets' 19 MBW blocks and both text encoders merged
+    assert rows[:2] == ["xl-1", "xl-2"] and rows[2].startswith("weighted merge (r=") and rows[3:] == [
+        "MBW", "block average", "AFA"], rows
 
     report = tmp_path / "evaluation"
     assert evaluate.main(["--members", *map(str, members), "--data", str(dataset), "--resolution", "32",
                           "--draws", "2", "--batch-size", "8", "--figure-images", "1", "--figure-draws", "2",
                           "--weights", str(tmp_path / "full.safetensors"), "--output-dir", str(report)]) == 0
     results = json.loads((report / evaluate.RESULTS_FILE).read_text())
-    assert {"xl-1", "xl-2", "AFA"} <= set(results["models"]), results["models"].keys()
+    assert {"xl-1", "xl-2", "AFA", "MBW"} <= set(results["models"]), results["models"].keys()
+    mbw, = [merge for merge in results["merges"] if merge["kind"] == "MBW"]
+    assert len(mbw["blocks"]) == 19 + 1 and mbw["blocks"][-1] == "BASE"  # IN00..OUT08, and the text encoders
     assert all((report / name).is_file() for name in results["figures"].values()) and len(results["figures"]) == 2
 
     inspected = run_afa("inspect", str(tmp_path / "full.safetensors"))

@@ -89,7 +89,13 @@ def test_outputs_of_a_run(baseline, members):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log if "loss" in record] == [1, 2, 3, 4]
     validations = [record["validation"] for record in log if "validation" in record]
-    assert len(validations) == 2 and set(validations[0]) == member_names | {"block average", "AFA"}
+    weighted, = [row for row in validations[0] if row.startswith("weighted merge (r=")]
+    assert len(validations) == 2 and list(validations[0])[2:] == [weighted, "MBW", "block average", "AFA"]
+    assert set(list(validations[0])[:2]) == member_names
+    # the merges are searched once, at the first validation, and keep their errors; they mix the members' weights,
+    # so their errors are not a member's
+    assert validations[1][weighted] == validations[0][weighted] and validations[1]["MBW"] == validations[0]["MBW"]
+    assert validations[0][weighted] not in [validations[0][name] for name in member_names]
     # fresh SABW starts as block averaging; after training it differs
     assert validations[0]["AFA"] != validations[0]["block average"]
     states = sorted((run / "checkpoints").glob("state-*.safetensors"))
@@ -101,14 +107,18 @@ def test_outputs_of_a_run(baseline, members):
 
 
 def test_resumed_run_ends_with_the_same_weights(baseline, members, dataset, tmp_path):
-    """Bit for bit, with posterior samples and random crops: their draws are keyed by (seed, epoch, sample)."""
-    args = train_args(members, dataset, tmp_path, "resumed")
+    """Bit for bit, with posterior samples and random crops: their draws are keyed by (seed, epoch, sample). Without
+    the merge baselines, which the baseline run searched at each validation: their search changes no training."""
+    args = train_args(members, dataset, tmp_path, "resumed", "--merge-baselines", "none")
     run_in_process(args + ["--max-steps", "1"])  # stopped mid-epoch
     run_in_process(args + ["--max-steps", "3", "--resume", "latest"])  # stopped at an epoch boundary + 1
     run_in_process(args + ["--max-steps", "4", "--resume", str(tmp_path / "resumed" / "checkpoints" /
                                                              "state-00000003.safetensors")])
     expected, got = weights(baseline / "baseline.safetensors"), weights(tmp_path / "resumed.safetensors")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    validations = [record["validation"] for record in log if "validation" in record]
+    assert validations and all(list(validation)[2:] == ["block average", "AFA"] for validation in validations)
 
 
 def test_resume_refuses_changed_settings_and_accepts_a_longer_run(baseline, members, dataset, tmp_path):

@@ -160,10 +160,17 @@ def test_a_run_from_the_tab_trains_reports_progress_cancels_resumes_and_fills_th
     outputs = training_ui.refresh()
     losses, plot, table = outputs[1], outputs[2], outputs[3]
     assert list(losses["step"]) == [1, 2, 3, 4]
-    assert set(plot["value"]["model"]) == {"tiny-a", "tiny-b", "block average", "AFA"}
+    models = set(plot["value"]["model"])
+    weighted, = [model for model in models if model.startswith("weighted merge (r=")]
+    assert models == {"tiny-a", "tiny-b", weighted, "MBW", "block average", "AFA"}
     low, high = plot["y_lim"]
     assert low <= plot["value"]["MSE"].min() and plot["value"]["MSE"].max() <= high and low > 0
-    assert list(table.columns) == ["model", "MSE", "vs best member"] and len(table) == 4
+    assert list(table.columns) == ["model", "MSE", "vs best member", "vs best merge"] and len(table) == 6
+    by_model = table.set_index("model")
+    best_merge = min((weighted, "MBW"), key=lambda model: by_model.loc[model, "MSE"])
+    assert by_model.loc[best_merge, "vs best merge"] == "" and by_model.loc["AFA", "vs best merge"].endswith("%")
+    # the merges were searched once: the same errors at every validation
+    assert all(entry["errors"][weighted] == final["validation"][-1]["errors"][weighted] for entry in final["validation"])
     # what the page's poll gets (javascript/afa.js clicks the refresh button), then the ticker's change event, both
     # through gradio's processing
     [[ticker]] = webui.event(tab_component(webui, "afa_train_poll"))
@@ -347,7 +354,9 @@ def test_sdxl_members_train_from_the_api(webui, tmp_path):
     assert final["state"] == training_job.FINISHED and final["step"] == 4, final
     info = read_weights_info(folders.weights_dir() / "xl-run.safetensors")
     assert [ref.name for ref in info.members] == ["xl-a", "xl-b"] and len(info.config.block_channels) == 19
-    assert set(final["validation"][-1]["errors"]) == {"xl-a", "xl-b", "block average", "AFA"}, final
+    rows = list(final["validation"][-1]["errors"])
+    assert rows[:2] == ["xl-a", "xl-b"] and rows[2].startswith("weighted merge (r=") and rows[3:] == [
+        "MBW", "block average", "AFA"], final
 
 
 def harness_images(tmp_path) -> Path:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Held-out denoising error of each member, block averaging, noise averaging and AFA, and the paper's figures.
+"""Held-out denoising error of each member, the best merges, block averaging, noise averaging and AFA, and the
+paper's figures.
 
     python training/evaluate.py --members A.safetensors B.safetensors --weights afa.safetensors --data held-out/
 
@@ -10,6 +11,15 @@ averaging read it per --text-conditioning; AFA runs as its weights file was trai
 last-block) and with its text conditioning (the file's config). Several weights files (e.g. the paper and the fast
 preset) give one AFA row each, "AFA (paper)", "AFA (fast)" (their designs, or their file names when the designs
 repeat), on the same draws. `--data` takes the trainer's formats (a captioned image folder, or a JSONL/CSV manifest).
+
+The merge baselines -- what a user gets from merging the members into one UNet instead (training/merge_search.py):
+"weighted merge (r=...)", its weights the best of a few on validation data (--validation-data; without it, the
+evaluated images with other draws, which favours the merges), and "MBW", one weight vector per MBW block found by
+coordinate descent on the same validation draws. Each merge reads the prompt through the members' text encoders
+merged with its weights (the shared encoder when they have one). The table's last columns compare each row's error
+over all timesteps with the best member's ("vs best member") and with the lower of the two merges' ("vs best
+merge"); how each merge was searched, in how long, and the memory it holds are printed under it.
+
 Writes into --output-dir:
 
   evaluation.json           the table (mean squared error of the eps/v prediction, overall and per timestep range)
@@ -37,6 +47,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from afa import AfaError, EnsembleUNet, WeightsInfo, load_weights  # noqa: E402
+from afa.comparison import AFA, BLOCK_AVERAGE, MBW, NOISE_AVERAGE, percent_change  # noqa: E402
 from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights,  # noqa: E402
                       colorize_winners, legend_entries, render_grid)
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
@@ -45,12 +56,14 @@ from afa.unet import block_name  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.cli import run  # noqa: E402
 from training.diffusion import NoiseSchedule, squared_error  # noqa: E402
+from training.merge_search import (DEFAULT_MBW_RATIOS, DEFAULT_RATIOS, MERGE_BASELINES, Merge,  # noqa: E402
+                                   ValidationScorer, describe_merge, merged_text_encoders,
+                                   prepare_validation_batches, search_merges)
 from training.metrics import (TIMESTEP_RANGES, denoising_errors, encode_for_members, ensemble_reading,  # noqa: E402
                               member_alone, range_label)
 from training.sd_checkpoint import load_frozen_models, native_resolution  # noqa: E402
 from training.text_encoder import tokenize  # noqa: E402
 
-BLOCK_AVERAGE, NOISE_AVERAGE, AFA = "block average", "noise average", "AFA"
 RESULTS_FILE = "evaluation.json"
 CAPABILITY_FIGURE = "denoising-capability.png"
 MAPS_FIGURE = "aggregation-maps.png"
@@ -87,6 +100,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--batch-size", type=int, default=8, help="samples per model call")
     group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
+    group = parser.add_argument_group("merge baselines (a weighted merge and MBW, weights chosen on validation data)")
+    group.add_argument("--merge-baselines", choices=MERGE_BASELINES, default="all",
+                       help="the merge rows: all (the weighted merge and MBW), weighted (the weighted merge), none")
+    group.add_argument("--validation-data", help="images the merges' weights are chosen on, in --data's formats "
+                       "(default: the --data images, with draws of their own: the merges then see the evaluated "
+                       "images, which favours them)")
+    group.add_argument("--validation-samples", type=int, default=32, help="validation images, a seeded random "
+                       "subset (0 = all)")
+    group.add_argument("--validation-draws", type=int, default=2, help="timestep and noise draws per validation "
+                       "image")
+    group.add_argument("--merge-ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS),
+                       help="two members: the ratios r of (1-r)·first + r·second the weighted merge tries (more "
+                       "members: the uniform and each leave-one-out average)")
+    group.add_argument("--mbw-ratios", type=float, nargs="+", default=list(DEFAULT_MBW_RATIOS),
+                       help="two members: the ratios each MBW block tries (more members: uniform, leave-one-out, "
+                       "each member alone)")
+    group.add_argument("--mbw-sweeps", type=int, default=1, help="coordinate-descent passes over the MBW blocks")
+
     group = parser.add_argument_group("figures")
     group.add_argument("--output-dir", default="evaluation", help=f"where {RESULTS_FILE} and the PNGs go")
     group.add_argument("--figure-images", type=int, default=4, help="images (rows) in each figure; the first ones "
@@ -106,14 +137,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
     if args.resolution is None:
         args.resolution = native_resolution(args.members[0], args.config)
-    for flag in ("samples", "figure_images"):
+    for flag in ("samples", "figure_images", "validation_samples"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be 0 or more")
-    for flag in ("draws", "figure_draws", "batch_size", "resolution", "cell_size"):
+    for flag in ("draws", "figure_draws", "batch_size", "resolution", "cell_size", "validation_draws", "mbw_sweeps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.clip_skip is not None and args.clip_skip < 1:
         parser.error("--clip-skip must be at least 1")
+    for flag in ("merge_ratios", "mbw_ratios"):
+        if not all(0.0 <= ratio <= 1.0 for ratio in getattr(args, flag)):
+            parser.error(f"--{flag.replace('_', '-')} are between 0 and 1")
     args.text_conditioning = args.text_conditioning.replace("-", "_")  # as AggregatorConfig spells it
     return args
 
@@ -125,7 +159,7 @@ def display_names(names: Sequence[str]) -> list[str]:
     unique = []
     for name in names:
         candidate, count = name, 1
-        while candidate in unique or candidate in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA):
+        while candidate in unique or candidate in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA, MBW):
             count += 1
             candidate = f"{name} ({count})"
         unique.append(candidate)
@@ -163,13 +197,16 @@ def _file_label(label: str) -> str:
 
 
 def comparison_models(members: Sequence[torch.nn.Module], member_names: Sequence[str],
-                      trained: Sequence[TrainedEnsemble] = (), text_conditioning: str = "per_member") \
-        -> dict[str, Callable]:
-    """The table's rows as metrics.ModelCall's: each member reading its own text encoder's encoding, block
-    averaging and noise averaging reading the prompt per `text_conditioning`, and each trained ensemble reading it
-    as its weights file was trained."""
+                      trained: Sequence[TrainedEnsemble] = (), text_conditioning: str = "per_member",
+                      merges: Sequence[Merge] = ()) -> dict[str, Callable]:
+    """The table's rows as metrics.ModelCall's: each member reading its own text encoder's encoding, each merge
+    reading its merged text encoder's (the contexts after the members', in `merges` order: see
+    merge_search.merged_text_encoders), block averaging and noise averaging reading the prompt per `text_conditioning`, and each
+    trained ensemble reading it as its weights file was trained."""
     models: dict[str, Callable] = {name: member_alone(member, index)
                                    for index, (name, member) in enumerate(zip(member_names, members))}
+    for index, merge in enumerate(merges):
+        models[merge.row] = member_alone(merge.unet.model, len(members) + index)
     models[BLOCK_AVERAGE] = ensemble_reading(EnsembleUNet(list(members), None, AVERAGE), text_conditioning)
     models[NOISE_AVERAGE] = ensemble_reading(EnsembleUNet(list(members), None, NOISE), text_conditioning)
     for entry in trained:
@@ -225,26 +262,40 @@ class RepeatedDraws(torch.utils.data.Dataset):
 
 # -- the table -----------------------------------------------------------------------------------------------------
 
-def format_table(errors: dict[str, dict[str, float]], member_names: Sequence[str] | None = None) -> str:
-    """The errors as a fixed-width text table, with each averaging/AFA row's change against the best member (the
-    members are `member_names`, by default every row but the averages and the AFA rows)."""
+def best_row(errors: dict[str, dict[str, float]], names: Sequence[str]) -> str | None:
+    """The row among `names` with the lowest error over all timesteps (None without such rows)."""
+    present = [name for name in names if name in errors]
+    return min(present, key=lambda name: errors[name]["all"]) if present else None
+
+
+def format_table(errors: dict[str, dict[str, float]], member_names: Sequence[str] | None = None,
+                 merge_rows: Sequence[str] = ()) -> str:
+    """The errors as a fixed-width text table. Every row but the members' ends with its change over all timesteps
+    against the best member ("vs best member") and, with merge rows, against the best merge ("vs best merge");
+    lines under the table say which rows those are. The members are `member_names`, by default every row that is
+    not a merge, an average or an AFA row."""
     columns = ["all"] + [range_label(low, high) for low, high in TIMESTEP_RANGES]
     columns = [column for column in columns if any(column in row for row in errors.values())]
+    if member_names is None:
+        member_names = [name for name in errors if name not in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA, *merge_rows)
+                        and not name.startswith(f"{AFA} (")]
+    best_member, best_merge = best_row(errors, member_names), best_row(errors, merge_rows)
+    references = [("vs best member", best_member)] + ([("vs best merge", best_merge)] if best_merge else [])
     name_width = max(len(name) for name in errors) + 2
     lines = ["held-out denoising MSE (lower is better)",
-             f"{'model':<{name_width}}" + "".join(f"{column:>12}" for column in columns)]
+             f"{'model':<{name_width}}" + "".join(f"{column:>12}" for column in columns)
+             + "".join(f"{label:>16}" for label, _ in references)]
     for name, row in errors.items():
+        changes = "" if name in member_names else "".join(
+            f"{'-' if name == reference else percent_change(row['all'], errors[reference]['all']):>16}"
+            for _, reference in references)
         lines.append(f"{name:<{name_width}}" + "".join(f"{row[column]:>12.5f}" if column in row else f"{'-':>12}"
-                                                       for column in columns))
-    if member_names is None:
-        member_names = [name for name in errors if name not in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA)
-                        and not name.startswith(f"{AFA} (")]
-    members = [name for name in errors if name in member_names]
-    ensembles = [name for name in errors if name not in members]
-    best = min(members, key=lambda name: errors[name]["all"])
-    for name in ensembles:
-        change = 100.0 * (errors[name]["all"] / errors[best]["all"] - 1.0)
-        lines.append(f"{name}: {change:+.1f}% against the best member ({best})")
+                                                       for column in columns) + changes)
+    lines.append(f"vs best member: the change of the error over all timesteps against the best member alone, "
+                 f"{best_member}")
+    if best_merge:
+        lines.append(f"vs best merge: the same against the lower of the merges' errors, {best_merge} (one UNet, "
+                     f"its weights chosen on validation data)")
     return "\n".join(lines)
 
 
@@ -404,6 +455,33 @@ def map_blocks(names: Sequence[str], ensemble: EnsembleUNet) -> list[int]:
     return [block for block in blocks if block in config.aggregated_blocks] or [config.aggregated_blocks[-1]]
 
 
+# -- the merge baselines -------------------------------------------------------------------------------------------
+
+def find_merges(args: argparse.Namespace, frozen, member_names: Sequence[str], clip_skip: int,
+                device: torch.device) -> tuple[list[Merge], dict]:
+    """The weighted merge and MBW, their weights searched on the validation images (--validation-data, else the
+    evaluated ones) with the search's own draws; and what the validation data was (for evaluation.json)."""
+    report = datasets.SkipReport()
+    source = args.validation_data or args.data
+    records = select_records(datasets.index_captioned_images(source, report), args.validation_samples,
+                             args.seed + 1)
+    if not records:
+        raise AfaError(f"no usable validation images in {source}\n{report.summary()}")
+    note = "" if args.validation_data else " (the evaluated images, other draws: this favours the merges)"
+    loader = torch.utils.data.DataLoader(
+        RepeatedDraws(datasets.ImageCaptionDataset(records, args.resolution), args.validation_draws),
+        batch_size=args.batch_size, collate_fn=datasets.collate, num_workers=0)
+    batches = prepare_validation_batches(loader, frozen.vae, frozen.text_encoders, frozen.schedule, args.seed,
+                                         device, clip_skip)
+    scorer = ValidationScorer(batches, clip_skip)
+    print(f"choosing the merges' weights on {len(records)} images x {args.validation_draws} draws of {source}{note}",
+          flush=True)
+    merges = list(search_merges(frozen.members, frozen.text_encoders, member_names, scorer, args.merge_baselines,
+                                args.merge_ratios, args.mbw_ratios, args.mbw_sweeps))
+    return merges, {"data": str(source), "images": len(records), "draws_per_image": args.validation_draws,
+                             "samples": scorer.samples, "same_images_as_the_table": not args.validation_data}
+
+
 # -- the run -------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     if invalid:
         raise AfaError(f"--timesteps {invalid}: the members' schedule has timesteps 0 to {schedule.num_timesteps - 1}")
     clip_skip = evaluation_clip_skip(args.clip_skip, trained)
-    models = comparison_models(frozen.members, member_names, trained, args.text_conditioning)
+    merges, validation = (find_merges(args, frozen, member_names, clip_skip, device)
+                          if args.merge_baselines != "none" else ([], None))
+    models = comparison_models(frozen.members, member_names, trained, args.text_conditioning, merges)
     print(f"loaded {len(frozen.members)} members ({', '.join(map(str, frozen.member_refs))}) on {device}, "
           f"{frozen.distinct_text_encoders} distinct text encoders; averages read the prompt "
           f"{args.text_conditioning.replace('_', '-')}; CLIP skip {clip_skip}"
@@ -443,9 +523,14 @@ def main(argv: list[str] | None = None) -> int:
             report.add_items(batch["skipped"])
             yield batch
 
-    errors = denoising_errors(models, batches(), vae, frozen.text_encoders, schedule, args.seed, device,
-                              clip_skip=clip_skip)
-    print(format_table(errors, member_names))
+    table_started = time.time()
+    errors = denoising_errors(models, batches(), vae, merged_text_encoders(frozen.text_encoders, merges), schedule,
+                              args.seed, device, clip_skip=clip_skip)
+    table_seconds = time.time() - table_started
+    merge_rows = [merge.row for merge in merges]
+    print(format_table(errors, member_names, merge_rows))
+    for merge in merges:
+        print(describe_merge(merge))
     if report.total:
         print(report.summary())
 
@@ -481,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed, "resolution": args.resolution,
         "timestep_ranges": [range_label(low, high) for low, high in TIMESTEP_RANGES],
         "figures": figures,
+        "merges": [merge.summary() for merge in merges], "merge_validation": validation,
+        "best_member": best_row(errors, member_names), "best_merge": best_row(errors, merge_rows),
+        "table_seconds": round(table_seconds, 1),
     }
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {output_dir / RESULTS_FILE}" + "".join(f", {output_dir / name}" for name in figures.values())

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from afa.comparison import MBW, WEIGHTED_MERGE
 from afa.merge import MergedModel, Weights, mbw_block_names, ratio_weights
 
 from .diffusion import VALIDATION_EPOCH, NoiseSchedule, per_sample_mse
@@ -34,7 +35,8 @@ from .text_encoder import tokenize
 
 MERGE_SEARCH_EPOCH = VALIDATION_EPOCH - 1
 """The draw key ("epoch") of the search's validation draws: apart from the table's (VALIDATION_EPOCH)."""
-WEIGHTED_MERGE, MBW = "weighted merge", "MBW"
+MERGE_BASELINES = ("all", "weighted", "none")
+"""What --merge-baselines takes: both merges (MBW starts from the weighted merge's ratio), the weighted merge, none."""
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_MBW_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TEXT_ENCODER_BLOCK = "BASE"  # the MBW tools' name of the text encoder's ratio
@@ -298,3 +300,34 @@ def search_mbw(members: Sequence[nn.Module], text_encoders: Sequence[nn.Module],
                    f"samples ({scorer.evaluations - evaluations} evaluations)")
     return Merge(MBW, MBW, unet, text, label, weights, losses, scorer.evaluations - evaluations,
                  time.perf_counter() - started, timer.seconds, description, {"blocks": names})
+
+
+def search_merges(members: Sequence[nn.Module], text_encoders: Sequence[nn.Module], member_names: Sequence[str],
+                  scorer: ValidationScorer, baselines: str = "all", ratios: Sequence[float] = DEFAULT_RATIOS,
+                  mbw_ratios: Sequence[float] = DEFAULT_MBW_RATIOS, mbw_sweeps: int = 1) -> Iterator[Merge]:
+    """The merges of `baselines` (MERGE_BASELINES), one at a time: the weighted merge, then (with "all") MBW
+    searched from its weights. The weighted merge's copy is let go before MBW allocates its own, so a caller that
+    drops each merge before asking for the next holds one extra UNet at a time."""
+    if baselines not in MERGE_BASELINES:
+        raise ValueError(f"merge baselines are one of {', '.join(MERGE_BASELINES)}, got {baselines!r}")
+    if baselines == "none":
+        return
+    weighted = search_weighted_merge(members, text_encoders, member_names, scorer, ratios)
+    start = weighted.weights[0]
+    yield weighted
+    weighted = None  # noqa: F841 -- the generator's own reference, before MBW's copy exists
+    if baselines == "all":
+        yield search_mbw(members, text_encoders, member_names, scorer, start, mbw_ratios, mbw_sweeps)
+
+
+def merged_text_encoders(text_encoders: Sequence[nn.Module], merges: Sequence[Merge]) -> list[nn.Module]:
+    """The text encoders a table encodes each prompt with: each member's, then each merge's (its merged encoder, or
+    the members' shared one, which then runs once for all): a merge's row reads the contexts after the members'."""
+    return list(text_encoders) + [merge.text_encoder or text_encoders[0] for merge in merges]
+
+
+def describe_merge(merge: Merge) -> str:
+    """What a table's merge row is, how it was searched, in how long and with how much memory."""
+    return (f"{merge.row}: {merge.description}; {merge.search_seconds:.1f} s (merging {merge.merge_seconds:.2f} s "
+            f"of it), holds one extra {'UNet and text encoder' if merge.text else 'UNet'} "
+            f"({merge.nbytes / 2 ** 20:.1f} MiB)" + (f"; blocks: {merge.label}" if merge.kind == MBW else ""))

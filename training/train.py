@@ -50,6 +50,8 @@ from afa.modes import AVERAGE, LAST_BLOCK, SABW, parse_mode, trained_mode  # noq
 from training import data as datasets  # noqa: E402
 from training.cli import run  # noqa: E402
 from training.diffusion import per_sample_mse  # noqa: E402
+from training.merge_search import (MERGE_BASELINES, ValidationScorer, describe_merge,  # noqa: E402
+                                   merged_text_encoders, prepare_validation_batches, search_merges)
 from training.metrics import denoising_errors, ensemble_reading, member_alone, prepare_batch  # noqa: E402
 from training.sd_checkpoint import FrozenModels, load_frozen_models, native_resolution  # noqa: E402
 
@@ -134,6 +136,11 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     group.add_argument("--validate-every", type=int, default=0, help="also validate every N steps (0: at the end "
                        "of each epoch and of the run only); validation reads no random state of training, so it "
                        "never changes the result")
+    group.add_argument("--merge-baselines", choices=MERGE_BASELINES, default="all", help="the validation also "
+                       "shows what merging the members would give (one UNet at inference instead of N): all (a "
+                       "weighted merge and MBW), weighted (the weighted merge) or none. Their weights are searched "
+                       "once, at the first validation, on the validation images with draws of their own (which "
+                       "favours the merges); the search holds one extra UNet (and text encoder) while it runs")
     group.add_argument("--keep-checkpoints", type=int, default=3, help="training states kept (oldest deleted)")
     group.add_argument("--resume", help="'latest' (the run dir's newest state) or a state file; give the run's "
                        "flags again (a larger --max-steps or --epochs trains longer)")
@@ -455,6 +462,30 @@ def validate(ensemble: EnsembleUNet, val_set, frozen: FrozenModels, batch_size: 
     return {name: result["all"] for name, result in errors.items()}
 
 
+@torch.no_grad()
+def merge_baseline_errors(frozen: FrozenModels, val_set, baselines: str, batch_size: int, seed: int,
+                          device: torch.device, autocast: contextlib.AbstractContextManager, clip_skip: int,
+                          log=print) -> dict[str, float]:
+    """Held-out denoising MSE of the merge baselines (training/merge_search.py) on `validate`'s draws, so their
+    rows stand beside the members' and AFA's. Their weights are chosen on the same validation images (a run holds
+    no other held-out images) with the search's own draws, which favours the merges. Each merge is let go before
+    the next is searched: the search holds one extra UNet, and text encoder when the members' differ, at a time."""
+    loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, collate_fn=datasets.collate, num_workers=0)
+    member_names = [ref.name for ref in frozen.member_refs]
+    errors = {}
+    with autocast:
+        scorer = ValidationScorer(prepare_validation_batches(loader, frozen.vae, frozen.text_encoders,
+                                                             frozen.schedule, seed, device, clip_skip), clip_skip)
+        for merge in search_merges(frozen.members, frozen.text_encoders, member_names, scorer, baselines):
+            models = {merge.row: member_alone(merge.unet.model, len(frozen.members))}
+            result = denoising_errors(models, loader, frozen.vae, merged_text_encoders(frozen.text_encoders, [merge]),
+                                      frozen.schedule, seed, device, clip_skip=clip_skip)
+            errors[merge.row] = result[merge.row]["all"]
+            log(describe_merge(merge))
+            del merge, models
+    return errors
+
+
 # -- logs ---------------------------------------------------------------------------------------------------------
 
 class RunLog:
@@ -690,7 +721,8 @@ class TrainingEvents:
         """An optimizer step is done; `loss` is its batch's mean per-sample loss."""
 
     def validated(self, progress: "Progress", errors: dict[str, float]) -> None:
-        """A validation is done: held-out denoising MSE of each member, "block average" and "AFA"."""
+        """A validation is done: held-out denoising MSE of each member, each merge baseline ("weighted merge
+        (r=...)", "MBW"; --merge-baselines), "block average" and "AFA"."""
 
     def should_stop(self) -> bool:
         return False
@@ -770,13 +802,18 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
     run_log = RunLog(args.run_dir, distributed.is_main, args.tensorboard)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not distributed.is_main, desc="training SABW",
                dynamic_ncols=True)
-    validated_at = None
+    validated_at, merge_errors = None, None
 
     def run_validation() -> None:
-        nonlocal validated_at
+        nonlocal validated_at, merge_errors
         if not (distributed.is_main and len(val_set)) or validated_at == progress.step:
             return
+        if merge_errors is None:  # the merges do not change during the run: searched and measured once
+            merge_errors = merge_baseline_errors(frozen, val_set, args.merge_baselines, args.batch_size, args.seed,
+                                                 device, autocast, config.clip_skip, bar.write)
         errors = validate(ensemble, val_set, frozen, args.batch_size, args.seed, device, autocast)
+        members = {ref.name: errors[ref.name] for ref in frozen.member_refs}
+        errors = {**members, **merge_errors, **errors}  # the rows in order: members, merges, averages, AFA
         validated_at = progress.step
         run_log.write({"epoch": progress.epoch + 1, "step": progress.step, "validation": errors})
         bar.write(f"step {progress.step} (epoch {progress.epoch + 1}) validation MSE: " + ", ".join(

@@ -1,8 +1,9 @@
 """The "AFA Training" tab: train SABW weights for 2 to 6 installed checkpoints on the WebUI's own images.
 
 Left, the run's settings (as train.py's flags) and Start / Cancel / Resume; right, the run: status with the WebUI's
-progress bar, the training loss, the held-out denoising error of every member, block averaging and AFA at each
-validation (plot and table), the skipped files, and "Use these weights" once a run has written its file.
+progress bar, the training loss, the held-out denoising error of every member, the merge baselines, block averaging
+and AFA at each validation (plot and table), the skipped files, and "Use these weights" once a run has written its
+file.
 
 Building the tab only reads (the checkpoint list, the runs folder); the work is `training_job`'s. The right column is
 redrawn when a hidden ticker (state, step, validations, message) changes; javascript/afa.js polls it every
@@ -21,6 +22,7 @@ from modules import devices, progress, shared
 from modules.ui_components import ToolButton
 
 from afa.aggregator import DEFAULT_PRESET, SABW_PRESETS
+from afa.comparison import compare_rows
 from afa.errors import AfaError
 from afa.modes import SABW
 
@@ -33,6 +35,7 @@ DATA_PATH = "A folder or manifest on the server"
 LENGTH_EPOCHS, LENGTH_STEPS = "Epochs", "Steps"
 PRECISIONS = {"fp16 (CUDA)": "fp16", "bf16": "bf16", "fp32": "no"}
 POLL_SECONDS = 2.0  # javascript/afa.js: AFA_TRAINING_POLL_MS
+VALIDATION_COLUMNS = ["model", "MSE", "vs best member", "vs best merge"]
 VALIDATION_PLOT = dict(x="step", y="MSE", color="model", title="Held-out denoising error (lower is better)",
                        tooltip=["model", "MSE"], height=260, width=520)
 
@@ -124,15 +127,13 @@ def validation_plot(status: dict):
 
 
 def validation_table(status: dict) -> pd.DataFrame:
-    """The last validation, best first, with each model's error relative to the best member's."""
+    """The last validation, best first, with each model's error relative to the best member's and to the best
+    merge's (afa.comparison)."""
     if not status["validation"]:
-        return pd.DataFrame(columns=["model", "MSE", "vs best member"])
-    errors = status["validation"][-1]["errors"]
-    members = [v for k, v in errors.items() if k not in ("AFA", "block average")]
-    best = min(members) if members else None
-    rows = [(model, round(error, 6), f"{(error / best - 1) * 100:+.1f}%" if best else "")
-            for model, error in sorted(errors.items(), key=lambda item: item[1])]
-    return pd.DataFrame(rows, columns=["model", "MSE", "vs best member"])
+        return pd.DataFrame(columns=VALIDATION_COLUMNS)
+    rows, _, _ = compare_rows(status["validation"][-1]["errors"])
+    return pd.DataFrame([(row.model, round(row.error, 6), row.vs_best_member, row.vs_best_merge) for row in rows],
+                        columns=VALIDATION_COLUMNS)
 
 
 def ticker_value() -> str:
@@ -278,7 +279,7 @@ def create_tab():
                 loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, width=520,
                                         elem_id="afa_train_loss_plot")
                 validation_plot = gr.LinePlot(**VALIDATION_PLOT, elem_id="afa_train_validation_plot")
-                table = gr.Dataframe(label="Last validation", headers=["model", "MSE", "vs best member"],
+                table = gr.Dataframe(label="Last validation", headers=VALIDATION_COLUMNS,
                                      interactive=False, elem_id="afa_train_validation_table")
                 skipped = gr.Textbox(label="Skipped files", lines=4, visible=False, interactive=False,
                                      elem_id="afa_train_skipped")
