@@ -121,6 +121,12 @@ def read_unet_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         return {_unet_key(k, bare): get_shape(k) for k in unet_keys}
 
 
+def checkpoint_keys(path: str | Path) -> list[str]:
+    """Every tensor name in a checkpoint (for .safetensors, read from the header only)."""
+    with _open_tensors(Path(path)) as (keys, _, _):
+        return keys
+
+
 def read_prefixed_tensors(path: str | Path, prefix: str, dtype: torch.dtype | None = None) \
         -> dict[str, torch.Tensor]:
     """The tensors whose keys start with `prefix` (e.g. `first_stage_model.` for the VAE), prefix removed, each cast

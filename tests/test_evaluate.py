@@ -229,7 +229,7 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for flag in ("--members", "--weights", "--data", "--resolution", "--samples", "--seed", "--output-dir",
                  "--draws", "--timesteps", "--figure-images", "--figure-draws", "--map-blocks", "--cell-size",
-                 "--text-conditioning", "--clip-skip", "--merge-baselines", "--validation-data",
+                 "--text-conditioning", "--clip-skip", "--components", "--merge-baselines", "--validation-data",
                  "--validation-samples", "--validation-draws", "--merge-ratios", "--mbw-ratios", "--mbw-sweeps"):
         assert flag in result.stdout
     assert "(default: 256)" in result.stdout  # ArgumentDefaultsHelpFormatter

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from afa import SABW_PRESETS, AfaError, EnsembleUNet, MemberRef, load_member, load_weights, read_weights_info
+from afa import (SABW_PRESETS, AfaError, EnsembleUNet, MemberRef, load_member, load_weights, read_unet_state_dict,
+                 read_weights_info)
 from afa.host import find_webui
 from conftest import random_inputs
 from factories import write_captioned_images
@@ -119,6 +120,25 @@ def test_resumed_run_ends_with_the_same_weights(baseline, members, dataset, tmp_
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     validations = [record["validation"] for record in log if "validation" in record]
     assert validations and all(list(validation)[2:] == ["block average", "AFA"] for validation in validations)
+
+
+def test_unet_only_members_train_with_the_components_of_a_full_checkpoint(baseline, members, dataset, tmp_path):
+    """A UNet-only file (ComfyUI's models/diffusion_models: the bare ldm UNet state dict) as member 1, with
+    --components naming the checkpoint it came from: the text encoder, VAE and schedule come from there, so the run
+    ends with the baseline's weights bit for bit. Without --components it is refused before anything trains."""
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file(read_unet_state_dict(members[0]), str(unet_only))
+    args = train_args([unet_only, members[1]], dataset, tmp_path, "unet-only", "--max-steps", "4",
+                      "--merge-baselines", "none")
+    with pytest.raises(AfaError, match="holds a UNet only .* --components"):
+        train.main(args)
+    assert not (tmp_path / "unet-only.safetensors.tmp").exists() and not (tmp_path / "unet-only").exists()
+    run_in_process(args + ["--components", str(members[0])])
+    expected, got = weights(baseline / "baseline.safetensors"), weights(tmp_path / "unet-only.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    info = read_weights_info(tmp_path / "unet-only.safetensors")
+    assert info.members[0].name == "unet-only"  # bound to the UNet-only file and its UNet fingerprint
+    assert info.members[0].unet == read_weights_info(baseline / "baseline.safetensors").members[0].unet
 
 
 def test_resume_refuses_changed_settings_and_accepts_a_longer_run(baseline, members, dataset, tmp_path):

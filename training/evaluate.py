@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--members", nargs="+", required=True, help="2 to 6 member checkpoints (.safetensors/.ckpt), "
                        "in the order the weights were trained for")
     group.add_argument("--config", help="ldm yaml of the members (default: <name>.yaml beside each, else inferred)")
+    group.add_argument("--components", help="a full checkpoint of the members' family whose text encoder, VAE and "
+                       "config serve members whose files hold a UNet only (ComfyUI's models/diffusion_models); "
+                       "members with a text encoder of their own keep reading it")
     group.add_argument("--weights", nargs="+", default=[], help="SABW weights files trained for exactly these "
                        "members; each adds an AFA row and its aggregation maps")
     group.add_argument("--data", required=True, help="held-out images: a folder of images with .txt captions or "
@@ -136,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
     if args.resolution is None:
-        args.resolution = native_resolution(args.members[0], args.config)
+        args.resolution = native_resolution(args.members[0], args.config, args.components)
     for flag in ("samples", "figure_images", "validation_samples"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be 0 or more")
@@ -492,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device(args.device)
 
-    frozen = load_frozen_models(args.members, args.config, device)
+    frozen = load_frozen_models(args.members, args.config, device, components=args.components)
     member_names = display_names([ref.name for ref in frozen.member_refs])
     vae, schedule = frozen.vae, frozen.schedule
     trained = trained_ensembles(args.weights, frozen.members, frozen.member_refs, device)

@@ -18,6 +18,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ from safetensors.torch import save_file
 
 from afa.aggregator import TEXT_CONDITIONINGS
 from afa.hashing import unet_fingerprint
-from afa.members import MemberRef, check_members, load_member, read_prefixed_tensors, unet_shapes
+from afa.members import (MemberRef, check_members, checkpoint_keys, config_beside, load_member,
+                         read_prefixed_tensors, unet_shapes)
 from afa.unet import PRESETS, UNET_KEY_PREFIX, UNET_TARGET, BlockLayout, build_unet
 
 from .diffusion import NoiseSchedule
@@ -196,12 +198,16 @@ def _holds_sdxl_conditioner(path: str, mtime_ns: int) -> bool:
 NATIVE_RESOLUTIONS = {"sd": 512, "v": 768, "sdxl": 1024}
 
 
-def native_resolution(path: str | Path, config: str | Path | None = None) -> int:
+def native_resolution(path: str | Path, config: str | Path | None = None,
+                      components: str | Path | None = None) -> int:
     """The image size a checkpoint's family was trained at: 1024 for SDXL, 768 for v-prediction models (SD 2.x
-    768-v), else 512 (SD 1.x, SD 2.x base). 512 when the file cannot be read (loading it reports why)."""
+    768-v), else 512 (SD 1.x, SD 2.x base); a UNet-only file's is its `components` checkpoint's. 512 when the file
+    cannot be read (loading it reports why)."""
     from afa.errors import AfaError
 
     try:
+        if components is not None and not holds_text_encoder(path):
+            path = components
         if is_sdxl_checkpoint(path):
             return NATIVE_RESOLUTIONS["sdxl"]
         params = read_sd_config(path, config)["model"]["params"]
@@ -213,8 +219,6 @@ def native_resolution(path: str | Path, config: str | Path | None = None) -> int
 def read_sd_config(path: str | Path, config: str | Path | None = None) -> dict:
     """The ldm (or sgm, SDXL) config of a checkpoint: `config`, else `<name>.yaml` beside it, else the defaults of
     its family (v1-inference's; SDXL's scale factor for a checkpoint with SDXL's conditioner)."""
-    from afa.members import config_beside
-
     config = config or config_beside(path)
     if config is None:
         defaults = dict(SD1_DEFAULTS, first_stage_config=dict(params=dict(embed_dim=4, ddconfig=SD_VAE_DDCONFIG)))
@@ -308,7 +312,8 @@ class FrozenModels:
         member_refs: name and sha256 of each member, in the given order (what a weights file is bound to).
         members: the members' ldm UNets.
         layout: their shared block layout.
-        vae, schedule: the first member's VAE and noise schedule.
+        vae, schedule: the first member's VAE and noise schedule (`base_checkpoint`'s: --components' when the
+            first member's file holds a UNet only).
         text_encoders: each member's own text encoder(s), float32, in member order: SD1's CLIPTextModel
             (transformers), SD 2.x's OpenCLIP tower (training/open_clip_text.py) or SDXL's pair
             (training/sdxl_text.py). Members whose text-encoder weights are identical share one module object, so
@@ -323,6 +328,7 @@ class FrozenModels:
     vae: Vae
     text_encoders: list[torch.nn.Module]
     schedule: NoiseSchedule
+    base_checkpoint: Path | None = None  # the file the VAE and schedule were read from (None: not from a file)
 
     @property
     def text_encoder(self) -> torch.nn.Module:
@@ -397,14 +403,57 @@ def load_text_encoders(member_paths: list[str | Path], config: str | Path | None
     return encoders
 
 
+class ComponentSources(NamedTuple):
+    """Where the parts of the frozen models come from: each member's text encoder (`text_encoders`, one path per
+    member) and the VAE, noise schedule and config of the ensemble (`base`)."""
+
+    text_encoders: list[Path]
+    base: Path
+
+
+def holds_text_encoder(path: str | Path) -> bool:
+    """Whether a checkpoint holds a text encoder (SD 1.x/2.x `cond_stage_model.*`, SDXL `conditioner.embedders.*`);
+    a UNet-only file (ComfyUI's models/diffusion_models, a bare or prefixed UNet state dict) does not."""
+    return any(key.startswith(("cond_stage_model.", SDXL_TEXT_ENCODER_PREFIX)) for key in checkpoint_keys(path))
+
+
+def component_sources(member_paths: Sequence[str | Path], components: str | Path | None = None) -> ComponentSources:
+    """Members read their text encoder from their own file, and the ensemble its VAE, schedule and config from the
+    first member's; a member whose file holds a UNet only reads them from `components`, a full checkpoint of the
+    members' family (e.g. the one the UNet-only files were fine-tuned from).
+
+    Raises:
+        CheckpointError: a member holds a UNet only and no `components` file is given.
+    """
+    from afa.errors import CheckpointError
+
+    sources = []
+    for path in map(Path, member_paths):
+        if holds_text_encoder(path):
+            sources.append(path)
+        elif components is None:
+            raise CheckpointError(
+                f"{path}: this file holds a UNet only (no text encoder or VAE; e.g. a file of ComfyUI's "
+                f"models/diffusion_models): give a full checkpoint of its family with --components, whose text "
+                f"encoder, VAE and config the UNet-only members then use")
+        else:
+            sources.append(Path(components))
+    if components is not None and not holds_text_encoder(components):
+        raise CheckpointError(f"--components {components}: this file holds no text encoder: give a full checkpoint "
+                              f"(UNet, VAE and text encoder)")
+    return ComponentSources(sources, sources[0])
+
+
 def load_frozen_models(member_paths: list[str | Path], config: str | Path | None = None,
                        device: torch.device | str = "cpu", member_dtype: torch.dtype | None = None,
                        members: list[torch.nn.Module | None] | None = None,
                        member_refs: list[MemberRef] | None = None,
-                       text_encoder_dtype: torch.dtype | None = None) -> FrozenModels:
+                       text_encoder_dtype: torch.dtype | None = None,
+                       components: str | Path | None = None) -> FrozenModels:
     """Loads the members (cast to `member_dtype`), each member's own text encoder, and the first member's VAE and
     schedule: what training/train.py trains with and training/evaluate.py evaluates with. The VAE stays float32
-    (SDXL's VAE overflows in fp16), the text encoders too unless `text_encoder_dtype` is given.
+    (SDXL's VAE overflows in fp16), the text encoders too unless `text_encoder_dtype` is given. Members whose files
+    hold a UNet only read their text encoder, and the VAE and schedule, from `components` (`component_sources`).
 
     `members` may give UNets already in memory for some of the paths (None entries are read from their files):
     they are used as they are (their dtype and device), frozen and in eval mode. `member_refs` may give the files'
@@ -413,21 +462,25 @@ def load_frozen_models(member_paths: list[str | Path], config: str | Path | None
     Raises:
         AfaError: a checkpoint is unreadable, or the members cannot be ensembled (the message names the file).
     """
+    sources = component_sources(member_paths, components)
     if member_refs is None:
         member_refs = [MemberRef.from_file(path) for path in member_paths]
     given = list(members) if members is not None else [None] * len(member_paths)
     if len(given) != len(member_paths):
         raise ValueError(f"members: {len(given)} UNets for {len(member_paths)} member files")
-    members = [load_member(path, member_dtype, device, config) if unet is None else unet.eval().requires_grad_(False)
-               for path, unet in zip(member_paths, given)]
+    # a UNet-only member's architecture is its components checkpoint's (the yaml beside it), unless --config says
+    members = [load_member(path, member_dtype, device, config or (config_beside(source) if Path(path) != source
+                                                                   else None))
+               if unet is None else unet.eval().requires_grad_(False)
+               for path, source, unet in zip(member_paths, sources.text_encoders, given)]
     layout = check_members([(ref.name, unet_shapes(member)) for ref, member in zip(member_refs, members)])
     # Weights files bind their members by UNet fingerprint too, so that ComfyUI (where a model has no file) can
     # check them; the loaded UNets give it without reading the files again.
     states = [member.state_dict() for member in members]
     member_refs = [ref if ref.unet else dataclasses.replace(ref, unet=unet_fingerprint(state, state.__getitem__))
                    for ref, state in zip(member_refs, states)]
-    first = member_paths[0]
-    sd_config = read_sd_config(first, config)
-    vae = load_vae(first, sd_config, device)
-    text_encoders = load_text_encoders(member_paths, config, device, text_encoder_dtype)
-    return FrozenModels(member_refs, members, layout, vae, text_encoders, load_schedule(first, sd_config))
+    sd_config = read_sd_config(sources.base, config)
+    vae = load_vae(sources.base, sd_config, device)
+    text_encoders = load_text_encoders(sources.text_encoders, config, device, text_encoder_dtype)
+    return FrozenModels(member_refs, members, layout, vae, text_encoders, load_schedule(sources.base, sd_config),
+                        sources.base)

@@ -44,6 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 from afa import (DEFAULT_PRESET, SABW_PRESETS, AfaError, Aggregator, AggregatorConfig, EnsembleUNet,  # noqa: E402
                  MemberRef, default_config, save_weights)
+from afa.hashing import file_sha256  # noqa: E402
 from afa.host import find_webui  # noqa: E402
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
 from afa.modes import AVERAGE, LAST_BLOCK, SABW, parse_mode, trained_mode  # noqa: E402
@@ -64,6 +65,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     group = parser.add_argument_group("members and data")
     group.add_argument("--members", nargs="+", required=True, help="2 to 6 member checkpoints (.safetensors/.ckpt)")
     group.add_argument("--config", help="ldm yaml of the members (default: <name>.yaml beside each, else inferred)")
+    group.add_argument("--components", help="a full checkpoint of the members' family whose text encoder, VAE and "
+                       "config serve members whose files hold a UNet only (ComfyUI's models/diffusion_models); "
+                       "members with a text encoder of their own keep reading it")
     group.add_argument("--data", required=True, help="folder of images with .txt captions or WebUI PNGs, or a "
                        "JSONL/CSV manifest of image path + caption")
     group.add_argument("--val-data", help="held-out data in the same formats (default: --val-split of --data)")
@@ -170,7 +174,7 @@ def parse_args(argv: list[str] | None = None, exit_on_error: bool = True) -> arg
     if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
     if args.resolution is None:
-        args.resolution = native_resolution(args.members[0], args.config)
+        args.resolution = native_resolution(args.members[0], args.config, args.components)
     for flag in ("batch_size", "gradient_accumulation", "save_every", "resolution"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -530,13 +534,13 @@ class RunLog:
 # and --epochs (to train longer), outputs and logs, --num-workers, --device, and how the same steps are computed --
 # the number of processes, --gradient-accumulation, --gradient-checkpointing and --cache-latents, which change the
 # result by rounding only (the tests compare those runs to the plain one).
-RESULT_SETTINGS = ("config", "data", "val_data", "val_split", "resolution", "batch_size", "seed", "learning_rate",
-                   "weight_decay", "caption_dropout", "mixed_precision", "mode", "no_spatial", "no_timestep",
+RESULT_SETTINGS = ("config", "components", "data", "val_data", "val_split", "resolution", "batch_size", "seed",
+                   "learning_rate", "weight_decay", "caption_dropout", "mixed_precision", "mode", "no_spatial", "no_timestep",
                    "no_text", "preset", "hidden_channels", "max_resolution", "text_conditioning", "clip_skip",
                    "latents", "crop")
 # What the result settings added later were before they had a flag: a state saved then ran with these.
 SETTINGS_BEFORE_THEIR_FLAGS = {"preset": "fast", "text_conditioning": "shared", "clip_skip": 1, "latents": "mean",
-                               "crop": "center"}
+                               "crop": "center", "components": None}
 
 
 @dataclass
@@ -769,11 +773,15 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
     distributed.print_main(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
     frozen = load_frozen_models(args.members, args.config, device, member_dtype, members=members,
                                 member_refs=member_refs,
-                                text_encoder_dtype=text_encoder_dtype(member_dtype, device))
+                                text_encoder_dtype=text_encoder_dtype(member_dtype, device),
+                                components=args.components)
     if state is not None:
         check_resumed_members(state, state_path, frozen.member_refs)
 
-    train_set, val_set, skip_report = build_datasets(args, distributed, frozen.vae, frozen.member_refs[0].sha256)
+    # the latent cache is keyed by the VAE's file: the first member's, or --components' for a UNet-only member
+    vae_identity = (frozen.member_refs[0].sha256 if frozen.base_checkpoint == Path(args.members[0])
+                    else file_sha256(frozen.base_checkpoint))
+    train_set, val_set, skip_report = build_datasets(args, distributed, frozen.vae, vae_identity)
     batches = EpochBatches(len(train_set), args.batch_size, args.gradient_accumulation, distributed.rank,
                            distributed.world_size, args.seed)
     if len(batches) == 0:

@@ -4,8 +4,9 @@ Opt-in: `AFA_WEBUI_DIR=<an A1111 checkout with its venv at $AFA_WEBUI_DIR/venv> 
 AFA_WEBUI_DIR the test modules skip themselves (at module level, before importing anything heavy), so `make test`
 stays fast and never imports playwright.
 
-The `webui` fixture (one per session) writes a temporary data dir (`--data-dir`): five tiny SD1-layout checkpoints
-(tiny-a, tiny-a2 = an identical copy of tiny-a, tiny-b, tiny-c, tiny-a-text = tiny-a with tiny-b's text encoder), a SABW weights file for tiny-b + tiny-c
+The `webui` fixture (one per session) writes a temporary data dir (`--data-dir`): six tiny SD1-layout checkpoints
+(tiny-a, tiny-a2 = an identical copy of tiny-a, tiny-b, tiny-c, tiny-a-text = tiny-a with tiny-b's text encoder,
+tiny-a-moved = tiny-a's tensors at other offsets, another sha256), a SABW weights file for tiny-b + tiny-c
 (models/AFA/pair.safetensors), a strong random LoRA (models/Lora/strong.safetensors), 8 captioned images
 (training-images/) and extensions/afa -> this
 checkout; then starts the WebUI on a free loopback port with the API on, on the CPU, and loads tiny-a. Everything
@@ -39,6 +40,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 CHECKPOINTS = {"tiny-a": 1, "tiny-a2": 1, "tiny-b": 2, "tiny-c": 3}  # name -> seed (tiny-a2 is a copy of tiny-a)
 TEXT_VARIANT, TEXT_VARIANT_OF, TEXT_VARIANT_ENCODER = "tiny-a-text", "tiny-a", "tiny-b"
+MOVED_COPY, MOVED_COPY_OF = "tiny-a-moved", "tiny-a"
 PAIR_MEMBERS = ("tiny-b", "tiny-c")  # the members models/AFA/pair.safetensors was "trained" for
 LOADED = "tiny-a"
 SCRIPT_TITLE = "AFA ensemble"
@@ -74,6 +76,10 @@ def write_checkpoints(folder: Path) -> dict[str, Path]:
     variant = dict(states[TEXT_VARIANT_OF])
     variant.update({k: v for k, v in states[TEXT_VARIANT_ENCODER].items() if k.startswith("cond_stage_model.")})
     paths[TEXT_VARIANT] = write_webui_checkpoint(folder / f"{TEXT_VARIANT}.safetensors", variant, config)
+    # tiny-a again with a 12-byte tensor stored first: another sha256 (a member the WebUI reads from its own file, not
+    # the loaded model) with the same UNet, its tensors 12 bytes off 16-byte boundaries in the file (issue 17)
+    moved = {"aaa_padding": torch.zeros(3), **states[MOVED_COPY_OF]}
+    paths[MOVED_COPY] = write_webui_checkpoint(folder / f"{MOVED_COPY}.safetensors", moved, config)
     return paths
 
 
