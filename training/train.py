@@ -779,8 +779,8 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
         check_resumed_members(state, state_path, frozen.member_refs)
 
     # the latent cache is keyed by the VAE's file: the first member's, or --components' for a UNet-only member
-    vae_identity = (frozen.member_refs[0].sha256 if frozen.base_checkpoint == Path(args.members[0])
-                    else file_sha256(frozen.base_checkpoint))
+    vae_identity = (file_sha256(frozen.base_checkpoint)
+                    if frozen.base_checkpoint not in (None, Path(args.members[0])) else frozen.member_refs[0].sha256)
     train_set, val_set, skip_report = build_datasets(args, distributed, frozen.vae, vae_identity)
     batches = EpochBatches(len(train_set), args.batch_size, args.gradient_accumulation, distributed.rank,
                            distributed.world_size, args.seed)

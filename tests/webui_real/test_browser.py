@@ -422,7 +422,7 @@ def test_the_training_tab_trains_cancels_resumes_and_fills_the_accordion(page, w
     p.wait_for_timeout(1500)  # the plots redraw
     page.shot("11-training-finished", "#tab_afa_training")
     table = p.inner_text("#afa_train_validation_table")
-    for model in ("AFA", "block average", "tiny-a", "tiny-b"):
+    for model in ("AFA", "block average", "tiny-a", "tiny-b", "weighted merge (r=", "MBW", "vs best merge"):
         assert model in table, table
     assert (webui.data_dir / "models" / "AFA" / "browser-run.safetensors").is_file()
     page.assert_no_errors("training tab")

@@ -149,7 +149,8 @@ def test_the_training_tab_trains_sdxl_members_in_a_browser(sdxl_webui, screensho
             p.wait_for_timeout(1500)  # the plots redraw
             page.shot("20-training-sdxl", "#tab_afa_training")
             table = p.inner_text("#afa_train_validation_table")
-            assert all(model in table for model in ("AFA", "block average", *MEMBERS)), table
+            assert all(model in table for model in ("AFA", "block average", "weighted merge (r=", "MBW", *MEMBERS)), \
+                table
             page.assert_no_errors("training tab, SDXL members")
         finally:
             context.close()
