@@ -1,0 +1,177 @@
+"""The AFA Train node (afa/comfyui/training.py) on the stand-in of ComfyUI 0.3.64: training/train.py's trainer on the
+MODELs, CLIPs and VAE the graph loaded, with images ComfyUI's own SaveImage wrote (their prompts read from the PNGs'
+workflow metadata); ComfyUI's progress bar, Interrupt, resume to the same weights bit for bit, the refusals, and the
+trained weights sampled by the AFA Ensemble node.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import comfyui_factories as cf
+
+PROMPTS = ("a red circle", "a blue square", "a green circle", "a red square")
+
+
+@pytest.fixture
+def pack(comfy_standin):
+    """The stand-in plus the node pack, under inference mode as ComfyUI's executor runs nodes."""
+    from afa.comfyui import nodes, training
+
+    with torch.inference_mode():
+        yield types.SimpleNamespace(env=comfy_standin, nodes=nodes, training=training, core=comfy_standin.nodes)
+
+
+def api_prompt(text: str, negative: str = "ugly, blurry") -> dict:
+    """A txt2img graph in ComfyUI's API format, as the `prompt` PNG chunk holds it (ids as the default workflow)."""
+    return {
+        "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                                                   "positive": ["6", 0], "negative": ["7", 0],
+                                                   "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "member.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    }
+
+
+def editor_workflow(text: str) -> dict:
+    """The same graph in the editor's format (the `workflow` chunk): nodes with widget values and links."""
+    return {"nodes": [
+        {"id": 3, "type": "KSampler", "inputs": [{"name": "model", "link": 1}, {"name": "positive", "link": 4},
+                                                 {"name": "negative", "link": 6}], "widgets_values": [1, "fixed"]},
+        {"id": 6, "type": "CLIPTextEncode", "inputs": [{"name": "clip", "link": 3}], "widgets_values": [text]},
+        {"id": 7, "type": "CLIPTextEncode", "inputs": [{"name": "clip", "link": 5}], "widgets_values": ["ugly"]},
+        {"id": 4, "type": "CheckpointLoaderSimple", "inputs": [], "widgets_values": ["member.safetensors"]},
+    ], "links": [[1, 4, 0, 3, 0, "MODEL"], [3, 4, 1, 6, 0, "CLIP"], [4, 6, 0, 3, 1, "CONDITIONING"],
+                 [5, 4, 1, 7, 0, "CLIP"], [6, 7, 0, 3, 2, "CONDITIONING"]]}
+
+
+def pattern(index: int, size: int = 64) -> torch.Tensor:
+    """An IMAGE [1 x H x W x 3] in 0..1: a coloured disc or square on grey, placed by `index`."""
+    rng = np.random.default_rng(index)
+    pixels = np.full((size, size, 3), 0.5, dtype=np.float32) + rng.normal(0, 0.05, (size, size, 3))
+    colour = [(0.9, 0.1, 0.1), (0.1, 0.1, 0.9), (0.1, 0.8, 0.1)][index % 3]
+    y, x = np.mgrid[:size, :size]
+    cy, cx = 20 + (index * 7) % 24, 20 + (index * 11) % 24
+    shape = ((y - cy) ** 2 + (x - cx) ** 2 < 100) if index % 2 == 0 else ((abs(y - cy) < 9) & (abs(x - cx) < 9))
+    pixels[shape] = colour
+    return torch.from_numpy(np.clip(pixels, 0, 1).astype(np.float32))[None]
+
+
+def save_images(pack, count: int = 10, prefix: str = "ComfyUI", prompt=api_prompt, workflow=editor_workflow):
+    """`count` images saved by ComfyUI's own SaveImage (stand-in copy of nodes.SaveImage) into the output folder,
+    each with the `prompt` and `workflow` chunks ComfyUI writes; returns the file names."""
+    names = []
+    for index in range(count):
+        text = f"{PROMPTS[index % len(PROMPTS)]}, number {index}"
+        extra = {"workflow": workflow(text)} if workflow else None
+        result = pack.core.SaveImage().save_images(pattern(index), prefix, prompt=prompt(text) if prompt else None,
+                                                   extra_pnginfo=extra)
+        names += [image["filename"] for image in result["ui"]["images"]]
+    return names
+
+
+def members(layout: str = "sd1"):
+    """Two tiny members, their CLIPs and member 1's VAE, as checkpoint loaders give them."""
+    first, clip_1, vae = cf.tiny_checkpoint(layout, seed=1)
+    second, clip_2, _ = cf.tiny_checkpoint(layout, seed=2)
+    return [first, second], [clip_1, clip_2], vae
+
+
+SHORT = dict(data="output", validation_share=0.2, epochs=1, max_steps=4, batch_size=4, precision="auto",
+             gradient_checkpointing=False, design="fast", resolution=64, seed=0,
+             extra_flags="--hidden-channels 32 --save-every 1 --save-dtype fp32")
+
+
+def run_node(pack, models, clips, vae, **settings):
+    inputs = dict(SHORT, output_name="pair", resume=False)
+    inputs.update(settings)
+    extra = {f"model_{index}": model for index, model in enumerate(models[2:], start=3)}
+    extra.update({f"clip_{index}": clip for index, clip in enumerate(clips[1:], start=2)})
+    return pack.nodes.AFATrain().train(models[0], models[1], clips[0], vae, **extra, **inputs)
+
+
+# -- prompts from ComfyUI's PNG metadata ------------------------------------------------------------------------
+
+def test_prompts_come_from_the_pngs_comfyui_saved(pack):
+    from training.data import SkipReason, SkipReport, index_captioned_images
+
+    names = save_images(pack, 4)
+    output = Path(pack.env.folder_paths.get_output_directory())
+    save_images(pack, 1, prefix="workflow-only", prompt=None)  # only the editor's graph (the workflow chunk)
+    save_images(pack, 1, prefix="no-metadata", prompt=None, workflow=None)
+    report = SkipReport()
+    records = index_captioned_images(output, report)
+    captions = {record.image_path.name: record.caption for record in records}
+    for index, name in enumerate(names):
+        assert captions[name] == f"{PROMPTS[index % len(PROMPTS)]}, number {index}"  # the positive, not "ugly"
+    assert [caption for name, caption in captions.items() if name.startswith("workflow-only")] == \
+        ["a red circle, number 0"]
+    assert report.counts() == {SkipReason.MISSING_CAPTION: 1}
+    assert "no-metadata" in report.sources(SkipReason.MISSING_CAPTION)[0]
+
+
+def test_the_positive_prompt_is_followed_through_the_graph():
+    from training.data import caption_from_comfyui_metadata as caption
+
+    graph = api_prompt("unused")
+    # KSampler <- ConditioningSetArea <- ConditioningCombine(conditioning_1 <- AFA Text Encode <- a string node)
+    graph["3"]["inputs"]["positive"] = ["20", 0]
+    graph["20"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["21", 0], "width": 64}}
+    graph["21"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["22", 0],
+                                                                    "conditioning_2": ["7", 0]}}
+    graph["22"] = {"class_type": "AFATextEncode", "inputs": {"text": ["23", 0], "clip_1": ["4", 1]}}
+    graph["23"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a castle at dawn"}}
+    assert caption({"prompt": json.dumps(graph)}) == "a castle at dawn"
+    sdxl = {"1": {"class_type": "KSamplerAdvanced", "inputs": {"positive": ["2", 0], "negative": ["3", 0]}},
+            "2": {"class_type": "CLIPTextEncodeSDXL", "inputs": {"text_g": "a fox", "text_l": "fox"}},
+            "3": {"class_type": "CLIPTextEncodeSDXL", "inputs": {"text_g": "bad", "text_l": "bad"}}}
+    assert caption({"prompt": json.dumps(sdxl)}) == "a fox"
+    # no sampler (an upscale-and-save graph), a damaged chunk, an empty prompt: no caption
+    assert caption({"prompt": json.dumps({"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}})}) == ""
+    assert caption({"prompt": "{not json"}) == ""
+    assert caption({"prompt": json.dumps(api_prompt("   "))}) == ""
+    # the prompt chunk wins over the workflow chunk
+    assert caption({"prompt": json.dumps(api_prompt("from prompt")),
+                    "workflow": json.dumps(editor_workflow("from workflow"))}) == "from prompt"
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+
+def test_training_reports_progress_and_its_weights_run_in_the_ensemble(pack, monkeypatch):
+    import comfy.utils
+
+    from afa.weights import read_weights_info
+
+    save_images(pack, 10)
+    models, clips, vae = members()
+    hooks = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: hooks.append((value, total)))
+    weights_name, table, curves = run_node(pack, models, clips, vae)
+    assert weights_name == "pair.safetensors"
+    assert hooks[0] == (0, 4) and hooks[-1] == (4, 4) and [v for v, _ in hooks] == [0, 1, 2, 3, 4]
+    assert "AFA" in table and "block average" in table and "model_1" in table and "step 4" in table
+    assert curves.ndim == 4 and curves.shape[0] == 1 and curves.shape[-1] == 3 and curves.dtype == torch.float32
+    info = read_weights_info(pack.env.models_dir / "afa" / weights_name)
+    from afa.comfyui.ensemble_model import member_fingerprint
+    assert [m.unet for m in info.members] == [member_fingerprint(model) for model in models]
+    assert info.config.design == "fast" and info.training["steps"] == 4
+
+    # the weights name feeds AFA Ensemble, which samples with them
+    (sabw, _) = pack.nodes.AFAEnsemble().ensemble(models[0], models[1], "SABW", "none", weights_name=weights_name)
+    positive = pack.nodes.AFATextEncode().encode("a red circle", clips[0], clip_2=clips[1])[0]
+    negative = pack.nodes.AFATextEncode().encode("", clips[0], clip_2=clips[1])[0]
+    import nodes
+    (latent,) = nodes.common_ksampler(sabw, 0, 2, 5.0, "euler", "normal", positive, negative, cf.empty_latent())
+    assert torch.isfinite(latent["samples"]).all()
