@@ -175,3 +175,96 @@ def test_training_reports_progress_and_its_weights_run_in_the_ensemble(pack, mon
     import nodes
     (latent,) = nodes.common_ksampler(sabw, 0, 2, 5.0, "euler", "normal", positive, negative, cf.empty_latent())
     assert torch.isfinite(latent["samples"]).all()
+
+
+def weights_tensors(path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_interrupt_keeps_the_state_and_resume_ends_as_the_uninterrupted_run(pack, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+
+    save_images(pack, 10)
+    models, clips, vae = members()
+    weights = pack.env.models_dir / "afa"
+    run_node(pack, models, clips, vae, output_name="whole")
+
+    seen, interrupted = [], []
+
+    def interrupt_at_step_2(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 2 and not interrupted:
+            interrupted.append(True)
+            comfy.model_management.interrupt_current_processing(True)  # what ComfyUI's /interrupt does
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", interrupt_at_step_2)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_node(pack, models, clips, vae, output_name="split")
+    assert seen[-1] == 2  # stopped after the step that was running
+    assert not comfy.model_management.processing_interrupted()  # the flag is consumed, as ComfyUI's nodes do
+    assert not (weights / "split.safetensors").exists()
+    from training.service import saved_arguments
+    assert saved_arguments(pack.training.runs_dir() / "split")["step"] == 2
+
+    # without resume, the name is taken
+    with pytest.raises(pack.training.TrainingRefused, match="saved training state .step 2.*resume"):
+        run_node(pack, models, clips, vae, output_name="split")
+    seen.clear()
+    save_images(pack, 3, prefix="later")  # images saved since do not change the resumed run (its data snapshot)
+    weights_name, table, _ = run_node(pack, models, clips, vae, output_name="split", resume=True)
+    assert seen[0] == 2 and seen[-1] == 4 and "resumed" in table
+    whole, split = weights_tensors(weights / "whole.safetensors"), weights_tensors(weights / weights_name)
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_refusals_come_before_any_work(pack, monkeypatch, tmp_path):
+    import comfy.model_management
+
+    from afa.errors import AfaError
+
+    models, clips, vae = members()
+    train = pack.training.train_members
+    Request = pack.training.Request
+    request = Request(**{k: v for k, v in SHORT.items()}, output_name="refused")
+
+    loaded_before = list(comfy.model_management.current_loaded_models)  # the CLIPs load when they are made
+
+    def refused(models_, clips_=clips, request_=request) -> str:
+        with pytest.raises(AfaError) as error:
+            train(models_, clips_, vae, request_)
+        assert comfy.model_management.current_loaded_models == loaded_before  # nothing more was loaded
+        return str(error.value)
+
+    assert "2 to 6 members, got 1" in refused(models[:1])
+    mixed = refused([models[0], cf.tiny_model("sd2", seed=3)])
+    assert "model_2 is SD20" in mixed and "model_1 is SD15" in mixed
+    assert "one CLIP per member" in refused(models + [cf.twin(models[0])], clips)
+    # no usable images: the counts and the reasons
+    save_images(pack, 2, prefix="bare", prompt=None, workflow=None)
+    save_images(pack, 1, prefix="nosampler", prompt=lambda text: {"1": {"class_type": "LoadImage",
+                                                                           "inputs": {"image": "x.png"}}},
+                workflow=None)
+    message = refused(models)
+    assert "no usable images" in message and "Skipped 3 images" in message
+    assert "3 no caption" in message and "has no sampler with a positive text prompt" in message
+    assert not (pack.training.runs_dir() / "refused").exists()  # the refused snapshot is removed
+    # too few to fill a batch
+    save_images(pack, 3)
+    assert "3 training images do not fill one batch of 4" in refused(
+        models, request_=Request(**{**SHORT, "validation_share": 0.0}, output_name="refused"))
+    save_images(pack, 7, prefix="more")
+    # an existing weights file without resume
+    (pack.env.models_dir / "afa").mkdir(parents=True, exist_ok=True)
+    (pack.env.models_dir / "afa" / "taken.safetensors").write_bytes(b"")
+    assert "already exist" in refused(models, request_=Request(**SHORT, output_name="taken"))
+    # precision that does not fit the members as loaded, a flag the node sets itself, a bad name
+    assert "fp16 needs a CUDA device" in refused(models, request_=Request(**{**SHORT, "precision": "fp16"},
+                                                                           output_name="refused"))
+    assert "--batch-size is set by the node" in refused(models, request_=Request(
+        **{**SHORT, "extra_flags": "--batch-size 2"}, output_name="refused"))
+    assert "output name" in refused(models, request_=Request(**SHORT, output_name="../escape"))
+    # too little disk
+    monkeypatch.setattr(pack.training.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    assert "not enough free disk" in refused(models)
