@@ -268,3 +268,40 @@ def test_refusals_come_before_any_work(pack, monkeypatch, tmp_path):
     # too little disk
     monkeypatch.setattr(pack.training.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     assert "not enough free disk" in refused(models)
+
+
+@pytest.mark.parametrize("layout", ["sd2", "sdxl"])
+def test_sd2_v_and_sdxl_members_train(pack, layout):
+    """SD 2.x (v prediction) and SDXL members (per-member CLIPs; SDXL's y from each CLIP's pooled output and the
+    images' sizes through the model's own encode_adm)."""
+    from afa.weights import read_weights_info
+
+    save_images(pack, 10)
+    models, clips, vae = members(layout)
+    weights_name, table, _ = run_node(pack, models, clips, vae, max_steps=2)
+    info = read_weights_info(pack.env.models_dir / "afa" / weights_name)
+    assert info.training["steps"] == 2 and info.config.text_conditioning == "per_member"
+    assert "AFA" in table
+
+
+def test_the_trainers_vae_and_text_encoders_read_as_comfyui_does(pack):
+    """The trainer's latents are VAE Encode's latents scaled as the model scales them (process_latent_in), and its
+    text encodings are CLIPTextEncode's."""
+    models, clips, vae = members("sdxl")
+    with torch.inference_mode(False):
+        frozen = pack.training.comfy_frozen_models(models, clips, vae, torch.device("cpu"))
+    pixels = torch.cat([pattern(0), pattern(1)])  # [B x H x W x 3] in 0..1
+    expected = models[0].model.process_latent_in(vae.encode(pixels))
+    latents = frozen.vae.encode(pixels.movedim(-1, 1) * 2 - 1)
+    assert torch.allclose(latents, expected, atol=1e-5)
+    mean, std = frozen.vae.posterior(pixels.movedim(-1, 1) * 2 - 1)
+    assert torch.allclose(mean, expected, atol=1e-5) and (std > 0).all()
+    sizes = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2)
+    for clip, encoder in zip(clips, frozen.text_encoders):
+        context, vector = encoder.encode_captions(["a red circle", ""], sizes, [False, False])
+        for row, text in enumerate(["a red circle", ""]):
+            ((cond, extra),) = cf.encode(clip, text)
+            assert torch.equal(context[row:row + 1], cond)
+            assert torch.equal(vector[row:row + 1, :64], extra["pooled_output"])
+    assert frozen.text_encoders[0] is not frozen.text_encoders[1]
+    assert frozen.schedule.parameterization == "eps" and frozen.schedule.num_timesteps == 1000
