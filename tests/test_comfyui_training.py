@@ -89,7 +89,7 @@ def members(layout: str = "sd1"):
 
 
 SHORT = dict(data="output", validation_share=0.2, epochs=1, max_steps=4, batch_size=4, precision="auto",
-             gradient_checkpointing=False, design="fast", resolution=64, seed=0,
+             gradient_checkpointing=False, design="fast", resolution=64, training_seed=0,
              extra_flags="--hidden-channels 32 --save-every 1 --save-dtype fp32")
 
 
@@ -227,7 +227,8 @@ def test_refusals_come_before_any_work(pack, monkeypatch, tmp_path):
     models, clips, vae = members()
     train = pack.training.train_members
     Request = pack.training.Request
-    request = Request(**{k: v for k, v in SHORT.items()}, output_name="refused")
+    SETTINGS = {("seed" if k == "training_seed" else k): v for k, v in SHORT.items()}
+    request = Request(**SETTINGS, output_name="refused")
 
     loaded_before = list(comfy.model_management.current_loaded_models)  # the CLIPs load when they are made
 
@@ -253,18 +254,18 @@ def test_refusals_come_before_any_work(pack, monkeypatch, tmp_path):
     # too few to fill a batch
     save_images(pack, 3)
     assert "3 training images do not fill one batch of 4" in refused(
-        models, request_=Request(**{**SHORT, "validation_share": 0.0}, output_name="refused"))
+        models, request_=Request(**{**SETTINGS, "validation_share": 0.0}, output_name="refused"))
     save_images(pack, 7, prefix="more")
     # an existing weights file without resume
     (pack.env.models_dir / "afa").mkdir(parents=True, exist_ok=True)
     (pack.env.models_dir / "afa" / "taken.safetensors").write_bytes(b"")
-    assert "already exist" in refused(models, request_=Request(**SHORT, output_name="taken"))
+    assert "already exist" in refused(models, request_=Request(**SETTINGS, output_name="taken"))
     # precision that does not fit the members as loaded, a flag the node sets itself, a bad name
-    assert "fp16 needs a CUDA device" in refused(models, request_=Request(**{**SHORT, "precision": "fp16"},
+    assert "fp16 needs a CUDA device" in refused(models, request_=Request(**{**SETTINGS, "precision": "fp16"},
                                                                            output_name="refused"))
     assert "--batch-size is set by the node" in refused(models, request_=Request(
-        **{**SHORT, "extra_flags": "--batch-size 2"}, output_name="refused"))
-    assert "output name" in refused(models, request_=Request(**SHORT, output_name="../escape"))
+        **{**SETTINGS, "extra_flags": "--batch-size 2"}, output_name="refused"))
+    assert "output name" in refused(models, request_=Request(**SETTINGS, output_name="../escape"))
     # too little disk
     monkeypatch.setattr(pack.training.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     assert "not enough free disk" in refused(models)
@@ -305,3 +306,40 @@ def test_the_trainers_vae_and_text_encoders_read_as_comfyui_does(pack):
             assert torch.equal(vector[row:row + 1, :64], extra["pooled_output"])
     assert frozen.text_encoders[0] is not frozen.text_encoders[1]
     assert frozen.schedule.parameterization == "eps" and frozen.schedule.num_timesteps == 1000
+
+
+def test_the_example_workflow_fits_the_nodes(pack):
+    """examples/comfyui/sd15-train-then-sample (API and UI format): every AFA node's inputs are its INPUT_TYPES'
+    (required ones present, choices valid), the UI format has one widget value per widget, and AFA Train's
+    weights name feeds AFA Ensemble."""
+    root = Path(__file__).resolve().parent.parent / "examples" / "comfyui"
+    api = json.loads((root / "sd15-train-then-sample.api.json").read_text(encoding="utf-8"))
+    ui = json.loads((root / "sd15-train-then-sample.json").read_text(encoding="utf-8"))
+    mappings = pack.nodes.NODE_CLASS_MAPPINGS
+    widget_types = ("INT", "FLOAT", "BOOLEAN", "STRING")
+
+    def widgets(spec: dict) -> list[str]:
+        inputs = {**spec["required"], **spec.get("optional", {})}
+        return [name for name, (kind, *options) in inputs.items()
+                if (isinstance(kind, list) or kind in widget_types) and not (options and options[0].get("forceInput"))]
+
+    for node in api.values():
+        if node["class_type"] not in mappings:
+            continue
+        spec = mappings[node["class_type"]].INPUT_TYPES()
+        given = node["inputs"]
+        assert set(spec["required"]) <= set(given), node
+        assert set(given) <= set(spec["required"]) | set(spec.get("optional", {})), node
+        for name, value in given.items():
+            kind = {**spec["required"], **spec.get("optional", {})}[name][0]
+            if isinstance(kind, list) and not isinstance(value, list) and name != "weights":
+                assert value in kind, (name, value)
+    train = next(node for node in api.values() if node["class_type"] == "AFATrain")
+    ensemble = next(node for node in api.values() if node["class_type"] == "AFAEnsemble")
+    train_id = next(key for key, node in api.items() if node is train)
+    assert ensemble["inputs"]["weights_name"] == [train_id, 0] and train["inputs"]["resume"] is True
+    for node in ui["nodes"]:
+        if node["type"] in mappings:
+            assert len(node["widgets_values"]) == len(widgets(mappings[node["type"]].INPUT_TYPES())), node["type"]
+    links = {link[0] for link in ui["links"]}
+    assert all(slot["link"] in links for node in ui["nodes"] for slot in node["inputs"])

@@ -176,7 +176,8 @@ class AFATrain:
             **more_models, **more_clips,
             "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "training image "
                            "size (0: the members' native size, 512 SD 1.x, 768 SD 2.x-v, 1024 SDXL)"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+            "training_seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "train.py's --seed: "
+                                      "the data order, the held-out images and every random draw"}),
             "extra_flags": ("STRING", {"default": "", "tooltip": "more training/train.py flags, e.g. "
                                        "--learning-rate 5e-5 --latents mean --validate-every 100"}),
         }}
@@ -195,6 +196,8 @@ class AFATrain:
 
         models = _connected(model_1, {"model_2": model_2, **inputs}, "model")
         clips = _connected(clip_1, inputs, "clip")
+        if "training_seed" in inputs:
+            inputs["seed"] = inputs.pop("training_seed")
         fields = {name: inputs[name] for name in Request.__dataclass_fields__ if name in inputs}
         weights_name, text, image = train_members(models, clips, vae, Request(**fields))
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
