@@ -54,7 +54,6 @@ from .forward import ComfyBlockRunner
 WEIGHTS_FOLDER = "afa"
 WEIGHTS_SUFFIX = ".safetensors"
 OUTPUT_FOLDER = "output"  # the data input that means ComfyUI's output folder
-PRECISIONS = ("auto", "no", "fp16", "bf16")
 # train.py flags the node sets itself (from its own inputs, or because they are paths and devices on this server).
 NODE_FLAGS = ("members", "data", "val_data", "output", "run_dir", "resume", "device", "num_workers", "config",
               "val_split", "epochs", "max_steps", "batch_size", "mixed_precision", "gradient_checkpointing",
