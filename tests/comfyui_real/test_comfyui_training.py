@@ -55,7 +55,7 @@ def test_train_interrupt_resume_and_sample(comfyui, tier_models):
         comfyui.check_alive("the first training step")
         assert time.monotonic() < deadline, "no training step within the timeout"
         time.sleep(0.2)
-    comfyui.request("POST", "/interrupt", {})
+    comfyui.request("POST", "/interrupt", {}, raw=True)  # what the Cancel button sends
     run = comfyui.wait(prompt_id)
     assert run.status == "error" and any(kind == "execution_interrupted" for kind, _ in run.messages), run.describe()
     stopped_at = max(log_steps(comfyui))
