@@ -186,6 +186,8 @@ def test_interrupt_keeps_the_state_and_resume_ends_as_the_uninterrupted_run(pack
     import comfy.model_management
     import comfy.utils
 
+    from afa.errors import AfaError
+
     save_images(pack, 10)
     models, clips, vae = members()
     weights = pack.env.models_dir / "afa"
@@ -211,6 +213,10 @@ def test_interrupt_keeps_the_state_and_resume_ends_as_the_uninterrupted_run(pack
     # without resume, the name is taken
     with pytest.raises(pack.training.TrainingRefused, match="saved training state .step 2.*resume"):
         run_node(pack, models, clips, vae, output_name="split")
+    with pytest.raises(AfaError, match="trained with members"):
+        run_node(pack, models[::-1], clips[::-1], vae, output_name="split", resume=True)  # members swapped
+    with pytest.raises(AfaError, match="--batch-size: saved 4, given 2"):
+        run_node(pack, models, clips, vae, output_name="split", resume=True, batch_size=2)
     seen.clear()
     save_images(pack, 3, prefix="later")  # images saved since do not change the resumed run (its data snapshot)
     weights_name, table, _ = run_node(pack, models, clips, vae, output_name="split", resume=True)

@@ -361,7 +361,7 @@ def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.
     the held-out share; the refusal counts what was skipped and why), a resumed run's settings, and the disk.
     A new run writes its data snapshot (`<run dir>/data.jsonl`) here; nothing else is written."""
     from training import service
-    from training.train import load_resume_state
+    from training.train import check_resumed_members, load_resume_state
 
     models = list(models)
     check_ensemble_members(models)
@@ -409,7 +409,9 @@ def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.
 
     report = None
     if resumed:
-        load_resume_state(args)  # refuses other settings than the run was started with, naming them
+        state, state_path = load_resume_state(args)  # refuses other settings than the run started with, named
+        check_resumed_members(state, state_path, [MemberRef(f"model_{index + 1}", member_fingerprint(model))
+                                                  for index, model in enumerate(models)])
     else:
         sources = data_sources(request.data)
         missing = [str(source) for source in sources if not source.is_dir()]
