@@ -248,6 +248,11 @@ def test_refusals_come_before_any_work(pack, monkeypatch, tmp_path):
     mixed = refused([models[0], cf.tiny_model("sd2", seed=3)])
     assert "model_2 is SD20" in mixed and "model_1 is SD15" in mixed
     assert "one CLIP per member" in refused(models + [cf.twin(models[0])], clips)
+    import comfy.model_base
+    flow = [cf.tiny_model("sd1", seed=4), cf.tiny_model("sd1", seed=5)]
+    for model in flow:  # a prediction type the trainer has no loss for
+        model.model.model_type = comfy.model_base.ModelType.FLOW
+    assert "model_1 predicts FLOW" in refused(flow)
     # no usable images: the counts and the reasons
     save_images(pack, 2, prefix="bare", prompt=None, workflow=None)
     save_images(pack, 1, prefix="nosampler", prompt=lambda text: {"1": {"class_type": "LoadImage",

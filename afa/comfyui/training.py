@@ -365,6 +365,7 @@ def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.
 
     models = list(models)
     check_ensemble_members(models)
+    schedule_of(models[0])  # refuses prediction types the trainer does not train
     if len(clips) not in (1, len(models)):
         raise TrainingRefused(f"connect one CLIP per member ({len(models)}), in the members' order, or one CLIP "
                               f"for all; got {len(clips)}")
