@@ -253,6 +253,10 @@ def test_refusals_come_before_any_work(pack, monkeypatch, tmp_path):
     for model in flow:  # a prediction type the trainer has no loss for
         model.model.model_type = comfy.model_base.ModelType.FLOW
     assert "model_1 predicts FLOW" in refused(flow)
+    from test_comfyui_nodes import tiny_lora, with_lora
+    # one loaded checkpoint connected twice, with a LoRA on one connection: ComfyUI holds one copy of its weights
+    assert "same loaded checkpoint with different patches" in refused(
+        [models[0], with_lora(models[0], tiny_lora(models[0]))])
     # no usable images: the counts and the reasons
     save_images(pack, 2, prefix="bare", prompt=None, workflow=None)
     save_images(pack, 1, prefix="nosampler", prompt=lambda text: {"1": {"class_type": "LoadImage",

@@ -48,7 +48,7 @@ from afa.hashing import shorthash
 from afa.members import MemberRef, check_members, unet_shapes
 from afa.unet import block_layout
 
-from .ensemble_model import check_ensemble_members, member_fingerprint, member_unet
+from .ensemble_model import check_ensemble_members, distinct_members, member_fingerprint, member_unet
 from .forward import ComfyBlockRunner
 
 WEIGHTS_FOLDER = "afa"
@@ -365,6 +365,7 @@ def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.
 
     models = list(models)
     check_ensemble_members(models)
+    distinct_members(models)  # one loaded checkpoint connected twice with different patches cannot be both
     schedule_of(models[0])  # refuses prediction types the trainer does not train
     if len(clips) not in (1, len(models)):
         raise TrainingRefused(f"connect one CLIP per member ({len(models)}), in the members' order, or one CLIP "
