@@ -353,8 +353,7 @@ def check_free_disk(needed: int, folders: Sequence[Path]) -> None:
                                   f"{needed / 2**30:.2f} GB needed, {free / 2**30:.2f} GB free")
 
 
-def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.device,
-             free_disk=check_free_disk) -> Plan:
+def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.device) -> Plan:
     """Checks everything that can be checked before loading or training, in this order: the members (2 to 6 UNets
     of one family and shape), the CLIPs (one, or one per member), the output name (existing weights or a saved run
     need `resume`), the settings (train.py's own checks), the images (at least one batch of captioned images after
@@ -435,7 +434,7 @@ def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.
                 run_dir.rmdir()
             raise TrainingRefused(problem)
     layout = block_layout(unet_shapes(unet))
-    free_disk(state_bytes(args, layout, len(models), context_width(unet)), [run_dir, weights_path.parent])
+    check_free_disk(state_bytes(args, layout, len(models), context_width(unet)), [run_dir, weights_path.parent])
     return Plan(name, args, weights_path, run_dir, resumed, report)
 
 
