@@ -337,7 +337,7 @@ def test_comfyui_loads_the_repository_as_a_node_pack(pack, tmp_path):
                                                   submodule_search_locations=[str(folder)])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert set(module.NODE_CLASS_MAPPINGS) == {"AFAEnsemble", "AFATextEncode", "AFAAggregationMaps"}
+    assert set(module.NODE_CLASS_MAPPINGS) == {"AFAEnsemble", "AFATextEncode", "AFAAggregationMaps", "AFATrain"}
     assert module.NODE_DISPLAY_NAME_MAPPINGS["AFAEnsemble"] == "AFA Ensemble"
     import folder_paths
     assert Path(folder_paths.get_folder_paths("afa")[0]) == pack.env.models_dir / "afa"

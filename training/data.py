@@ -4,7 +4,8 @@
   * a folder of images (.png .jpg .jpeg .webp .bmp, searched recursively; folders whose name starts with "." are
     skipped) with captions beside them. An image's caption is its same-named `.txt` file (kohya style); an image
     without a non-empty `.txt` falls back to the prompt in its `parameters` PNG text chunk (the infotext the WebUI
-    writes into every PNG it saves). A folder may mix both kinds.
+    writes into every PNG it saves), then to the positive prompt of the ComfyUI workflow in its `prompt` (or
+    `workflow`) PNG text chunk (`caption_from_comfyui_metadata`). A folder may mix these kinds.
   * a manifest: a `.jsonl` file (one JSON object per line) or a `.csv` file (with a header row), each row naming an
     image (column `image`, `file_name`, `path`, `img_path` or `image_path`; relative to the manifest's folder, or
     absolute) and its caption (`caption`, `text` or `prompt`). JourneyDB's JSONL (`img_path`, `prompt`) and the
@@ -63,7 +64,7 @@ class SkipReason(str, enum.Enum):
     """Why an image or manifest row is not used for training."""
 
     UNREADABLE_IMAGE = "unreadable image"
-    MISSING_CAPTION = "no caption (.txt file or PNG infotext)"
+    MISSING_CAPTION = "no caption (.txt file, PNG infotext or ComfyUI prompt)"
     EMPTY_CAPTION = "empty caption"
     MISSING_IMAGE = "image file not found"
     MALFORMED_ROW = "malformed manifest row"
@@ -167,11 +168,154 @@ def caption_from_infotext(infotext: str) -> str:
 def _png_infotext(path: Path) -> str | None:
     """The `parameters` text chunk of a PNG (None for other formats or when absent). Opening a PNG parses its header
     and the text chunks before the pixel data, where the WebUI writes them, without decoding pixels."""
+    return _png_text_chunks(path).get("parameters")
+
+
+def _png_text_chunks(path: Path) -> dict[str, str]:
+    """The text chunks of a PNG ({} for other formats), read without decoding pixels."""
     if path.suffix.lower() != ".png":
-        return None
+        return {}
     with Image.open(path) as image:
-        value = image.info.get("parameters")
-    return value if isinstance(value, str) else None
+        return {key: value for key, value in image.info.items() if isinstance(value, str)}
+
+
+# -- ComfyUI's PNG metadata ----------------------------------------------------------------------------------------
+#
+# ComfyUI's SaveImage writes two text chunks: `prompt`, the executed graph in the API format ({node id: {"class_type",
+# "inputs": {name: a value, or [source node id, output index] for a link}}}), and `workflow`, the editor's graph
+# ({"nodes": [{"id", "type", "inputs": [{"name", "link"}], "widgets_values"}], "links": [[id, from node, from slot,
+# to node, to slot, type]]}). The caption is the positive prompt: the text of the text-encode node that feeds a
+# sampler's `positive` input, followed back through the graph.
+
+# Text encoders whose text is the prompt, and the input that holds it (CLIPTextEncodeSDXL: its G prompt).
+COMFYUI_TEXT_ENCODERS = {"CLIPTextEncode": "text", "AFATextEncode": "text", "CLIPTextEncodeSDXL": "text_g",
+                         "CLIPTextEncodeSDXLRefiner": "text", "CLIPTextEncodeFlux": "t5xxl",
+                         "CLIPTextEncodeSD3": "t5xxl"}
+# Inputs that carry the conditioning on through other nodes (ConditioningSetArea, ConditioningCombine,
+# ControlNetApplyAdvanced, CFGGuider, ...), tried in this order: the first that leads to a text encoder wins.
+COMFYUI_CONDITIONING_INPUTS = ("positive", "conditioning", "conditioning_1", "conditioning_to", "cond",
+                               "conditioning_2", "conditioning_from")
+# Inputs of string nodes (PrimitiveString, PrimitiveStringMultiline, StringConcatenate's first part, ...) that a
+# text encoder's text may be linked to.
+COMFYUI_STRING_INPUTS = ("value", "text", "string", "string_a", "prompt")
+_MAX_LINKS_FOLLOWED = 64
+
+
+def caption_from_comfyui_metadata(chunks: dict[str, str]) -> str:
+    """The positive prompt of the ComfyUI graph a PNG's text chunks hold ("" when there is none).
+
+    Which text counts: the samplers are the nodes with a `positive` input that is linked (KSampler,
+    KSamplerAdvanced, SamplerCustom, CFGGuider, ...), taken in the order of their node ids; from each, the link is
+    followed back through nodes that pass conditioning on (their inputs `conditioning`, `conditioning_1`,
+    `conditioning_to`, ..., in that order) to the first text-encode node (CLIPTextEncode, AFA Text Encode,
+    CLIPTextEncodeSDXL's `text_g`, ...). Its text is the caption; a text linked from a string node is that node's
+    value. The first sampler whose positive prompt is found gives the caption. The `prompt` chunk (the graph that
+    ran) is read first, the `workflow` chunk (the editor's graph) when `prompt` is absent or gives nothing.
+    """
+    for key, reader in (("prompt", _caption_from_api_graph), ("workflow", _caption_from_editor_graph)):
+        text = chunks.get(key)
+        if not text:
+            continue
+        try:
+            graph = json.loads(text)
+        except ValueError:
+            continue
+        if not isinstance(graph, dict):
+            continue
+        try:
+            caption = reader(graph)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            caption = ""
+        if caption and caption.strip():
+            return caption.strip()
+    return ""
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _node_order(node_id) -> tuple:
+    text = str(node_id)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+def _caption_from_api_graph(graph: dict) -> str:
+    nodes = {str(node_id): node for node_id, node in graph.items() if isinstance(node, dict)}
+
+    def text_of(node_id: str, seen: set) -> str:
+        node = nodes.get(node_id)
+        if node is None or node_id in seen or len(seen) > _MAX_LINKS_FOLLOWED:
+            return ""
+        seen.add(node_id)
+        inputs = node.get("inputs") or {}
+        text_input = COMFYUI_TEXT_ENCODERS.get(node.get("class_type"))
+        if text_input is not None:
+            return string_of(inputs.get(text_input), seen)
+        for name in COMFYUI_CONDITIONING_INPUTS:
+            if _is_link(inputs.get(name)):
+                found = text_of(str(inputs[name][0]), seen)
+                if found:
+                    return found
+        return ""
+
+    def string_of(value, seen: set) -> str:
+        if isinstance(value, str):
+            return value
+        if not _is_link(value) or len(seen) > _MAX_LINKS_FOLLOWED:
+            return ""
+        node = nodes.get(str(value[0])) or {}
+        inputs = node.get("inputs") or {}
+        for name in COMFYUI_STRING_INPUTS:
+            if name in inputs:
+                seen.add(str(value[0]))
+                return string_of(inputs[name], seen)
+        return ""
+
+    for node_id in sorted(nodes, key=_node_order):
+        positive = (nodes[node_id].get("inputs") or {}).get("positive")
+        if _is_link(positive):
+            caption = text_of(str(positive[0]), set())
+            if caption.strip():
+                return caption
+    return ""
+
+
+def _caption_from_editor_graph(graph: dict) -> str:
+    nodes = {node["id"]: node for node in graph.get("nodes", []) if isinstance(node, dict) and "id" in node}
+    links = {link[0]: link for link in graph.get("links", []) if isinstance(link, list) and len(link) >= 5}
+
+    def source(node: dict, name: str):
+        for slot in node.get("inputs") or []:
+            if isinstance(slot, dict) and slot.get("name") == name and slot.get("link") in links:
+                return nodes.get(links[slot["link"]][1])
+        return None
+
+    def text_of(node, seen: set) -> str:
+        if node is None or node["id"] in seen or len(seen) > _MAX_LINKS_FOLLOWED:
+            return ""
+        seen.add(node["id"])
+        node_type = node.get("type")
+        if node_type in COMFYUI_TEXT_ENCODERS:
+            linked = source(node, COMFYUI_TEXT_ENCODERS[node_type])
+            if linked is not None:  # a string node's value
+                values = linked.get("widgets_values") or []
+                return values[0] if values and isinstance(values[0], str) else ""
+            values = node.get("widgets_values") or []
+            return values[0] if values and isinstance(values[0], str) else ""
+        for name in COMFYUI_CONDITIONING_INPUTS:
+            found = text_of(source(node, name), seen)
+            if found:
+                return found
+        return ""
+
+    for node_id in sorted(nodes, key=_node_order):
+        positive = source(nodes[node_id], "positive")
+        if positive is not None:
+            caption = text_of(positive, set())
+            if caption.strip():
+                return caption
+    return ""
 
 
 def _read_caption_file(path: Path) -> str:
@@ -211,14 +355,19 @@ def _index_folder(folder: Path, report: SkipReport) -> list[CaptionedImage]:
         caption = _read_caption_file(caption_path) if caption_path.is_file() else ""
         if not caption:
             try:
-                infotext = _png_infotext(image_path)
+                chunks = _png_text_chunks(image_path)
             except Exception as error:  # noqa: BLE001 - PIL raises many types on corrupt files; any means unreadable
                 report.add(SkipReason.UNREADABLE_IMAGE, image_path, f"{type(error).__name__}: {error}")
                 continue
+            infotext = chunks.get("parameters")
             caption = caption_from_infotext(infotext) if infotext else ""
+            comfyui = "prompt" in chunks or "workflow" in chunks
+            if not caption and comfyui:
+                caption = caption_from_comfyui_metadata(chunks)
             if not caption:
                 reason = SkipReason.EMPTY_CAPTION if caption_path.is_file() or infotext else SkipReason.MISSING_CAPTION
-                report.add(reason, image_path)
+                report.add(reason, image_path, "its ComfyUI workflow has no sampler with a positive text prompt"
+                           if comfyui and not caption_path.is_file() else "")
                 continue
         records.append(CaptionedImage(image_path, caption, image_path.relative_to(folder).as_posix()))
     return records

@@ -30,7 +30,7 @@ from afa.comparison import MBW, WEIGHTED_MERGE
 from afa.merge import MergedModel, Weights, mbw_block_names, ratio_weights
 
 from .diffusion import VALIDATION_EPOCH, NoiseSchedule, per_sample_mse
-from .metrics import encode_for_members, prepare_batch
+from .metrics import encode_for_members, prepare_batch, reads_captions
 from .text_encoder import tokenize
 
 MERGE_SEARCH_EPOCH = VALIDATION_EPOCH - 1
@@ -86,7 +86,7 @@ class ValidationScorer:
 
     Args:
         batches: prepared once (`prepare_validation_batches`): per batch "noisy", "target" [B x C x h x w],
-            "timesteps" [B], "token_ids" [B x 77], "sizes" [B x 6] or None, and the first member's "context"
+            "timesteps" [B], "captions" (B texts), "sizes" [B x 6] or None, and the first member's "context"
             [B x 77 x D] and "vector" [B x adm] or None -- what a merge reads when the members share one text encoder.
         clip_skip: of the text encodings.
     """
@@ -108,7 +108,8 @@ class ValidationScorer:
             return batch["context"], batch["vector"]
         cached = self._encoded.get(index)
         if cached is None or cached[0] != text_key:  # the merged encoder's weights changed: encode again
-            contexts, vectors = encode_for_members([text_encoder], batch["token_ids"], self.clip_skip, batch["sizes"])
+            contexts, vectors = encode_for_members([text_encoder], tokenize(batch["captions"]), self.clip_skip,
+                                                   batch["sizes"])
             cached = (text_key, contexts[0], vectors[0] if vectors is not None else None)
             self._encoded[index] = cached
         return cached[1], cached[2]
@@ -142,7 +143,7 @@ def prepare_validation_batches(loader: Iterable[dict], vae, text_encoders: Seque
         sizes = batch.get("sizes")
         prepared.append({
             "noisy": inputs["noisy"], "timesteps": inputs["timesteps"], "target": inputs["target"],
-            "token_ids": tokenize(batch["captions"]), "sizes": sizes.to(device) if sizes is not None else None,
+            "captions": list(batch["captions"]), "sizes": sizes.to(device) if sizes is not None else None,
             "context": inputs["member_contexts"][0],
             "vector": inputs["member_vectors"][0] if inputs["member_vectors"] is not None else None})
     return prepared
@@ -211,9 +212,12 @@ class _Timed:
 
 
 def text_merge_for(text_encoders: Sequence[nn.Module]) -> MergedModel | None:
-    """A merge of the members' text encoders, or None when they share one module (identical weights:
-    sd_checkpoint.load_text_encoders gives them one object), which a merge then reads unchanged."""
-    if len({id(encoder) for encoder in text_encoders}) == 1:
+    """A merge of the members' text encoders, or None, and the merge then reads the first member's encoder unchanged:
+    when they share one module (identical weights: sd_checkpoint.load_text_encoders gives them one object), or when
+    they are a host's own encoders that read the captions as text (ComfyUI's CLIPs, afa/comfyui/training.py), which
+    are not modules this merges in place (a ComfyUI user merging MODELs with ModelMergeSimple keeps one CLIP too)."""
+    if len({id(encoder) for encoder in text_encoders}) == 1 or any(reads_captions(encoder)
+                                                                  for encoder in text_encoders):
         return None
     return MergedModel(text_encoders)
 

@@ -49,9 +49,17 @@ def ensemble_reading(ensemble: Callable, text_conditioning: str) -> ModelCall:
     raise ValueError(f"text_conditioning must be per_member or shared, got {text_conditioning!r}")
 
 
+def reads_captions(encoder) -> bool:
+    """Whether a text encoder takes the captions as text (`encode_captions(captions, sizes, dropped)` -> (context
+    [B x L x D], vector [B x adm] or None)) rather than SD1 token ids: a host's own encoder, e.g. ComfyUI's CLIP in
+    afa/comfyui/training.py, which tokenizes as that host does."""
+    return bool(getattr(encoder, "reads_captions", False))
+
+
 @torch.no_grad()
-def encode_for_members(text_encoders: Sequence[torch.nn.Module], token_ids: torch.Tensor, clip_skip: int = 1,
-                       sizes: torch.Tensor | None = None, dropped: Sequence[bool] | None = None) \
+def encode_for_members(text_encoders: Sequence[torch.nn.Module], token_ids: torch.Tensor | None, clip_skip: int = 1,
+                       sizes: torch.Tensor | None = None, dropped: Sequence[bool] | None = None,
+                       captions: Sequence[str] | None = None) \
         -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Each member's conditioning for token ids [B x 77]: (contexts N x [B x 77 x D], vectors N x [B x adm] for
     SDXL members, else None). Each distinct encoder module runs once, and members sharing a module get the same
@@ -61,13 +69,19 @@ def encode_for_members(text_encoders: Sequence[torch.nn.Module], token_ids: torc
     `load_image_and_sizes`: original size, crop top-left, target size) for `y`. Its `dropped` samples (caption
     dropout) get zero text embeddings -- context and pooled part of `y`, the size embeddings stay -- as sgm's
     conditioner drops them in training and as the WebUI conditions SDXL on an empty negative prompt; SD 1.x/2.x drop
-    captions by encoding the empty prompt (the caller's part).
+    captions by encoding the empty prompt (the caller's part). Encoders that read the captions as text
+    (`reads_captions`) get `captions` (dropped ones already empty), `sizes` and `dropped`, and do the same themselves.
     """
     from .sdxl_text import SdxlTextEncoders
 
     by_module: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for encoder in text_encoders:
         if id(encoder) in by_module:
+            continue
+        if reads_captions(encoder):  # a host's own text encoder (ComfyUI's CLIP): the captions, not SD1 token ids
+            if captions is None:
+                raise ValueError(f"{type(encoder).__name__} encodes the captions themselves: pass captions")
+            by_module[id(encoder)] = encoder.encode_captions(list(captions), sizes, dropped)
             continue
         if not isinstance(encoder, SdxlTextEncoders):
             by_module[id(encoder)] = encode(encoder, token_ids, clip_skip), None
@@ -113,8 +127,9 @@ def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | t
     latents = mean + std * draws.posterior_noise.to(device) if sample_latents else mean
     captions = ["" if drop else caption for caption, drop in zip(batch["captions"], draws.drop_caption)]
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
-    member_contexts, member_vectors = encode_for_members(text_encoders, tokenize(captions), clip_skip,
-                                                         batch.get("sizes"), draws.drop_caption)
+    token_ids = None if all(reads_captions(encoder) for encoder in text_encoders) else tokenize(captions)
+    member_contexts, member_vectors = encode_for_members(text_encoders, token_ids, clip_skip, batch.get("sizes"),
+                                                         draws.drop_caption, captions=captions)
     return {"noisy": schedule.add_noise(latents, noise, timesteps), "timesteps": timesteps,
             "member_contexts": member_contexts, "member_vectors": member_vectors,
             "target": schedule.target(latents, noise, timesteps), "latents": latents, "noise": noise}

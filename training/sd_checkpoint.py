@@ -320,6 +320,12 @@ class FrozenModels:
             each distinct encoder is held once and runs once per batch (training/metrics.py's
             `encode_for_members`). One SD1 text encoder is 123M parameters (0.5 GB in float32), SD 2.x's 354M
             (1.4 GB), SDXL's pair 817M (3.3 GB).
+        runner: how the members' blocks run in the ensemble (afa.ensemble's LdmBlockRunner, or a host's subclass
+            for UNets of the host's own code: ComfyUI's, afa/comfyui/training.py); None: ldm's.
+
+    A host hands train.py its own models (`train(..., frozen=...)`) as an object with these attributes: a `vae`
+    with `encode` and `posterior` (images [B x 3 x H x W] in [-1, 1] -> scaled latents) and `parameters()`, text
+    encoders that read captions (training/metrics.py's `reads_captions`) with `config.hidden_size`.
     """
 
     member_refs: list[MemberRef]
@@ -329,6 +335,7 @@ class FrozenModels:
     text_encoders: list[torch.nn.Module]
     schedule: NoiseSchedule
     base_checkpoint: Path | None = None  # the file the VAE and schedule were read from (None: not from a file)
+    runner: object | None = None
 
     @property
     def text_encoder(self) -> torch.nn.Module:
@@ -483,4 +490,4 @@ def load_frozen_models(member_paths: list[str | Path], config: str | Path | None
     vae = load_vae(sources.base, sd_config, device)
     text_encoders = load_text_encoders(sources.text_encoders, config, device, text_encoder_dtype)
     return FrozenModels(member_refs, members, layout, vae, text_encoders, load_schedule(sources.base, sd_config),
-                        sources.base)
+                        base_checkpoint=sources.base)

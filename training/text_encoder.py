@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from afa.errors import CheckpointError
 
@@ -95,6 +94,8 @@ def sd1_tokenizer() -> CLIPTokenizer:
     with gzip.open(_open_clip_bpe_path(), "rt", encoding="utf-8") as bpe_file:
         lines = bpe_file.read().split("\n")
     merges = lines[1:1 + NUM_BPE_MERGES]  # line 0 is the "#version" header
+    # imported here: transformers 5 (which ComfyUI may run) no longer has it, and only this tokenizer needs it
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
     byte_symbols = list(bytes_to_unicode().values())
     tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols]
     tokens += ["".join(merge.split()) for merge in merges]

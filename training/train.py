@@ -44,6 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 from afa import (DEFAULT_PRESET, SABW_PRESETS, AfaError, Aggregator, AggregatorConfig, EnsembleUNet,  # noqa: E402
                  MemberRef, default_config, save_weights)
+from afa.ensemble import LDM_BLOCKS  # noqa: E402
 from afa.hashing import file_sha256  # noqa: E402
 from afa.host import find_webui  # noqa: E402
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
@@ -363,13 +364,13 @@ def text_conditioning(args) -> str:
 
 
 def build_ensemble(config: AggregatorConfig, members: list[torch.nn.Module], seed: int,
-                   gradient_checkpointing: bool, distributed: Distributed) \
+                   gradient_checkpointing: bool, distributed: Distributed, runner=None) \
         -> tuple[Aggregator, EnsembleUNet, torch.nn.Module]:
     """(the aggregator, the ensemble of the frozen members with it, the model to train: the ensemble, wrapped in
-    DDP when there are several processes)."""
+    DDP when there are several processes). `runner`: how the members' blocks run (None: ldm's)."""
     torch.manual_seed(seed)  # the same initial aggregator on every rank
     aggregator = Aggregator(config).to(distributed.device)
-    ensemble = EnsembleUNet(members, aggregator, trained_mode(config.only_last_block))
+    ensemble = EnsembleUNet(members, aggregator, trained_mode(config.only_last_block), runner=runner or LDM_BLOCKS)
     ensemble.gradient_checkpointing = gradient_checkpointing
     if distributed.world_size == 1:
         return aggregator, ensemble, ensemble
@@ -456,8 +457,8 @@ def validate(ensemble: EnsembleUNet, val_set, frozen: FrozenModels, batch_size: 
     config = ensemble.aggregator.config
     models = {ref.name: member_alone(member, index)
               for index, (ref, member) in enumerate(zip(frozen.member_refs, ensemble.members))}
-    models["block average"] = ensemble_reading(EnsembleUNet(list(ensemble.members), None, AVERAGE),
-                                               config.text_conditioning)
+    models["block average"] = ensemble_reading(EnsembleUNet(list(ensemble.members), None, AVERAGE,
+                                                            runner=ensemble.runner), config.text_conditioning)
     models["AFA"] = ensemble_reading(ensemble, config.text_conditioning)
     loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, collate_fn=datasets.collate, num_workers=0)
     with autocast:
@@ -752,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, events: TrainingEvents | None = None,
           members: list[torch.nn.Module | None] | None = None,
-          member_refs: list[MemberRef] | None = None) -> TrainingOutcome:
+          member_refs: list[MemberRef] | None = None, frozen: FrozenModels | None = None) -> TrainingOutcome:
     """Runs the training `args` (from `parse_args`) describe.
 
     Args:
@@ -762,6 +763,9 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
             bound to the files' sha256), and are used in their own dtype and device, frozen.
         member_refs: the member files' names and sha256 when the caller knows them already (the WebUI's hash
             cache), so the files are not hashed again; None: hashed here.
+        frozen: the members, VAE, text encoders and schedule already prepared by a host that has no member files
+            (ComfyUI's loaded models, afa/comfyui/training.py); `args.members` then only names them, and `members`
+            and `member_refs` are not used. None: loaded from `args.members`.
     """
     events = events or TrainingEvents()
     distributed = Distributed(args.device)
@@ -770,11 +774,12 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
     state, state_path = load_resume_state(args) if args.resume else (None, None)
 
     # Members and their text encoders (frozen), and VAE and schedule of the first member.
-    distributed.print_main(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
-    frozen = load_frozen_models(args.members, args.config, device, member_dtype, members=members,
-                                member_refs=member_refs,
-                                text_encoder_dtype=text_encoder_dtype(member_dtype, device),
-                                components=args.components)
+    if frozen is None:
+        distributed.print_main(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
+        frozen = load_frozen_models(args.members, args.config, device, member_dtype, members=members,
+                                    member_refs=member_refs,
+                                    text_encoder_dtype=text_encoder_dtype(member_dtype, device),
+                                    components=args.components)
     if state is not None:
         check_resumed_members(state, state_path, frozen.member_refs)
 
@@ -792,7 +797,7 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
     config = (AggregatorConfig.from_dict(state["config"], source=str(state_path)) if state is not None
               else aggregator_config(args, frozen))
     aggregator, ensemble, model = build_ensemble(config, frozen.members, args.seed, args.gradient_checkpointing,
-                                                 distributed)
+                                                 distributed, frozen.runner)
     distributed.print_main(
         f"SABW: {config.design} design, {sum(p.numel() for p in aggregator.parameters()):,} parameters; text "
         f"conditioning {config.text_conditioning} ({frozen.distinct_text_encoders} distinct text encoders), CLIP skip "

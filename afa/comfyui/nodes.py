@@ -3,8 +3,9 @@
     AFA Ensemble               2-6 MODELs + mode + SABW weights -> one MODEL (and its aggregation maps)
     AFA Text Encode            a prompt + one CLIP per member -> CONDITIONING each member reads with its own CLIP
     AFA Aggregation Maps       the maps of the latest sampling run -> IMAGE (the paper's Figure 6)
+    AFA Train                  2-6 MODELs + CLIPs + VAE + captioned images -> SABW weights (train.py's trainer)
 
-They validate and build; the work is in afa.comfyui.ensemble_model, .text and .maps, and in the core.
+They validate and build; the work is in afa.comfyui.ensemble_model, .text, .maps and .training, and in the core.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 import folder_paths
 
+from afa.aggregator import DEFAULT_PRESET, SABW_PRESETS
 from afa.members import MAX_MEMBERS, MIN_MEMBERS
 from afa.modes import CHOICES
 
@@ -25,6 +27,7 @@ from .text import encode_for_members
 WEIGHTS_FOLDER = "afa"
 NO_WEIGHTS = "none"
 CATEGORY = "advanced/model_merging/AFA"
+TRAIN_PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 def weights_choices() -> list[str]:
@@ -65,7 +68,10 @@ class AFAEnsemble:
             "weights": (weights_choices(), {
                 "tooltip": "SABW weights (models/afa/), made by training/train.py or the A1111 AFA Training tab "
                            "for these members in this order; used in mode SABW only"}),
-        }, "optional": optional}
+        }, "optional": {**optional, "weights_name": ("STRING", {
+            "forceInput": True,
+            "tooltip": "a weights file name in models/afa that replaces 'weights' when linked: connect AFA "
+                       "Train's weights output to sample with the weights it has just trained"})}}
 
     RETURN_TYPES = ("MODEL", "AFA_MAPS")
     RETURN_NAMES = ("model", "maps")
@@ -75,8 +81,10 @@ class AFAEnsemble:
     CATEGORY = CATEGORY
     DESCRIPTION = __doc__
 
-    def ensemble(self, model_1, model_2, mode, weights, **optional):
+    def ensemble(self, model_1, model_2, mode, weights, weights_name=None, **optional):
         models = _connected(model_1, {"model_2": model_2, **optional}, "model")
+        if weights_name:  # linked from AFA Train: the file it has just written
+            weights = weights_name
         path = None if weights == NO_WEIGHTS else folder_paths.get_full_path_or_raise(WEIGHTS_FOLDER, weights)
         return build_ensemble(models, mode, Path(path) if path else None)
 
@@ -132,13 +140,79 @@ class AFAAggregationMaps:
         return (pixels[None],)  # IMAGE: [1 x H x W x 3] in 0..1
 
 
+class AFATrain:
+    """Trains SABW weights for the connected members with AFA's trainer (training/train.py: the same code, defaults
+    and flags) on captioned images: each PNG's positive prompt from its ComfyUI workflow (or WebUI infotext, or a
+    .txt beside it). Progress in the progress bar; Interrupt stops after the current step and keeps the training
+    state; run it again with the same output name and resume on to continue it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        models, more_models = _numbered("MODEL", "member {index}: a checkpoint's MODEL", MIN_MEMBERS)
+        clips, more_clips = _numbered("CLIP", "the CLIP of member {index}'s checkpoint (one per member, in the "
+                                              "members' order, or only clip_1 for all)", 1)
+        return {"required": {
+            **models, **clips,
+            "vae": ("VAE", {"tooltip": "the members' VAE (member 1's checkpoint's): encodes the training images"}),
+            "data": ("STRING", {"default": "output", "tooltip": "where the images are: 'output' (ComfyUI's output "
+                                "folder, with the prompts ComfyUI saved in each PNG) or a folder on the server"}),
+            "output_name": ("STRING", {"default": "afa-comfyui", "tooltip": "the weights file: "
+                                       "models/afa/<name>.safetensors (and the run's state under the user folder)"}),
+            "resume": ("BOOLEAN", {"default": False, "tooltip": "continue the stopped (or finished) run of this name "
+                                   "with its settings and data snapshot; a larger epochs or max_steps trains longer"}),
+            "validation_share": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.9, "step": 0.01,
+                                           "tooltip": "share of the images held out for validation"}),
+            "epochs": ("INT", {"default": 10, "min": 1, "max": 100000, "tooltip": "passes over the images"}),
+            "max_steps": ("INT", {"default": 0, "min": 0, "max": 10000000,
+                                  "tooltip": "stop after this many optimizer steps (0: train for the epochs)"}),
+            "batch_size": ("INT", {"default": 8, "min": 1, "max": 4096}),
+            "precision": (list(TRAIN_PRECISIONS), {"default": "auto", "tooltip": "auto: the dtype ComfyUI loaded "
+                          "the members in (fp16 members train under fp16 autocast, fp32 members in fp32)"}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "recompute member blocks in the "
+                                                   "backward pass: less memory, slower"}),
+            "design": (list(SABW_PRESETS), {"default": DEFAULT_PRESET, "tooltip": "SABW design: paper (the "
+                       "authors' aggregator) or fast (AFA's cheaper one)"}),
+        }, "optional": {
+            **more_models, **more_clips,
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "training image "
+                           "size (0: the members' native size, 512 SD 1.x, 768 SD 2.x-v, 1024 SDXL)"}),
+            "training_seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "train.py's --seed: "
+                                      "the data order, the held-out images and every random draw"}),
+            "extra_flags": ("STRING", {"default": "", "tooltip": "more training/train.py flags, e.g. "
+                                       "--learning-rate 5e-5 --latents mean --validate-every 100"}),
+        }}
+
+    RETURN_TYPES = ("STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("weights_name", "validation", "curves")
+    OUTPUT_TOOLTIPS = ("the weights file in models/afa: link it to AFA Ensemble's weights_name",
+                       "held-out denoising error of the members, block averaging and AFA (lower is better)",
+                       "the training loss and the validation errors")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    DESCRIPTION = __doc__
+
+    def train(self, model_1, model_2, clip_1, vae, **inputs):
+        from .training import Request, train_members
+
+        models = _connected(model_1, {"model_2": model_2, **inputs}, "model")
+        clips = _connected(clip_1, inputs, "clip")
+        if "training_seed" in inputs:
+            inputs["seed"] = inputs.pop("training_seed")
+        fields = {name: inputs[name] for name in Request.__dataclass_fields__ if name in inputs}
+        weights_name, text, image = train_members(models, clips, vae, Request(**fields))
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+        return weights_name, text, pixels[None]
+
+
 NODE_CLASS_MAPPINGS = {
     "AFAEnsemble": AFAEnsemble,
     "AFATextEncode": AFATextEncode,
     "AFAAggregationMaps": AFAAggregationMaps,
+    "AFATrain": AFATrain,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AFAEnsemble": "AFA Ensemble",
     "AFATextEncode": "AFA Text Encode (per member)",
     "AFAAggregationMaps": "AFA Aggregation Maps",
+    "AFATrain": "AFA Train (SABW weights)",
 }

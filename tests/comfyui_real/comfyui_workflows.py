@@ -38,6 +38,8 @@ NOT_RUN = {
                                      "SDXL UNets take 10 GB (fp16) to 20 GB (fp32) in ComfyUI on the CPU, more than "
                                      "the 24 GB machine this tier was made on holds beside its other processes; its "
                                      "graph is loaded in the browser (test_comfyui_browser.py)",
+    "sd15-train-then-sample": "trains on images saved first, and is interrupted and resumed: "
+                              "test_comfyui_training.py runs it",
 }
 
 
@@ -144,3 +146,15 @@ def txt2img(checkpoints: Sequence[str], *, mode: str | None = None, weights: str
     image = graph.out(graph.add("VAEDecode", samples=samples, vae=graph.out(members[0], 2)))
     save = graph.add("SaveImage", images=image, filename_prefix="afa-tier/txt2img")
     return graph.prompt(), save
+
+
+def train_example_for_tier(data: str, output_name: str, max_steps: int, size: int = SIZE, steps: int = STEPS) -> dict:
+    """examples/comfyui/sd15-train-then-sample on the tier's members a and b: AFA Train on the output folder's
+    `data` subfolder at `size` px, batch 1, `max_steps` steps, a quarter held out, the fast design, a training state
+    after every step; the ensemble then samples at `size` px with `steps` steps."""
+    prompt = for_the_tier(load_example("sd15-train-then-sample"), EXAMPLE_FILES, size, steps)
+    (train,) = nodes_of(prompt, "AFATrain")
+    prompt[train]["inputs"].update(data=data, output_name=output_name, resolution=size, batch_size=1,
+                                   max_steps=max_steps, validation_share=0.25, design="fast",
+                                   extra_flags="--save-every 1")
+    return prompt

@@ -58,13 +58,13 @@ def average_ab(comfyui):
 
 # -- a. the nodes as ComfyUI lists them -------------------------------------------------------------------------------
 
-def test_object_info_lists_the_three_nodes_with_their_inputs(comfyui, tier_models):
+def test_object_info_lists_the_nodes_with_their_inputs(comfyui, tier_models):
     from afa.modes import CHOICES
 
     info = comfyui.object_info()
     module = f"custom_nodes.{comfyui.pack_folder}"  # loaded from the checkout linked into custom_nodes/
     expected = {"AFAEnsemble": "AFA Ensemble", "AFATextEncode": "AFA Text Encode (per member)",
-                "AFAAggregationMaps": "AFA Aggregation Maps"}
+                "AFAAggregationMaps": "AFA Aggregation Maps", "AFATrain": "AFA Train (SABW weights)"}
     for name, display_name in expected.items():
         assert name in info, f"{name} is not in /object_info"
         node = info[name]
@@ -74,9 +74,10 @@ def test_object_info_lists_the_three_nodes_with_their_inputs(comfyui, tier_model
     ensemble = info["AFAEnsemble"]
     required, optional = ensemble["input"]["required"], ensemble["input"]["optional"]
     assert list(required) == ["model_1", "model_2", "mode", "weights"]
-    assert list(optional) == [f"model_{index}" for index in range(3, 7)]
+    assert list(optional) == [f"model_{index}" for index in range(3, 7)] + ["weights_name"]
     assert all(required[f"model_{index}"][0] == "MODEL" for index in (1, 2))
-    assert all(spec[0] == "MODEL" for spec in optional.values())
+    assert all(spec[0] == "MODEL" for name, spec in optional.items() if name != "weights_name")
+    assert optional["weights_name"][0] == "STRING" and optional["weights_name"][1]["forceInput"]
     assert required["mode"][0] == [mode.label for mode in CHOICES]
     assert required["mode"][1]["default"] == "Block average"
     # the weights file placed in <base>/models/afa/ is offered, after "none"
@@ -93,6 +94,12 @@ def test_object_info_lists_the_three_nodes_with_their_inputs(comfyui, tier_model
     assert {name: spec[0] for name, spec in maps["input"]["required"].items()} == \
         {"maps": "AFA_MAPS", "samples": "LATENT", "blocks": "STRING", "every": "INT"}
     assert maps["output"] == ["IMAGE"]
+
+    train = info["AFATrain"]
+    assert {name: spec[0] for name, spec in train["input"]["required"].items() if name[:5] in ("model", "clip_")} \
+        == {"model_1": "MODEL", "model_2": "MODEL", "clip_1": "CLIP"}
+    assert train["input"]["required"]["vae"][0] == "VAE" and train["input"]["required"]["resume"][0] == "BOOLEAN"
+    assert train["output"] == ["STRING", "STRING", "IMAGE"]
 
     listed = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert {f"{name}.safetensors" for name in workflows.CHECKPOINT_SEEDS} <= set(listed)
