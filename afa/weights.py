@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -117,12 +118,29 @@ def read_weights_info(path: str | Path) -> WeightsInfo:
         return _parse_metadata(path, handle.metadata())
 
 
-def check_members_match(info: WeightsInfo, members: Sequence[MemberRef]) -> None:
-    """Refuses members other than those the file was trained for (compared by sha256, in order)."""
+def bound_by_fingerprint_only(info: WeightsInfo) -> bool:
+    """Whether a file names its members by UNet fingerprint alone (trained in ComfyUI, where a MODEL has no file:
+    each member's "sha256" is its fingerprint)."""
+    return all(m.unet and m.sha256 == m.unet for m in info.members)
+
+
+def check_members_match(info: WeightsInfo, members: Sequence[MemberRef],
+                        fingerprints_of: Callable[[], Sequence[str]] | None = None) -> list[MemberRef]:
+    """Refuses members other than those the file was trained for: compared by sha256, in order. A file trained in
+    ComfyUI (`bound_by_fingerprint_only`) is compared by UNet fingerprint instead: the members' own (`MemberRef.unet`)
+    or, when they carry none, `fingerprints_of()` (which reads their UNets), in order.
+
+    Returns:
+        `members`, with their fingerprints when they were compared by them (what `load_weights` checks again).
+    """
     expected = [m.sha256 for m in info.members]
     given = [m.sha256 for m in members]
     if expected == given:
-        return
+        return list(members)
+    if bound_by_fingerprint_only(info) and (fingerprints_of is not None or all(m.unet for m in members)):
+        fingerprints = ([m.unet for m in members] if all(m.unet for m in members) else list(fingerprints_of()))
+        check_member_fingerprints(info, fingerprints, [m.name for m in members])  # raises naming both lists
+        return [dataclasses.replace(m, unet=fingerprint) for m, fingerprint in zip(members, fingerprints)]
     expected_text = ", ".join(str(m) for m in info.members)
     given_text = ", ".join(str(m) for m in members)
     if sorted(expected) == sorted(given):

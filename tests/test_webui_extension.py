@@ -29,7 +29,9 @@ import torch  # noqa: E402
 
 from modules import devices, errors, infotext_utils, script_callbacks, scripts, sd_models, sd_unet, shared  # noqa: E402
 
-from afa import Aggregator, IncompatibleMembersError, MemberRef, default_config, file_sha256, save_weights  # noqa: E402
+from afa import (Aggregator, IncompatibleMembersError, MemberRef, default_config, file_sha256, load_weights,  # noqa: E402
+                 save_weights)
+from afa.members import unet_fingerprint_of_file  # noqa: E402
 from afa.ensemble import EnsembleUNet  # noqa: E402
 from afa.members import read_unet_shapes  # noqa: E402
 from afa.unet import PRESETS, block_layout  # noqa: E402
@@ -238,6 +240,29 @@ def test_sabw_weights_file_runs_with_its_own_members(webui):
     assert infotext_params(last.infotexts[0])["AFA mode"] == "SABW (last block)"
     refused = webui.txt2img(script_args=afa(weights="pair", mode="Last block"))
     assert "trained for mode SABW" in infotext_params(refused.infotexts[0])["AFA not applied"]
+
+
+def test_weights_trained_in_comfyui_bind_the_webuis_checkpoints_by_unet_fingerprint(webui):
+    """AFA Train (ComfyUI) names its members model_1, ... with their UNet fingerprint as "sha256" (a ComfyUI MODEL has
+    no file): the WebUI reads the chosen checkpoints' fingerprints and runs the file with the members it was trained
+    for, as it runs the same aggregator bound by file sha256; other members or another order are refused."""
+    by_file = write_weights(webui, "by-file.safetensors", ["tiny-a", "tiny-b"], seed=3)
+    fingerprints = [unet_fingerprint_of_file(sd_models.get_closet_checkpoint_match(name).filename)
+                    for name in ("tiny-a", "tiny-b")]
+    aggregator, _ = load_weights(by_file)
+    save_weights(webui.data_dir / "models" / "AFA" / "from-comfyui.safetensors", aggregator,
+                 [MemberRef(f"model_{index + 1}", fingerprint, fingerprint)
+                  for index, fingerprint in enumerate(fingerprints)])
+    expected = webui.txt2img(script_args=afa(members=("tiny-a", "tiny-b"), weights="by-file", mode="SABW"))
+    processed = webui.txt2img(script_args=afa(members=("tiny-a", "tiny-b"), weights="from-comfyui", mode="SABW"))
+    assert infotext_params(processed.infotexts[0])["AFA mode"] == "SABW", processed.infotexts[0]
+    assert pixels(processed.images[0]) == pixels(expected.images[0])
+
+    swapped = webui.txt2img(script_args=afa(members=("tiny-b", "tiny-a"), weights="from-comfyui", mode="SABW"))
+    assert "same members in another order" in infotext_params(swapped.infotexts[0])["AFA not applied"]
+    other = webui.txt2img(script_args=afa(members=("tiny-a", "tiny-c"), weights="from-comfyui", mode="SABW"))
+    message = infotext_params(other.infotexts[0])["AFA not applied"]
+    assert "UNet fingerprints differ" in message and "model_2 [" in message and "tiny-c [" in message, message
 
 
 def test_weights_for_other_members_are_refused_naming_both_lists(webui):

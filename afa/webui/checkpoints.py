@@ -10,12 +10,13 @@ the WebUI already hashed is never hashed again and the loaded checkpoint is reco
 
 from __future__ import annotations
 
+import functools
 import os
 
 from modules import sd_models, shared
 
 from afa.errors import AfaError, CheckpointError, MembersMismatchError
-from afa.members import MAX_MEMBERS, MIN_MEMBERS, MemberRef, read_unet_shapes
+from afa.members import MAX_MEMBERS, MIN_MEMBERS, MemberRef, read_unet_shapes, unet_fingerprint_of_file
 
 from . import folders
 
@@ -65,6 +66,17 @@ def member_ref(info) -> MemberRef:
                                    f"--no-hashing, so {info.name} has no sha256. Remove --no-hashing or use a "
                                    f"mode without weights (Block average, Noise average)")
     return MemberRef(info.name_for_extra, sha256)
+
+
+def unet_fingerprint(info) -> str:
+    """The UNet fingerprint of an installed checkpoint (afa.hashing.unet_fingerprint), what binds weights trained in
+    ComfyUI; read from the file once per file version (its sha256)."""
+    return _unet_fingerprint(info.filename, ensure_hashed(info))
+
+
+@functools.lru_cache(maxsize=32)
+def _unet_fingerprint(filename: str, sha256: str | None) -> str:
+    return unet_fingerprint_of_file(filename)
 
 
 def checkpoints_for(refs: list[MemberRef]) -> tuple[list, list[MemberRef]]:

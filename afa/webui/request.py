@@ -124,7 +124,8 @@ def plan(request: EnsembleRequest) -> EnsemblePlan:
     refs = None
     if mode.needs_weights:
         refs = [checkpoints.member_ref(checkpoint) for checkpoint in infos]
-        check_members_match(weights_info, refs)  # MembersMismatchError naming both lists
+        # MembersMismatchError naming both lists; a file trained in ComfyUI binds by the members' UNet fingerprints
+        refs = check_members_match(weights_info, refs, lambda: [checkpoints.unet_fingerprint(info) for info in infos])
         if mode is LAST_BLOCK and weights_info.mode is not LAST_BLOCK:
             raise AfaError(f"{weights_path.name} was trained for mode SABW (every block), not for the last block "
                            f"only; use mode {SABW.label}")
