@@ -426,8 +426,10 @@ class EnsembleFlux(nn.Module):
             return self._combine(block_index, features, text_tokens, text_features, grid, context, time_embedding)
 
         if not self.mode.mixes_every_block:
-            predictions = [self._forward_blocks(runner, [member], [vec], tokens, [member_context],
-                                                pe, lambda _, features, __, text: (features[0], None if text is None else text[0]))
+            def alone(_, features, __, text):  # one member per pass: its outputs are the block's
+                return features[0], None if text is None else text[0]
+
+            predictions = [self._forward_blocks(runner, [member], [vec], tokens, [member_context], pe, alone)
                            for member, vec, member_context in zip(members, vecs, contexts)]
             return combine(self.num_blocks - 1, predictions, 0, None)[0].to(img.dtype)
         return self._forward_blocks(runner, members, vecs, tokens, contexts, pe, combine).to(img.dtype)

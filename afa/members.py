@@ -16,7 +16,7 @@ import contextlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -224,11 +224,13 @@ MIN_MEMBERS, MAX_MEMBERS = 2, 6
 """How many members an ensemble takes (the WebUI's accordion, the trainer and the evaluator all check these)."""
 
 
-def check_members(shapes: Sequence[tuple[str, dict[str, tuple]]]) -> BlockLayout:
-    """Confirms that members (name, UNet shapes) can be ensembled: at least two, all shaped like the first.
+def check_members(shapes: Sequence[tuple[str, dict[str, tuple]]], layout: Callable = block_layout):
+    """Confirms that members (name, UNet or FLUX transformer shapes) can be ensembled: at least two, all shaped like
+    the first.
 
-    Returns the shared block layout. Raises IncompatibleMembersError naming the first differing key and both
-    shapes (e.g. an SD2 member among SD1 members: `...attn2.to_k.weight: (320, 768) vs (320, 1024)`).
+    Returns the shared layout, `layout(shapes)` (a UNet's BlockLayout; afa.flux.flux_layout for FLUX). Raises
+    IncompatibleMembersError naming the first differing key and both shapes (e.g. an SD2 member among SD1 members:
+    `...attn2.to_k.weight: (320, 768) vs (320, 1024)`).
     """
     if len(shapes) < 2:
         raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(shapes)}"
@@ -236,9 +238,9 @@ def check_members(shapes: Sequence[tuple[str, dict[str, tuple]]]) -> BlockLayout
     first_name, first = shapes[0]
     for name, member in shapes[1:]:
         describe_difference(first, member, what=f"{name} cannot be ensembled with {first_name}: different "
-                            f"UNet architecture", expected_label=first_name, found_label=name,
+                            f"architecture", expected_label=first_name, found_label=name,
                             error=IncompatibleMembersError)
-    return block_layout(first)
+    return layout(first)
 
 
 def unet_shapes(unet: torch.nn.Module) -> dict[str, tuple]:

@@ -165,7 +165,8 @@ def check_weights_fit(info: WeightsInfo, block_channels: Sequence[int], context_
     if config.num_members != num_members:
         problems.append(f"{config.num_members} members, {num_members} given")
     if list(config.block_channels) != list(block_channels):
-        problems.append(f"{'transformers' if family == 'flux' else 'UNets'} of {len(config.block_channels)} blocks with channels "
+        kind = "transformers" if family == "flux" else "UNets"
+        problems.append(f"{kind} of {len(config.block_channels)} blocks with channels "
                         f"{_short_list(config.block_channels)}, the members have {len(block_channels)} blocks with "
                         f"channels {_short_list(block_channels)}")
     elif context_dim is not None and config.context_dim != context_dim:

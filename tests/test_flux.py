@@ -193,3 +193,27 @@ def test_format_2_files_load_as_unet_files(tmp_path):
         AggregatorConfig(2, config.block_channels, family="dit")
     with pytest.raises(ValueError, match="text_mixing must be one of image-mean, average"):
         flux_preset_config("fast", 2, FLUX1_DEV, text_mixing="max")
+
+
+def test_the_cores_bfl_layout_transformer_equals_comfyuis_on_the_same_weights(flux):
+    """afa.flux_model.Flux (the host-free FLUX.1 the trainer and `afa bench` build) loads a ComfyUI FLUX
+    transformer's state dict key for key and predicts what ComfyUI's class predicts (float32 rounding: the RMS norm
+    is written out); EnsembleFlux runs it with its default runner, identical members giving its prediction bit for
+    bit."""
+    from afa.flux_model import Flux, FluxParams
+
+    make, inputs = flux
+    comfy_member = make(1)
+    params = FluxParams.from_layout(layout_of(comfy_member), axes_dim=(4, 6, 6))
+    member = Flux(params).eval()
+    member.load_state_dict(comfy_member.state_dict(), strict=True)
+    expected = member_prediction(comfy_member, inputs)
+    prediction = member_prediction(member, inputs)
+    assert torch.allclose(prediction, expected, rtol=1e-4, atol=1e-5), (prediction - expected).abs().max()
+    twin = Flux(params).eval()
+    twin.load_state_dict(member.state_dict())
+    for mode, aggregator in (("average", None), ("sabw", sabw("paper", member))):
+        assert torch.equal(EnsembleFlux([member, twin], aggregator, mode)(**inputs), prediction)
+    assert FluxParams.from_layout(FLUX1_DEV) == FluxParams()
+    with pytest.raises(ValueError, match="heads of width 16 are not FLUX.1's"):
+        FluxParams.from_layout(layout_of(comfy_member))
