@@ -132,7 +132,29 @@ class LdmBlockRunner:
 LDM_BLOCKS = LdmBlockRunner()
 
 
-class EnsembleUNet(nn.Module):
+class BlockwiseEnsemble(nn.Module):
+    """What every ensemble of members of one `family` ("unet", "flux") holds: at least 2 frozen members, an optional
+    aggregator, the mode (checked against the aggregator by `check_mode`), an optional `Observer`, the members'
+    block runner, and whether member blocks are recomputed in the backward pass (gradient checkpointing)."""
+
+    family = ""
+
+    def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None, observer: Observer | None,
+                 runner):
+        super().__init__()
+        if len(members) < 2:
+            raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.aggregator = aggregator
+        self.observer = observer
+        self.runner = runner
+        self.gradient_checkpointing = False
+
+    def set_mode(self, mode: Mode | str) -> None:
+        self.mode = check_mode(mode, self.aggregator, len(self.members), self.family)
+
+
+class EnsembleUNet(BlockwiseEnsemble):
     """N frozen UNets of one architecture plus an optional trained `Aggregator`.
 
     Args:
@@ -148,14 +170,7 @@ class EnsembleUNet(nn.Module):
 
     def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None = None, mode: Mode | str = SABW,
                  observer: Observer | None = None, runner: LdmBlockRunner = LDM_BLOCKS):
-        super().__init__()
-        if len(members) < 2:
-            raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(members)}")
-        self.members = nn.ModuleList(members)
-        self.aggregator = aggregator
-        self.observer = observer
-        self.runner = runner
-        self.gradient_checkpointing = False
+        super().__init__(members, aggregator, observer, runner)
         self.offload_device: torch.device | None = None
         """Low-VRAM mode: members stay where they are (the CPU) and each member block, time embedding and output
         head is moved to this device only while it runs, one at a time (the members' counterpart of the WebUI's
@@ -165,9 +180,6 @@ class EnsembleUNet(nn.Module):
         self.num_input_blocks = len(first.input_blocks)
         self.num_blocks = 2 * self.num_input_blocks + 1
         self.block_names = [block_name(index, self.num_input_blocks) for index in range(self.num_blocks)]
-
-    def set_mode(self, mode: Mode | str) -> None:
-        self.mode = check_mode(mode, self.aggregator, len(self.members), self.family)
 
     # -- one block of one member -------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from .aggregator import Aggregator, AggregatorConfig, flux_block_names, preset_config
-from .ensemble import Observer, check_mode, mix
+from .ensemble import BlockwiseEnsemble, Observer, mix
 from .errors import CheckpointError, IncompatibleMembersError
 from .modes import SABW, Mode
 
@@ -246,7 +246,7 @@ FLUX_BLOCKS = FluxBlockRunner()
 Combine = Callable[[int, list, int, "list | None"], tuple]
 
 
-class EnsembleFlux(nn.Module):
+class EnsembleFlux(BlockwiseEnsemble):
     """N frozen FLUX-layout transformers of one layout plus an optional trained `Aggregator` (family "flux").
 
     Args:
@@ -263,14 +263,7 @@ class EnsembleFlux(nn.Module):
 
     def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None = None, mode: Mode | str = SABW,
                  observer: Observer | None = None, runner: FluxBlockRunner = FLUX_BLOCKS):
-        super().__init__()
-        if len(members) < 2:
-            raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(members)}")
-        self.members = nn.ModuleList(members)
-        self.aggregator = aggregator
-        self.observer = observer
-        self.runner = runner
-        self.gradient_checkpointing = False
+        super().__init__(members, aggregator, observer, runner)
         self.num_double_blocks = len(members[0].double_blocks)
         self.num_single_blocks = len(members[0].single_blocks)
         if self.num_single_blocks == 0:
@@ -278,9 +271,6 @@ class EnsembleFlux(nn.Module):
         self.num_blocks = self.num_double_blocks + self.num_single_blocks
         self.block_names = flux_block_names(self.num_double_blocks, self.num_single_blocks)
         self.set_mode(mode)
-
-    def set_mode(self, mode: Mode | str) -> None:
-        self.mode = check_mode(mode, self.aggregator, len(self.members), self.family)
 
     # -- mixing ------------------------------------------------------------------------------------------------------
 
@@ -303,9 +293,12 @@ class EnsembleFlux(nn.Module):
     def text_weights(self, image_weights: torch.Tensor) -> torch.Tensor:
         """The text tokens' weights [B x N x 1] from the image tokens' [B x N x h' x w'] (or [B x N x 1 x 1]):
         each member's mean image-token weight per sample, or 1/N with `text_mixing` "average"."""
-        if self.mode.needs_weights and self.aggregator.config.text_mixing != TEXT_WEIGHTS_FROM_IMAGE:
+        if not self._text_follows_image():
             return torch.full_like(image_weights[:, :, :1, 0], 1.0 / image_weights.shape[1])
         return image_weights.mean(dim=(2, 3))[..., None]
+
+    def _text_follows_image(self) -> bool:
+        return not self.mode.needs_weights or self.aggregator.config.text_mixing == TEXT_WEIGHTS_FROM_IMAGE
 
     def _combine(self, block_index: int, features: list[torch.Tensor], text_tokens: int,
                  text_features: list[torch.Tensor] | None, grid: tuple[int, int], context: torch.Tensor | None,
@@ -320,7 +313,7 @@ class EnsembleFlux(nn.Module):
             text = self.text_weights(image_weights)
             if text_features is not None:
                 return mix(features, token_weights), mix(text_features, text)
-            if token_weights.shape[-1] != 1 or not torch.equal(text, token_weights):
+            if token_weights.shape[-1] != 1 or not self._text_follows_image():  # else one weight for all tokens
                 token_weights = torch.cat([text.expand(-1, -1, text_tokens),
                                            token_weights.expand(-1, -1, features[0].shape[1] - text_tokens)], dim=2)
         return mix(features, token_weights), None

@@ -113,6 +113,13 @@ def _unet_keys(path: Path, keys: list[str]) -> tuple[list[str], bool]:
     return unet_keys, bare
 
 
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's key -> shape (UNet, VAE, text encoders, or a transformer file's). .safetensors: the header."""
+    path = Path(path)
+    with _open_tensors(path) as (keys, _, get_shape):
+        return {key: get_shape(key) for key in keys}
+
+
 def read_unet_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """UNet key (without prefix) -> shape. For .safetensors this reads only the header."""
     path = Path(path)
