@@ -184,3 +184,40 @@ def test_flux_refusals(pack, tmp_path):
     kontext[0][1]["reference_latents"] = [torch.zeros(1, 16, 4, 4)]
     with pytest.raises(Exception, match="reference latents .FLUX Kontext, ReferenceLatent. are not supported"):
         nodes.common_ksampler(ensembled, 0, 1, 1.0, "euler", "simple", kontext, kontext, cf.flux_latent(32, 32))
+
+
+def test_each_flux_member_reads_its_own_encoding(pack):
+    """AFA Text Encode's stacked per-member conditioning (afa.comfyui.text) with FLUX encodings: member i reads its
+    own T5 tokens and pooled CLIP-L, SABW their mean (the core's member_contexts / member_vectors), and sampling
+    with it runs; with one encoding for both the conditioning is the plain one."""
+    import comfy.patcher_extension
+
+    from afa.comfyui.forward import MEMBER_CONTEXT, MEMBER_POOLED
+    from afa.comfyui.text import stack_member_conditioning
+    from afa.flux import EnsembleFlux
+
+    first, second = cf.tiny_flux(seed=1), cf.tiny_flux(seed=2)
+    own = [cf.flux_conditioning(1), cf.flux_conditioning(3)]
+    stacked = stack_member_conditioning(own)
+    model_conds = stacked[0][1]["model_conds"]
+    assert set(model_conds) >= {MEMBER_CONTEXT, MEMBER_POOLED} and stacked[0][1]["guidance"] == 3.5
+    aggregator = flux_sabw(first, seed=4)
+    (sabw, _) = ensemble(pack, [first, second], "SABW", install(pack, aggregator, [first, second], "own.safetensors"))
+    wrappers = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"afa_ensemble": sabw.get_wrappers(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "afa_ensemble")}}
+    x, timesteps = torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(0)), torch.tensor([0.7])
+    contexts = [conditioning[0][0] for conditioning in own]
+    pooled = [conditioning[0][1]["pooled_output"] for conditioning in own]
+    guidance = torch.tensor([3.5])
+    through_node = sabw.model.diffusion_model(
+        x, timesteps, contexts[0], pooled[0], guidance, transformer_options={"wrappers": wrappers},
+        **{MEMBER_CONTEXT: model_conds[MEMBER_CONTEXT].cond, MEMBER_POOLED: model_conds[MEMBER_POOLED].cond})
+    members = [first.model.diffusion_model, second.model.diffusion_model]
+    core = EnsembleFlux(members, aggregator.eval(), "sabw")
+    expected = core(x, timesteps, None, None, guidance, member_contexts=contexts, member_vectors=pooled)
+    assert torch.equal(through_node, expected)
+    assert (expected - core(x, timesteps, contexts[0], pooled[0], guidance)).abs().max() > 1e-4
+    import nodes
+    latent = cf.flux_latent(32, 32)
+    (result,) = nodes.common_ksampler(sabw, 0, 2, 1.0, "euler", "simple", stacked, stacked, latent)
+    assert torch.isfinite(result["samples"]).all()

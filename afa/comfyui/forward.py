@@ -1,7 +1,8 @@
 """The ensembled forward inside ComfyUI: a `DIFFUSION_MODEL` wrapper on the ensemble MODEL that runs the members'
 UNets block by block through the core's `EnsembleUNet` (FLUX transformers through `EnsembleFlux`: below), with a
-block runner that runs `comfy.ldm`'s UNet pieces as ComfyUI's own `UNetModel._forward` does (transformer options and their patches, ControlNet residuals, the upsampling
-output shapes), so that identical members give the base model's prediction bit for bit.
+block runner that runs `comfy.ldm`'s UNet pieces as ComfyUI's own `UNetModel._forward` does (transformer options and
+their patches, ControlNet residuals, the upsampling output shapes), so that identical members give the base model's
+prediction bit for bit.
 
 The ensemble MODEL is a clone of member 1's `ModelPatcher`; ComfyUI calls member 1's diffusion model, whose forward
 hands this wrapper the call (`executor.class_obj` is that diffusion model). The other members' diffusion models are
