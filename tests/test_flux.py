@@ -217,3 +217,34 @@ def test_the_cores_bfl_layout_transformer_equals_comfyuis_on_the_same_weights(fl
     assert FluxParams.from_layout(FLUX1_DEV) == FluxParams()
     with pytest.raises(ValueError, match="heads of width 16 are not FLUX.1's"):
         FluxParams.from_layout(layout_of(comfy_member))
+
+
+def test_sabw_learns_through_frozen_flux_members_with_or_without_checkpointing():
+    """What a trainer needs of the core (host-free members, afa.flux_model): the loss's gradient reaches every SABW
+    block through the frozen members, and with gradient checkpointing (member blocks recomputed in the backward
+    pass) the gradients are the same."""
+    from afa.bench import flux_architectures
+    from afa.flux_model import Flux
+
+    torch.manual_seed(0)
+    params = flux_architectures()["flux-tiny"]
+    members = [Flux(params).requires_grad_(False) for _ in range(2)]
+    aggregator = cf.randomize_parameters_(Aggregator(flux_preset_config("paper", 2, layout_of(members[0]))), 3, 0.05)
+    generator = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 16, 4, 6, generator=generator), torch.randn(2, 5, 24, generator=generator)
+    inputs = dict(timesteps=torch.tensor([0.2, 0.9]), context=context, y=torch.randn(2, 16, generator=generator),
+                  guidance=torch.tensor([3.5, 3.5]))
+    target = torch.randn(2, 16, 4, 6, generator=generator)
+    gradients = []
+    for checkpointing in (False, True):
+        aggregator.zero_grad()
+        ensemble = EnsembleFlux(members, aggregator, "sabw")
+        ensemble.gradient_checkpointing = checkpointing
+        (ensemble(x, **inputs) - target).pow(2).mean().backward()
+        gradients.append({name: p.grad.clone() for name, p in aggregator.named_parameters() if p.grad is not None})
+    assert {name.split(".")[0] + "." + name.split(".")[1] for name in gradients[0]} == {
+        "double_blocks.0", "single_blocks.0", "single_blocks.1"}
+    assert all(gradient.abs().sum() > 0 for name, gradient in gradients[0].items() if name.endswith("out.weight"))
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        assert torch.allclose(gradient, gradients[1][name], rtol=1e-4, atol=1e-7), name
