@@ -263,3 +263,34 @@ class Flux(nn.Module):
             tokens = block(tokens, vec=vec, pe=pe)
         out = self.final_layer(tokens[:, txt.shape[1]:], vec)
         return unpatchify(out, grid, x.shape[-2], x.shape[-1])
+
+
+def load_flux_member(path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                     axes_dim: tuple | None = None) -> Flux:
+    """Loads a FLUX-layout transformer file (ComfyUI's `models/diffusion_models` form, bare keys, or a checkpoint's
+    `model.diffusion_model.` keys) as a frozen `Flux` in eval mode, every key checked (strict).
+
+    Args:
+        dtype: cast floating-point weights to this dtype while reading (None keeps the file's: bf16 for FLUX.1).
+        axes_dim: the rotary axes, needed only for heads narrower than FLUX.1's 128 (FluxParams.from_layout).
+    Raises:
+        CheckpointError: not a FLUX-layout transformer, or its tensors do not fit the layout read off them.
+    """
+    from .errors import CheckpointError
+    from .flux import FLUX_KEY_PREFIXES, FLUX_MARKER_KEY, flux_layout
+    from .members import describe_difference, read_prefixed_tensors, read_shapes
+
+    shapes = read_shapes(path)
+    prefix = next((p for p in FLUX_KEY_PREFIXES if f"{p}{FLUX_MARKER_KEY}" in shapes), None)
+    if prefix is None:
+        raise CheckpointError(f"{path}: not a FLUX-layout transformer (no {FLUX_MARKER_KEY})")
+    state_dict = read_prefixed_tensors(path, prefix, dtype)
+    with torch.device("meta"):
+        member = Flux(FluxParams.from_layout(flux_layout({k: tuple(v.shape) for k, v in state_dict.items()}),
+                                             axes_dim))
+    describe_difference({k: tuple(v.shape) for k, v in member.state_dict().items()},
+                        {k: tuple(v.shape) for k, v in state_dict.items()}, what=f"{path}: tensors do not match "
+                        f"a FLUX.1 transformer of its layout", expected_label="the layout", found_label="the file",
+                        error=CheckpointError)
+    member.load_state_dict(state_dict, strict=True, assign=True)
+    return member.to(device).eval().requires_grad_(False)

@@ -51,3 +51,25 @@ def test_bench_counts_the_flops_of_a_flux_ensemble():
     assert "FLOP check: FlopCounterMode's count of SABW equals the analytic count" in result.stdout
     result = run_afa("bench", "--arch", "flux-tiny", "--train-step")
     assert result.returncode == 2 and "FLUX architectures count FLOPs only" in result.stderr
+
+
+def test_load_flux_member_reads_transformer_files_and_checkpoints(tmp_path):
+    """afa.flux_model.load_flux_member (how the core, and later the trainer, loads a FLUX member) reads both key
+    forms into the same model, casts while reading, and refuses what is not a FLUX transformer."""
+    import pytest
+
+    from afa.errors import CheckpointError
+    from afa.flux_model import load_flux_member
+
+    bare = write_transformer(tmp_path / "bare.safetensors", 1)
+    prefixed = write_transformer(tmp_path / "ckpt.safetensors", 1, prefix="model.diffusion_model.")
+    first, second = (load_flux_member(path, axes_dim=(4, 6, 6)) for path in (bare, prefixed))
+    x = torch.randn(1, 16, 4, 4)
+    inputs = (torch.tensor([0.5]), torch.randn(1, 3, 24), torch.randn(1, 16), torch.tensor([3.5]))
+    assert torch.equal(first(x, *inputs), second(x, *inputs))
+    assert not any(p.requires_grad for p in first.parameters())
+    half = load_flux_member(bare, dtype=torch.bfloat16, axes_dim=(4, 6, 6))
+    assert half.img_in.weight.dtype == torch.bfloat16
+    save_file({"input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(CheckpointError, match="unet.safetensors: not a FLUX-layout transformer"):
+        load_flux_member(tmp_path / "unet.safetensors")
