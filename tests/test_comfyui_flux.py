@@ -221,3 +221,30 @@ def test_each_flux_member_reads_its_own_encoding(pack):
     latent = cf.flux_latent(32, 32)
     (result,) = nodes.common_ksampler(sabw, 0, 2, 1.0, "euler", "simple", stacked, stacked, latent)
     assert torch.isfinite(result["samples"]).all()
+
+
+def test_the_flux_example_workflow_is_one_graph_in_both_formats(pack):
+    """examples/comfyui/flux-two-members-block-average: its UI file's links and widgets are its API file's inputs
+    (what ComfyUI's graphToPrompt gives; the real tier checks that in the browser for the examples it loads), its
+    members come from Load Diffusion Model, FluxGuidance feeds the sampler's positive prompt, and CFG is 1."""
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "comfyui"
+    ui = json.loads((folder / "flux-two-members-block-average.json").read_text(encoding="utf-8"))
+    api = json.loads((folder / "flux-two-members-block-average.api.json").read_text(encoding="utf-8"))
+    links = {link[0]: (str(link[1]), link[2]) for link in ui["links"]}
+    for node in ui["nodes"]:
+        if node["type"] == "Note":
+            continue
+        inputs = api[str(node["id"])]["inputs"]
+        assert api[str(node["id"])]["class_type"] == node["type"]
+        assert {entry["name"]: list(links[entry["link"]]) for entry in node["inputs"]} == {
+            name: value for name, value in inputs.items() if isinstance(value, list)}
+        widgets = [value for name, value in inputs.items() if not isinstance(value, list)]
+        assert [value for value in node["widgets_values"] if value not in ("fixed", "randomize")] == widgets
+    ensemble_node = next(node for node in api.values() if node["class_type"] == "AFAEnsemble")
+    assert ensemble_node["inputs"]["mode"] in pack.nodes.AFAEnsemble.INPUT_TYPES()["required"]["mode"][0]
+    assert all(api[ensemble_node["inputs"][name][0]]["class_type"] == "UNETLoader" for name in ("model_1", "model_2"))
+    sampler = next(node for node in api.values() if node["class_type"] == "KSampler")
+    assert api[sampler["inputs"]["positive"][0]]["class_type"] == "FluxGuidance" and sampler["inputs"]["cfg"] == 1.0
