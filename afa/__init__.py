@@ -1,4 +1,5 @@
-"""AFA: ensemble Stable Diffusion checkpoints at inference with Adaptive Feature Aggregation.
+"""AFA: ensemble Stable Diffusion checkpoints (UNets, and FLUX.1 transformers) at inference with Adaptive Feature
+Aggregation.
 
 The core library. It imports torch, einops, safetensors, PyYAML and ldm's modules -- never the WebUI (`modules`,
 `launch`) or gradio; the WebUI glue lives in `afa.webui`, which only the extension's script imports.
@@ -11,6 +12,7 @@ use_webui_ldm()  # in a WebUI's extensions/ folder, outside its process: its ven
 from .aggregator import DEFAULT_PRESET, SABW_PRESETS, Aggregator, AggregatorConfig, preset_config
 from .ensemble import EnsembleUNet, mix
 from .errors import AfaError, CheckpointError, IncompatibleMembersError, MembersMismatchError, WeightsFileError
+from .flux import EnsembleFlux, FluxLayout, flux_layout, flux_preset_config
 from .hashing import file_sha256, shorthash
 from .modes import MODES, Mode, parse_mode
 from .members import MemberRef, check_members, load_member, read_unet_shapes, read_unet_state_dict, unet_shapes
@@ -21,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aggregator", "AggregatorConfig", "DEFAULT_PRESET", "SABW_PRESETS", "preset_config", "MODES", "Mode",
-    "parse_mode", "EnsembleUNet", "mix", "AfaError",
+    "parse_mode", "EnsembleUNet", "EnsembleFlux", "FluxLayout", "flux_layout", "flux_preset_config", "mix", "AfaError",
     "CheckpointError", "IncompatibleMembersError", "MembersMismatchError", "WeightsFileError", "file_sha256",
     "shorthash", "MemberRef",
     "check_members", "load_member", "read_unet_shapes", "read_unet_state_dict", "unet_shapes", "PRESETS",

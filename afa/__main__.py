@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,13 +11,15 @@ from pathlib import Path
 import torch
 
 from .aggregator import DEFAULT_PRESET, SABW_PRESETS, Aggregator
-from .errors import AfaError
+from .errors import AfaError, CheckpointError
+from .flux import FluxLayout, flux_layout, flux_preset_config, flux_shapes, is_flux
 from .hashing import file_sha256, shorthash
-from .members import check_members, read_unet_shapes, resolve_unet_params
+from .members import check_members, read_shapes, read_unet_shapes, resolve_unet_params
 from .unet import PRESETS, BlockLayout, block_layout
 from .weights import read_weights_info
 
 BENCH_ARCHITECTURES = list(PRESETS)  # label-conditioned (SDXL) presets get a random y as well
+FLUX_BENCH_ARCHITECTURES = ("flux-dev", "flux-tiny")  # FLOPs only (afa.bench.run_flux_bench)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,6 +61,10 @@ def command_inspect(args) -> None:
         if info.training:
             print("training: " + json.dumps(info.training))
         return
+    all_shapes = read_shapes(path)
+    if is_flux(all_shapes):
+        _inspect_flux(path, flux_shapes(all_shapes))
+        return
     shapes = read_unet_shapes(path)
     params = resolve_unet_params(path, shapes, args.config)
     sha256 = file_sha256(path)
@@ -66,6 +73,23 @@ def command_inspect(args) -> None:
     print(f"UNet parameters {sum(_numel(s) for s in shapes.values()) / 1e6:.2f}M; architecture: "
           + json.dumps(params))
     _print_layout(block_layout(shapes))
+
+
+def _inspect_flux(path: Path, shapes: dict[str, tuple]) -> None:
+    layout = flux_layout(shapes)
+    sha256 = file_sha256(path)
+    print(f"FLUX-layout transformer {path}")
+    print(f"sha256 {sha256} (shorthash {shorthash(sha256)})")
+    print(f"transformer parameters {sum(_numel(s) for s in shapes.values()) / 1e6:.2f}M; layout: "
+          + json.dumps(dataclasses.asdict(layout)))
+    _print_flux_layout(layout)
+
+
+def _print_flux_layout(layout: FluxLayout) -> None:
+    print(f"{'block':<4}{'name':<18}{'channels':>9}")
+    for index, (name, channels) in enumerate(zip(layout.names, layout.channels)):
+        print(f"{index:<4}{name:<18}{channels:>9}" + ("  (with final_layer: the prediction)"
+                                                       if index == layout.num_blocks - 1 else ""))
 
 
 def _numel(shape) -> int:
@@ -78,6 +102,10 @@ def _numel(shape) -> int:
 def command_check(args) -> None:
     from . import default_config
 
+    first_shapes = read_shapes(args.members[0])
+    if is_flux(first_shapes):
+        _check_flux(args, first_shapes)
+        return
     members = [(Path(path).name, read_unet_shapes(path)) for path in args.members]
     layout = check_members(members)
     context_keys = [k for k in members[0][1] if k.endswith("attn2.to_k.weight")]
@@ -90,8 +118,32 @@ def command_check(args) -> None:
           f"{config.design}, hidden {config.hidden_channels}, depth {config.transformer_depth}, context {context_dim})")
 
 
+def _check_flux(args, first_shapes: dict[str, tuple]) -> None:
+    members = [(Path(args.members[0]).name, flux_shapes(first_shapes))]
+    for path in args.members[1:]:
+        shapes = read_shapes(path)
+        if not is_flux(shapes):
+            raise CheckpointError(f"{Path(path).name} is not a FLUX-layout transformer, "
+                                  f"{members[0][0]} is: members must be of one architecture")
+        members.append((Path(path).name, flux_shapes(shapes)))
+    layout = check_members(members, flux_layout)
+    config = flux_preset_config(args.preset, len(members), layout,
+                                **({"hidden_channels": args.hidden} if args.hidden else {}))
+    print(f"{len(members)} FLUX members can be ensembled: " + ", ".join(name for name, _ in members))
+    _print_flux_layout(layout)
+    print(f"SABW parameters for them: {_sabw_parameters(config) / 1e6:.2f}M (preset {args.preset}: design "
+          f"{config.design}, hidden {config.hidden_channels}, depth {config.transformer_depth}, context "
+          f"{layout.context_dim}, text tokens mixed by {config.text_mixing})")
+
+
 def command_bench(args) -> None:
-    from .bench import run_bench, run_train_bench
+    from .bench import run_bench, run_flux_bench, run_train_bench
+
+    if args.arch in FLUX_BENCH_ARCHITECTURES:
+        if args.train_step:
+            raise AfaError("--train-step is for UNet architectures; FLUX architectures count FLOPs only")
+        run_flux_bench(args.arch, args.members, args.latent, args.batch, preset=args.preset)
+        return
 
     max_resolution = "default" if args.max_resolution is None else (
         None if args.max_resolution == 0 else args.max_resolution)
@@ -143,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time one UNet vs the ensemble in every mode, random weights",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bench.add_argument("--arch", choices=sorted(BENCH_ARCHITECTURES), default="sd15", help="member architecture")
+    bench.add_argument("--arch", choices=sorted(BENCH_ARCHITECTURES) + list(FLUX_BENCH_ARCHITECTURES),
+                       default="sd15", help="member architecture (flux-*: FLOPs only, on meta tensors; latent 128 = "
+                       "1024 px)")
     bench.add_argument("--members", type=int, default=2, help="number of members N")
     bench.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px for SD)")
     bench.add_argument("--batch", type=int, default=1, help="batch size (the WebUI's CFG batches 2 per image)")

@@ -37,11 +37,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .errors import WeightsFileError
+from .errors import MembersMismatchError, WeightsFileError
 from .unet import block_name
+
+
+def flux_block_names(num_double_blocks: int, num_single_blocks: int) -> list[str]:
+    """The module names of a FLUX-layout transformer's blocks in forward order: double_blocks.*, single_blocks.*."""
+    return ([f"double_blocks.{index}" for index in range(num_double_blocks)]
+            + [f"single_blocks.{index}" for index in range(num_single_blocks)])
 
 DESIGNS = ("fast", "paper")
 TEXT_CONDITIONINGS = ("per_member", "shared")
+FAMILIES = ("unet", "flux")
+FAMILY_LABELS = {"unet": "UNet members (SD 1.x, SD 2.x, SDXL)", "flux": "FLUX transformer members"}
+TEXT_MIXINGS = ("image-mean", "average")
 
 
 @dataclass
@@ -50,7 +59,8 @@ class AggregatorConfig:
     file.
 
     Serialised field names are permanent: add fields (with defaults that keep older files meaning what they meant),
-    never rename them. The defaults of the fields added in format 2 are what every format 1 file was.
+    never rename them. The defaults of the fields added in format 2 are what every format 1 file was; those of format 3
+    (family, num_double_blocks, text_mixing) are what every format 1 and 2 file was (UNet members).
 
     Attributes:
         num_members: N, the number of ensembled UNets.
@@ -75,6 +85,14 @@ class AggregatorConfig:
             SABW reads the mean of the encodings, as the authors' code does) or "shared" (every member and SABW read
             one encoder's encoding: the first member's in training, the loaded model's in the WebUI).
         clip_skip: the CLIP skip the text encodings were made with in training (1 = the last layer).
+        family: the members' architecture: "unet" (ldm UNets: blocks input_blocks.*, middle_block, output_blocks.*)
+            or "flux" (FLUX-layout transformers: double_blocks.*, then single_blocks.*; afa.flux). Format 3 added
+            it; older files are all "unet".
+        num_double_blocks: "flux": how many of the blocks are double-stream blocks (the rest are single-stream);
+            0 for "unet".
+        text_mixing: "flux": how the text tokens (the text stream of double blocks, the text part of single blocks)
+            are mixed: "image-mean" (member i's weight is the mean of its image-token weights, per sample) or
+            "average" (1/N); see afa.flux. Ignored by "unet".
     """
 
     num_members: int
@@ -93,15 +111,27 @@ class AggregatorConfig:
     norm_eps: float = 1e-5
     text_conditioning: str = "shared"
     clip_skip: int = 1
+    family: str = "unet"
+    num_double_blocks: int = 0
+    text_mixing: str = "image-mean"
 
     def __post_init__(self):
         self.block_channels = [int(c) for c in self.block_channels]
         problems = []
         if self.num_members < 2:
             problems.append(f"num_members must be at least 2, got {self.num_members}")
-        if len(self.block_channels) < 3 or len(self.block_channels) % 2 == 0:
+        if self.family not in FAMILIES:
+            problems.append(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        elif self.family == "unet" and (len(self.block_channels) < 3 or len(self.block_channels) % 2 == 0):
             problems.append(f"block_channels needs an odd number (2 * input blocks + 1) of entries, "
                             f"got {len(self.block_channels)}")
+        elif self.family == "unet" and self.num_double_blocks:
+            problems.append(f"UNets have no double blocks, got num_double_blocks {self.num_double_blocks}")
+        elif self.family == "flux" and not 0 <= self.num_double_blocks <= len(self.block_channels) - 1:
+            problems.append(f"num_double_blocks must be 0..{len(self.block_channels) - 1} (at least one single "
+                            f"block), got {self.num_double_blocks}")
+        if self.text_mixing not in TEXT_MIXINGS:
+            problems.append(f"text_mixing must be one of {', '.join(TEXT_MIXINGS)}, got {self.text_mixing!r}")
         if self.hidden_channels <= 0 or self.hidden_channels % 32:
             problems.append(f"hidden_channels must be a positive multiple of 32, got {self.hidden_channels}")
         if self.num_heads <= 0 or self.hidden_channels % self.num_heads:
@@ -133,7 +163,16 @@ class AggregatorConfig:
 
     @property
     def num_input_blocks(self) -> int:
-        return (self.num_blocks - 1) // 2
+        """UNets: input blocks (= output blocks); 0 for FLUX."""
+        return (self.num_blocks - 1) // 2 if self.family == "unet" else 0
+
+    @property
+    def block_names(self) -> list[str]:
+        """The members' module name of every block in forward order (`input_blocks.0`, ..., or `double_blocks.0`,
+        ..., `single_blocks.37`): the SABW block of block k is named like it."""
+        if self.family == "flux":
+            return flux_block_names(self.num_double_blocks, self.num_blocks - self.num_double_blocks)
+        return [block_name(index, self.num_input_blocks) for index in range(self.num_blocks)]
 
     @property
     def aggregated_blocks(self) -> list[int]:
@@ -162,6 +201,14 @@ class AggregatorConfig:
             raise WeightsFileError(f"{source}: {error}") from None
 
 
+def check_family(config: AggregatorConfig, family: str, source: str = "these SABW weights") -> None:
+    """Refuses weights trained for members of another family ("unet" or "flux") than the members given."""
+    if config.family != family:
+        raise MembersMismatchError(f"{source} were trained for {FAMILY_LABELS.get(config.family, config.family)}; "
+                                   f"these members are {FAMILY_LABELS.get(family, family)}: train SABW weights for "
+                                   f"these members")
+
+
 SABW_PRESETS = {
     # The authors' aggregator (Tenvence/afa as it ran: depth 2, see the module docstring).
     "paper": dict(design="paper", hidden_channels=128, num_heads=8, transformer_depth=2, max_resolution=None,
@@ -174,15 +221,16 @@ DEFAULT_PRESET = "paper"
 
 
 def preset_config(preset: str, num_members: int, block_channels: Sequence[int], context_dim: int,
-                  **overrides) -> AggregatorConfig:
+                  member_time_embed_dim: int | None = None, **overrides) -> AggregatorConfig:
     """The config of a preset ("paper" or "fast") for members with these block channels; `overrides` set any other
-    field (ablations, text_conditioning, clip_skip, a width)."""
+    field (ablations, text_conditioning, clip_skip, a width, the family). `member_time_embed_dim`: the width of the
+    members' time embeddings the paper design reads (default: an ldm UNet's, 4 x the first block's channels)."""
     if preset not in SABW_PRESETS:
         raise ValueError(f"unknown SABW preset {preset!r}; choose one of {', '.join(SABW_PRESETS)}")
     values = dict(SABW_PRESETS[preset])
     if values["design"] == "paper":
         # ldm's UNetModel: time_embed_dim = 4 * model_channels, and the first block (conv_in) has model_channels.
-        values["member_time_embed_dim"] = 4 * int(block_channels[0])
+        values["member_time_embed_dim"] = member_time_embed_dim or 4 * int(block_channels[0])
     values.update(overrides)
     return AggregatorConfig(num_members=num_members, block_channels=list(block_channels), context_dim=context_dim,
                             **values)
@@ -363,10 +411,11 @@ def _pooled_size(height: int, width: int, max_resolution: int | None) -> tuple[i
 
 
 class Aggregator(nn.Module):
-    """All SABW blocks of an ensemble, named after the UNet blocks they follow.
+    """All SABW blocks of an ensemble, named after the member blocks they follow.
 
-    Parameter names mirror the UNet's: `input_blocks.3.*`, `middle_block.*`, `output_blocks.11.*`, plus, in the fast
-    design, the shared `time_embed.*` (the paper's tau(t)).
+    Parameter names mirror the members': `input_blocks.3.*`, `middle_block.*`, `output_blocks.11.*` (UNets) or
+    `double_blocks.0.*`, `single_blocks.37.*` (FLUX), plus, in the fast design, the shared `time_embed.*` (the
+    paper's tau(t)).
     """
 
     def __init__(self, config: AggregatorConfig):
@@ -381,12 +430,15 @@ class Aggregator(nn.Module):
             time_embed_dim = 4 * hidden
             self.time_embed = nn.Sequential(nn.Linear(hidden, time_embed_dim), nn.SiLU(),
                                             nn.Linear(time_embed_dim, time_embed_dim))
-        self.input_blocks = nn.ModuleDict()
-        self.middle_block = None
-        self.output_blocks = nn.ModuleDict()
+        self.block_names = names = config.block_names
+        groups = ("double_blocks", "single_blocks") if config.family == "flux" else ("input_blocks", "output_blocks")
+        for group in groups:
+            setattr(self, group, nn.ModuleDict())
+            if group == "input_blocks":
+                self.middle_block = None
         for block_index in config.aggregated_blocks:
             block = SabwBlock(config.block_channels[block_index], config, time_embed_dim)
-            name = block_name(block_index, config.num_input_blocks)
+            name = names[block_index]
             if name == "middle_block":
                 self.middle_block = block
             else:
@@ -394,7 +446,7 @@ class Aggregator(nn.Module):
                 getattr(self, group)[index] = block
 
     def block(self, block_index: int) -> SabwBlock:
-        name = block_name(block_index, self.config.num_input_blocks)
+        name = self.block_names[block_index]
         if name == "middle_block":
             block = self.middle_block
         else:

@@ -220,18 +220,28 @@ def count_flops(arch: str, num_members: int, latent: int, batch: int, config: Co
         aggregators = {SABW: Aggregator(config(False)), LAST_BLOCK: Aggregator(config(True))}
         x, timesteps, context, y = unet_inputs(params, latent, batch)
         one = _count_flops(lambda: members[0](x, timesteps, context, y=y))
-        modes, analytic = {}, {}
-        for mode in MODES:
-            block_sizes: dict[int, tuple[int, int]] = {}
-
-            def observe(block_index: int, weights: torch.Tensor) -> None:
-                block_sizes[block_index] = tuple(weights.shape[-2:])
-
-            ensemble = EnsembleUNet(members, aggregators.get(mode), mode, observer=observe)
-            modes[mode.name] = _count_flops(lambda: ensemble(x, timesteps, context, y=y))
-            if mode.needs_weights:
-                analytic[mode.name] = sabw_matmul_flops(aggregators[mode].config, block_sizes, batch)
+        modes, analytic = _count_mode_flops(
+            lambda mode, observe: EnsembleUNet(members, aggregators.get(mode), mode, observer=observe),
+            lambda ensemble: ensemble(x, timesteps, context, y=y), aggregators, batch)
     return {"one_unet": one, "modes": modes, "sabw_analytic": analytic}
+
+
+def _count_mode_flops(build: Callable, call: Callable, aggregators: dict, batch: int,
+                      context_length: int = CONTEXT_LENGTH) -> tuple[dict[str, int], dict[str, dict]]:
+    """({mode: FLOPs of one ensemble call}, {mode: sabw_matmul_flops} of the modes that run SABW), for
+    `build(mode, observer)` -> an ensemble and `call(ensemble)`; `aggregators` {mode: Aggregator} for those modes."""
+    modes, analytic = {}, {}
+    for mode in MODES:
+        block_sizes: dict[int, tuple[int, int]] = {}
+
+        def observe(block_index: int, weights: torch.Tensor) -> None:
+            block_sizes[block_index] = tuple(weights.shape[-2:])
+
+        ensemble = build(mode, observe)
+        modes[mode.name] = _count_flops(lambda: call(ensemble))
+        if mode.needs_weights:
+            analytic[mode.name] = sabw_matmul_flops(aggregators[mode].config, block_sizes, batch, context_length)
+    return modes, analytic
 
 
 def flop_ratios(arch: str, num_members: int, latent: int, batch: int, config: ConfigFactory) -> dict[str, float]:
@@ -384,5 +394,86 @@ def run_train_bench(arch: str = "sd15", num_members: int = 2, latent: int = 32, 
         "seconds_train_step": round(medians["train step"], 4),
         "ratio_train_step_to_forward": round(ratio, 3), "peak_rss_gib": _round(peak_rss_gib),
     }
+    print(json.dumps(figures), file=out)
+    return figures
+
+
+# -- FLUX: FLOPs only --------------------------------------------------------------------------------------------------
+
+T5_TOKENS = 512  # FLUX.1 [dev]'s T5 sequence length (ComfyUI pads T5 to at least 77 tokens, BFL's pipeline to 512)
+
+
+def flux_architectures() -> dict:
+    """{name: afa.flux_model.FluxParams} of the FLUX layouts `afa bench` counts: FLUX.1 [dev], and a tiny one of the
+    same block structure (1 double + 2 single blocks) for tests."""
+    from .flux_model import FluxParams
+    return {"flux-dev": FluxParams(),
+            "flux-tiny": FluxParams(in_channels=64, out_channels=64, vec_in_dim=16, context_in_dim=24, hidden_size=32,
+                                    mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(4, 6, 6))}
+
+
+def flux_flops(arch: str, num_members: int, latent: int, batch: int, preset: str,
+               text_tokens: int = T5_TOKENS) -> dict:
+    """FLOPs of one FLUX member call and of the FLUX ensemble in each mode (FlopCounterMode on meta tensors, as
+    `count_flops`), a latent [batch x 16 x latent x latent] (latent 128 = 1024 px) and `text_tokens` T5 tokens, with
+    SABW of `preset` for the modes that run it; SABW's count is the mode's minus block averaging's (the members'
+    work, the rotary embedding computed once), checked against `sabw_matmul_flops`.
+
+    Returns:
+        {"one_member", "modes": {mode: FLOPs}, "sabw_counted": {mode: FLOPs}, "sabw_analytic": {mode: {...}},
+         "sabw_parameters", "config": the SABW mode's AggregatorConfig}.
+    """
+    from .flux import EnsembleFlux, flux_layout, flux_preset_config
+    from .flux_model import Flux
+
+    params = flux_architectures()[arch]
+    with torch.device("meta"):
+        members = [Flux(params) for _ in range(num_members)]
+        layout = flux_layout(unet_shapes(members[0]))
+        configs = {mode: flux_preset_config(preset, num_members, layout, only_last_block=mode is LAST_BLOCK)
+                   for mode in (SABW, LAST_BLOCK)}
+        aggregators = {mode: Aggregator(config) for mode, config in configs.items()}
+        x = torch.randn(batch, params.out_channels // 4, latent, latent)
+        inputs = dict(timesteps=torch.full((batch,), 0.5), context=torch.randn(batch, text_tokens,
+                                                                                 params.context_in_dim),
+                      y=torch.randn(batch, params.vec_in_dim), guidance=torch.full((batch,), 3.5))
+        one = _count_flops(lambda: members[0](x, **inputs))
+        modes, analytic = _count_mode_flops(
+            lambda mode, observe: EnsembleFlux(members, aggregators.get(mode), mode, observer=observe),
+            lambda ensemble: ensemble(x, **inputs), aggregators, batch, text_tokens)
+    baseline = {name: modes["average" if name != LAST_BLOCK.name else "noise-average"] for name in analytic}
+    return {"one_member": one, "modes": modes, "sabw_analytic": analytic,
+            "sabw_counted": {name: modes[name] - baseline[name] for name in analytic},
+            "sabw_parameters": sum(p.numel() for p in aggregators[SABW].parameters()), "config": configs[SABW]}
+
+
+def run_flux_bench(arch: str = "flux-dev", num_members: int = 2, latent: int = 128, batch: int = 1,
+                   preset: str = DEFAULT_PRESET, out=sys.stdout) -> dict:
+    """Prints the FLOPs of N FLUX members and of their ensemble in each mode, and SABW's parameters (no timing:
+    FLUX.1 [dev] members are 11.9B parameters each); returns the figures."""
+    counts = flux_flops(arch, num_members, latent, batch, preset)
+    members_flops = num_members * counts["one_member"]
+    ratio = {name: value / members_flops for name, value in counts["modes"].items()}
+    print(f"arch={arch} members={num_members} latent={latent}x{latent} ({8 * latent} px, "
+          f"{(latent // 2) ** 2} image tokens, {T5_TOKENS} text tokens) batch={batch} preset={preset} "
+          f"(FLOPs on meta tensors; no timing)", file=out)
+    print(f"{'call':<16}{'TFLOPs':>12}{'FLOPs / N members':>20}", file=out)
+    print(f"{'one member':<16}{counts['one_member'] / 1e12:>12.2f}", file=out)
+    print(f"{'N members':<16}{members_flops / 1e12:>12.2f}{1.0:>20.4f}", file=out)
+    for name, value in counts["modes"].items():
+        print(f"{name:<16}{value / 1e12:>12.2f}{ratio[name]:>20.4f}", file=out)
+    counted, analytic = counts["sabw_counted"][SABW.name], counts["sabw_analytic"][SABW.name]
+    check = all(counts["sabw_counted"][name] == value["total"] for name, value in counts["sabw_analytic"].items())
+    print(f"SABW ({describe_config(counts['config'])}): {counts['sabw_parameters'] / 1e6:.2f}M parameters, "
+          f"{counted / 1e9:.1f} G per call = {100 * counted / members_flops:.2f}% of the {num_members} members' "
+          f"{members_flops / 1e12:.1f} T; attention products: self {analytic['self_attention'] / 1e9:.1f} G, "
+          f"cross {analytic['cross_attention'] / 1e9:.1f} G", file=out)
+    print("FLOP check: FlopCounterMode's count of SABW equals the analytic count (sabw_matmul_flops)" if check else
+          "WARNING: FLOP check failed: FlopCounterMode's count of SABW differs from sabw_matmul_flops", file=out)
+    figures = {"arch": arch, "members": num_members, "latent": latent, "batch": batch, "preset": preset,
+               "flops_one_member": counts["one_member"], "flops": counts["modes"],
+               "flop_ratio_to_n_members": {name: round(value, 5) for name, value in ratio.items()},
+               "sabw_flops_analytic": counts["sabw_analytic"], "flop_check_passed": check,
+               "sabw_parameters": counts["sabw_parameters"], "sabw_config": counts["config"].to_dict()}
     print(json.dumps(figures), file=out)
     return figures

@@ -21,16 +21,18 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .aggregator import Aggregator
+from .aggregator import Aggregator, check_family
 from .errors import IncompatibleMembersError
 from .modes import AVERAGE, NOISE, SABW, Mode, parse_mode, trained_mode
+from .unet import block_name
 
 Observer = Callable[[int, torch.Tensor], None]
 """Called as observer(block_index, weights [B x N x H x W]) with the weights a block was mixed with."""
 
 
 def mix(features: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """sum_i weights[:, i] * features[i]. features: N x [B x C x H x W]; weights [B x N x H x W] or [B x N x 1 x 1].
+    """sum_i weights[:, i] * features[i]. features: N x [B x C x H x W] with weights [B x N x H x W] or
+    [B x N x 1 x 1]; or N token sequences [B x L x C] (FLUX) with weights [B x N x L] or [B x N x 1].
 
     Written as a fixed-order sum (not einsum) so that uniform weights give bit-identical results whichever mode
     produced them. The result has the strides of `features[0]`: in the WebUI, blocks return channels-last tensors,
@@ -39,9 +41,14 @@ def mix(features: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor
     LoRA amplified to visible pixels (block averaging of identical members drifting from the member alone in a real
     A1111). With the member's strides, identical members give the member's output bit for bit."""
     weights = weights.to(features[0].dtype)
-    mixed = weights[:, 0:1] * features[0]
+    if features[0].dim() == 3:  # tokens: member i's weights[:, i] as [B x L x 1], broadcast over C
+        weights = weights[..., None]
+        member_weights = [weights[:, index] for index in range(len(features))]
+    else:  # maps: [B x 1 x H x W], broadcast over C
+        member_weights = [weights[:, index:index + 1] for index in range(len(features))]
+    mixed = member_weights[0] * features[0]
     for index in range(1, len(features)):
-        mixed = mixed + weights[:, index:index + 1] * features[index]
+        mixed = mixed + member_weights[index] * features[index]
     if mixed.stride() != features[0].stride():
         # empty_like keeps features[0]'s strides (preserve_format); copy_ keeps the gradient for training SABW
         mixed = torch.empty_like(features[0]).copy_(mixed)
@@ -50,6 +57,24 @@ def mix(features: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor
 
 def _parameter_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+def check_mode(mode: Mode | str, aggregator: Aggregator | None, num_members: int, family: str) -> Mode:
+    """The mode an ensemble of `num_members` members of `family` ("unet", "flux") runs in: one that needs weights
+    needs an aggregator trained for that many members of that family, in that mode."""
+    mode = parse_mode(mode)
+    if mode.needs_weights:
+        if aggregator is None:
+            raise ValueError(f"mode {mode} needs SABW weights; without a weights file use {AVERAGE} or {NOISE}")
+        config = aggregator.config
+        check_family(config, family)
+        if config.num_members != num_members:
+            raise IncompatibleMembersError(f"the SABW weights are for {config.num_members} members, "
+                                           f"the ensemble has {num_members}")
+        trained = trained_mode(config.only_last_block)
+        if trained is not mode:
+            raise ValueError(f"these SABW weights were trained for mode {trained}, not {mode}")
+    return mode
 
 
 class LdmBlockRunner:
@@ -107,7 +132,29 @@ class LdmBlockRunner:
 LDM_BLOCKS = LdmBlockRunner()
 
 
-class EnsembleUNet(nn.Module):
+class BlockwiseEnsemble(nn.Module):
+    """What every ensemble of members of one `family` ("unet", "flux") holds: at least 2 frozen members, an optional
+    aggregator, the mode (checked against the aggregator by `check_mode`), an optional `Observer`, the members'
+    block runner, and whether member blocks are recomputed in the backward pass (gradient checkpointing)."""
+
+    family = ""
+
+    def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None, observer: Observer | None,
+                 runner):
+        super().__init__()
+        if len(members) < 2:
+            raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.aggregator = aggregator
+        self.observer = observer
+        self.runner = runner
+        self.gradient_checkpointing = False
+
+    def set_mode(self, mode: Mode | str) -> None:
+        self.mode = check_mode(mode, self.aggregator, len(self.members), self.family)
+
+
+class EnsembleUNet(BlockwiseEnsemble):
     """N frozen UNets of one architecture plus an optional trained `Aggregator`.
 
     Args:
@@ -119,16 +166,11 @@ class EnsembleUNet(nn.Module):
         runner: how the members' pieces run (default ldm's); `forward(runner=...)` overrides it for one call.
     """
 
+    family = "unet"
+
     def __init__(self, members: Sequence[nn.Module], aggregator: Aggregator | None = None, mode: Mode | str = SABW,
                  observer: Observer | None = None, runner: LdmBlockRunner = LDM_BLOCKS):
-        super().__init__()
-        if len(members) < 2:
-            raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(members)}")
-        self.members = nn.ModuleList(members)
-        self.aggregator = aggregator
-        self.observer = observer
-        self.runner = runner
-        self.gradient_checkpointing = False
+        super().__init__(members, aggregator, observer, runner)
         self.offload_device: torch.device | None = None
         """Low-VRAM mode: members stay where they are (the CPU) and each member block, time embedding and output
         head is moved to this device only while it runs, one at a time (the members' counterpart of the WebUI's
@@ -137,20 +179,7 @@ class EnsembleUNet(nn.Module):
         first = members[0]
         self.num_input_blocks = len(first.input_blocks)
         self.num_blocks = 2 * self.num_input_blocks + 1
-
-    def set_mode(self, mode: Mode | str) -> None:
-        mode = parse_mode(mode)
-        if mode.needs_weights:
-            if self.aggregator is None:
-                raise ValueError(f"mode {mode} needs SABW weights; without a weights file use {AVERAGE} or {NOISE}")
-            config = self.aggregator.config
-            if config.num_members != len(self.members):
-                raise IncompatibleMembersError(f"the SABW weights are for {config.num_members} members, "
-                                               f"the ensemble has {len(self.members)}")
-            trained = trained_mode(config.only_last_block)
-            if trained is not mode:
-                raise ValueError(f"these SABW weights were trained for mode {trained}, not {mode}")
-        self.mode = mode
+        self.block_names = [block_name(index, self.num_input_blocks) for index in range(self.num_blocks)]
 
     # -- one block of one member -------------------------------------------------------------------------------
 

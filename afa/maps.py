@@ -235,12 +235,16 @@ def render_weight_maps(maps: Sequence[tuple[str, torch.Tensor]], member_names: S
 # -- collecting maps from a running ensemble -----------------------------------------------------------------------
 
 def blocks_to_show(ensemble, mode) -> list[int]:
-    """Block indices drawn by default: the last output block at each resolution (for SD 1.x: output_blocks.1, 4, 7
-    and 11; the last includes the output head, so it is the mixed prediction); modes that mix only the prediction
-    (noise average, last block) have that one block. `ensemble` is an EnsembleUNet, `mode` an afa.modes Mode."""
+    """Block indices drawn by default: for UNets the last output block at each resolution (for SD 1.x:
+    output_blocks.1, 4, 7 and 11; the last includes the output head, so it is the mixed prediction); for FLUX
+    (one resolution throughout) the last double block and the last single block (with the head: the prediction).
+    Modes that mix only the prediction (noise average, last block) have that one block. `ensemble` is an
+    EnsembleUNet or EnsembleFlux, `mode` an afa.modes Mode."""
     last = ensemble.num_blocks - 1
     if not mode.mixes_every_block:
         return [last]
+    if ensemble.family == "flux":
+        return [index for index in (ensemble.num_double_blocks - 1, last) if index >= 0]
     downsampling = block_layout(unet_shapes(ensemble.members[0])).downsampling
     first_output = ensemble.num_input_blocks + 1
     return [index for index in range(first_output, last + 1)
@@ -248,18 +252,39 @@ def blocks_to_show(ensemble, mode) -> list[int]:
 
 
 def block_indices(names: Iterable[str], num_input_blocks: int) -> list[int]:
-    """Block indices (forward order) of ldm block names such as `input_blocks.0`, `middle_block`, `output_blocks.10`.
+    """Block indices (forward order) of ldm block names such as `input_blocks.0`, `middle_block`, `output_blocks.10`
+    (`named_block_indices` with a UNet's block names)."""
+    return named_block_indices(names, [block_name(index, num_input_blocks)
+                                       for index in range(2 * num_input_blocks + 1)])
+
+
+def named_block_indices(names: Iterable[str], block_names: Sequence[str]) -> list[int]:
+    """Block indices (forward order) of block names among the members' `block_names` (forward order: a UNet's
+    `input_blocks.0` ... `output_blocks.11`, FLUX's `double_blocks.0` ... `single_blocks.37`).
 
     Raises:
         ValueError: naming the unknown names and the valid ones.
     """
-    valid = {block_name(index, num_input_blocks): index for index in range(2 * num_input_blocks + 1)}
+    valid = {name: index for index, name in enumerate(block_names)}
     names = list(names)
     unknown = [name for name in names if name not in valid]
     if unknown:
-        raise ValueError(f"unknown UNet block {', '.join(map(repr, unknown))}; this UNet's blocks are "
-                         f"input_blocks.0-{num_input_blocks - 1}, middle_block, output_blocks.0-{num_input_blocks - 1}")
+        raise ValueError(f"unknown block {', '.join(map(repr, unknown))}; these members' blocks are "
+                         f"{describe_blocks(block_names)}")
     return [valid[name] for name in names]
+
+
+def describe_blocks(block_names: Sequence[str]) -> str:
+    """Block names in ranges: `input_blocks.0-11, middle_block, output_blocks.0-11`."""
+    groups: list[list[str]] = []
+    for name in block_names:
+        group, _, index = name.partition(".")
+        if groups and groups[-1][0] == group:
+            groups[-1][2] = index
+        else:
+            groups.append([group, index, index])
+    return ", ".join(group if not first else f"{group}.{first}" + (f"-{last}" if last != first else "")
+                     for group, first, last in groups)
 
 
 class WeightMapRecorder:

@@ -16,7 +16,7 @@ import contextlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -111,6 +111,13 @@ def _unet_keys(path: Path, keys: list[str]) -> tuple[list[str], bool]:
             f"{path}: no Stable Diffusion UNet in this file (expected keys model.diffusion_model.* or a bare UNet "
             f"state dict; found e.g. {', '.join(sorted(keys)[:3]) or 'no tensors'})")
     return unet_keys, bare
+
+
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's key -> shape (UNet, VAE, text encoders, or a transformer file's). .safetensors: the header."""
+    path = Path(path)
+    with _open_tensors(path) as (keys, _, get_shape):
+        return {key: get_shape(key) for key in keys}
 
 
 def read_unet_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -230,11 +237,13 @@ MIN_MEMBERS, MAX_MEMBERS = 2, 6
 """How many members an ensemble takes (the WebUI's accordion, the trainer and the evaluator all check these)."""
 
 
-def check_members(shapes: Sequence[tuple[str, dict[str, tuple]]]) -> BlockLayout:
-    """Confirms that members (name, UNet shapes) can be ensembled: at least two, all shaped like the first.
+def check_members(shapes: Sequence[tuple[str, dict[str, tuple]]], layout: Callable = block_layout):
+    """Confirms that members (name, UNet or FLUX transformer shapes) can be ensembled: at least two, all shaped like
+    the first.
 
-    Returns the shared block layout. Raises IncompatibleMembersError naming the first differing key and both
-    shapes (e.g. an SD2 member among SD1 members: `...attn2.to_k.weight: (320, 768) vs (320, 1024)`).
+    Returns the shared layout, `layout(shapes)` (a UNet's BlockLayout; afa.flux.flux_layout for FLUX). Raises
+    IncompatibleMembersError naming the first differing key and both shapes (e.g. an SD2 member among SD1 members:
+    `...attn2.to_k.weight: (320, 768) vs (320, 1024)`).
     """
     if len(shapes) < 2:
         raise IncompatibleMembersError(f"an ensemble needs at least 2 members, got {len(shapes)}"
@@ -242,9 +251,9 @@ def check_members(shapes: Sequence[tuple[str, dict[str, tuple]]]) -> BlockLayout
     first_name, first = shapes[0]
     for name, member in shapes[1:]:
         describe_difference(first, member, what=f"{name} cannot be ensembled with {first_name}: different "
-                            f"UNet architecture", expected_label=first_name, found_label=name,
+                            f"architecture", expected_label=first_name, found_label=name,
                             error=IncompatibleMembersError)
-    return block_layout(first)
+    return layout(first)
 
 
 def unet_shapes(unet: torch.nn.Module) -> dict[str, tuple]:

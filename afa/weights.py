@@ -1,7 +1,7 @@
 """SABW weights files: `.safetensors` whose metadata carries what is needed to rebuild and bind the aggregator.
 
 Metadata (all values are strings, as safetensors requires):
-    afa_format_version  "2"
+    afa_format_version  "3"
     afa_config          AggregatorConfig as JSON
     afa_members         JSON list of {"name", "sha256"[, "unet"]}, in the order the aggregator's weights refer to
                         them; "unet" is the member's UNet fingerprint (afa.hashing.unet_fingerprint), recorded
@@ -10,7 +10,8 @@ Metadata (all values are strings, as safetensors requires):
 
 Format 2 added the config fields of the paper design, the text conditioning and the CLIP skip; a format 1 file
 lacks them and loads with their defaults, which describe what every format 1 file was (the fast design, one shared
-text encoding, CLIP skip 1).
+text encoding, CLIP skip 1). Format 3 added the members' family (`unet` or `flux`) and FLUX's fields; format 1 and 2
+files are all `unet`. A file of one family offered to members of the other is refused (`check_family`).
 
 Loading is strict: every key and shape is checked against the config, a newer format is refused, and a file trained
 for other members is refused with both member lists in the message. Listing files reads only the metadata.
@@ -29,13 +30,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .aggregator import Aggregator, AggregatorConfig
+from .aggregator import Aggregator, AggregatorConfig, check_family
 from .errors import MembersMismatchError, WeightsFileError
 from .hashing import shorthash
 from .members import MemberRef, describe_difference, owned_tensor
 from .modes import Mode, trained_mode
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -172,15 +173,18 @@ def check_member_fingerprints(info: WeightsInfo, fingerprints: Sequence[str], gi
 
 
 def check_weights_fit(info: WeightsInfo, block_channels: Sequence[int], context_dim: int | None,
-                      num_members: int) -> None:
-    """Refuses a weights file whose aggregator does not fit these members (block layout, text width, how many):
-    what binds a file whose members cannot be identified (one written before UNet fingerprints, in ComfyUI)."""
+                      num_members: int, family: str = "unet") -> None:
+    """Refuses a weights file whose aggregator does not fit these members (family, block layout, text width, how
+    many): what binds a file whose members cannot be identified (one written before UNet fingerprints, in
+    ComfyUI)."""
     config = info.config
+    check_family(config, family, info.path.name)
     problems = []
     if config.num_members != num_members:
         problems.append(f"{config.num_members} members, {num_members} given")
     if list(config.block_channels) != list(block_channels):
-        problems.append(f"UNets of {len(config.block_channels)} blocks with channels "
+        kind = "transformers" if family == "flux" else "UNets"
+        problems.append(f"{kind} of {len(config.block_channels)} blocks with channels "
                         f"{_short_list(config.block_channels)}, the members have {len(block_channels)} blocks with "
                         f"channels {_short_list(block_channels)}")
     elif context_dim is not None and config.context_dim != context_dim:

@@ -275,11 +275,69 @@ def tiny_model(layout: str = "sd1", seed: int = 0, *, parameterization: str | No
 def twin(patcher):
     """Another member with the same UNet weights but its own objects (BaseModel, diffusion model, ModelPatcher):
     what loading the same checkpoint file twice gives, unlike `patcher.clone()`, which shares the model. Only for
-    patchers made by tiny_model (rebuilt from its arguments, so LoRA patches or object patches are not carried)."""
+    patchers made by tiny_model or tiny_flux (rebuilt from their arguments, so LoRA patches or object patches are
+    not carried)."""
     args = _FACTORY_ARGS.get(patcher.model)
     if args is None:
-        raise ValueError("twin() needs a ModelPatcher made by comfyui_factories.tiny_model")
+        raise ValueError("twin() needs a ModelPatcher made by comfyui_factories.tiny_model or tiny_flux")
+    if args["layout"] == "flux":
+        return tiny_flux(**{key: value for key, value in args.items() if key != "layout"})
     return tiny_model(**args)
+
+
+# FLUX: ComfyUI's detection hard-codes FLUX.1's widths (hidden 3072, 24 heads, context 4096), so the tiny model is
+# built from comfy.supported_models.Flux with this config, as the loader does after detection. Head width 16
+# (2 heads of 32 / 2), rotary axes 4 + 6 + 6 = 16; 16 latent channels (patch 2 x 2: 64 per token) as FLUX.1.
+TINY_FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=16, context_in_dim=24,
+                        hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2,
+                        axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+
+
+def tiny_flux_transformer(seed: int = 0, *, scale: float = 0.05, **overrides) -> torch.nn.Module:
+    """ComfyUI's `comfy.ldm.flux.model.Flux` at TINY_FLUX_CONFIG (+ overrides), seeded weights, fp32, eval."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    config = dict(TINY_FLUX_CONFIG, **overrides)
+    model = comfy.ldm.flux.model.Flux(**config, operations=comfy.ops.disable_weight_init)
+    return randomize_parameters_(model, seed, scale).eval().requires_grad_(False)
+
+
+def tiny_flux(seed: int = 0, *, scale: float = 0.05, guidance_embed: bool = True):
+    """A `ModelPatcher` (CPU) around `comfy.model_base.Flux` built by `comfy.supported_models.Flux` (FLUX.1 [dev]:
+    guidance embedding, ModelSamplingFlux) or `FluxSchnell` (guidance_embed False) from TINY_FLUX_CONFIG, as
+    ComfyUI's loader builds a detected FLUX transformer; seeded weights."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config_class = comfy.supported_models.Flux if guidance_embed else comfy.supported_models.FluxSchnell
+    config = config_class(dict(TINY_FLUX_CONFIG, guidance_embed=guidance_embed))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=CPU)
+    randomize_parameters_(model.diffusion_model, seed, scale)
+    model.eval()
+    _FACTORY_ARGS[model] = dict(layout="flux", seed=seed, scale=scale, guidance_embed=guidance_embed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+
+
+def flux_conditioning(seed: int = 0, tokens: int = 5, guidance: float | None = 3.5) -> list:
+    """A FLUX CONDITIONING as CLIPTextEncode with a FLUX CLIP gives it (T5 tokens [1 x tokens x 24], pooled CLIP-L
+    [1 x 16]), seeded noise in place of the text encoders (a T5-XXL is too big here), with FluxGuidance's
+    `guidance` set as that node sets it (None: no guidance key)."""
+    import node_helpers
+
+    generator = torch.Generator().manual_seed(seed)
+    cond = torch.randn(1, tokens, TINY_FLUX_CONFIG["context_in_dim"], generator=generator)
+    pooled = torch.randn(1, TINY_FLUX_CONFIG["vec_in_dim"], generator=generator)
+    conditioning = [[cond, {"pooled_output": pooled}]]
+    if guidance is None:
+        return conditioning
+    return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})  # FluxGuidance.execute
+
+
+def flux_latent(width: int = 64, height: int = 64, batch_size: int = 1) -> dict:
+    """EmptySD3LatentImage's latent (the empty latent ComfyUI's FLUX workflows use): zeros [B x 16 x h/8 x w/8]."""
+    return {"samples": torch.zeros([batch_size, 16, height // 8, width // 8])}
 
 
 def tiny_clip(layout: str = "sd1", seed: int = 0, *, scale: float = 0.05):

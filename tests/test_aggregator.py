@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from afa import (PRESETS, SABW_PRESETS, Aggregator, AggregatorConfig, EnsembleUNet, block_layout, build_unet,
                  load_weights, preset_config, read_weights_info, unet_shapes)
 from afa.errors import WeightsFileError
+from afa.weights import FORMAT_VERSION
 
 DATA = Path(__file__).parent / "data"
 
@@ -145,11 +146,11 @@ def test_a_newer_format_is_refused(tmp_path):
     path = tmp_path / "future.safetensors"
     source = DATA / "weights-format-1.safetensors"
     with safe_open(str(source), framework="pt") as handle:
-        metadata = dict(handle.metadata(), afa_format_version="3")
+        metadata = dict(handle.metadata(), afa_format_version=str(FORMAT_VERSION + 1))
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     from safetensors.torch import save_file
     save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(WeightsFileError, match="version 3 is newer than this AFA supports"):
+    with pytest.raises(WeightsFileError, match=f"version {FORMAT_VERSION + 1} is newer than this AFA supports"):
         read_weights_info(path)
 
 

@@ -258,7 +258,8 @@ def test_members_that_cannot_be_ensembled_are_refused_by_name(pack):
     with pytest.raises(IncompatibleMembersError, match="model_2 is SD20 .eps."):
         ensemble(pack, [cf.tiny_model("sd2", seed=1), cf.tiny_model("sd2", seed=2, parameterization="eps")])
     not_a_unet = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
-    with pytest.raises(IncompatibleMembersError, match="model_2 is a SimpleNamespace model, not a UNet"):
+    with pytest.raises(IncompatibleMembersError,
+                       match="model_2 is a SimpleNamespace model, neither a UNet nor a FLUX.1 transformer"):
         ensemble(pack, [sd1, not_a_unet])
     (nested, _) = ensemble(pack, [sd1, cf.twin(sd1)])
     with pytest.raises(IncompatibleMembersError, match="model_1 is already an AFA ensemble"):

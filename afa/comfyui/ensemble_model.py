@@ -1,4 +1,5 @@
 """The ensemble MODEL: members checked, SABW weights bound to them, one cloned `ModelPatcher` with one wrapper.
+Members are UNets (SD 1.x, 2.x, XL) or FLUX.1 transformers (afa.flux), all of one family.
 
 The ensemble is a clone of member 1's `ModelPatcher` (its LoRAs and other patches stay), with
 - a `DIFFUSION_MODEL` wrapper (afa.comfyui.forward) that runs every member block by block and mixes after each block;
@@ -16,12 +17,14 @@ from typing import Sequence
 
 import torch
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 
 from afa.ensemble import EnsembleUNet
 from afa.errors import AfaError, IncompatibleMembersError
+from afa.flux import EnsembleFlux, flux_layout
 from afa.hashing import shorthash, unet_fingerprint
 from afa.maps import blocks_to_show
 from afa.members import MAX_MEMBERS, MIN_MEMBERS, check_members, unet_shapes
@@ -29,24 +32,39 @@ from afa.modes import LAST_BLOCK, parse_mode
 from afa.unet import block_layout
 from afa.weights import check_member_fingerprints, check_weights_fit, load_weights, read_weights_info
 
-from .forward import EnsembleForward
+from .forward import EnsembleForward, FluxEnsembleForward
 from .maps import SamplingMaps
 
 WRAPPER_KEY = "afa_ensemble"
 PREFIX = "diffusion_model."
 
 
-def member_unet(patcher, label: str):
-    """The member's UNet (`comfy.ldm`'s UNetModel); AfaError when the MODEL is not a UNet (FLUX, SD3, ...)."""
+FLUX_MODULES = ("img_in", "time_in", "guidance_in", "vector_in", "txt_in", "pe_embedder", "double_blocks",
+                "single_blocks", "final_layer")
+
+
+def member_family(patcher) -> str:
+    """"unet" (`comfy.ldm`'s UNetModel) or "flux" (`comfy.ldm.flux`'s Flux in a `model_base.Flux`: FLUX.1 [dev],
+    [schnell], Fill, Kontext, and their fine-tunes), else "" (SD3, Chroma, video models, ...)."""
     model = getattr(patcher, "model", None)
-    unet = getattr(model, "diffusion_model", None)
-    if unet is None or not hasattr(unet, "input_blocks"):
+    network = getattr(model, "diffusion_model", None)
+    if network is not None and hasattr(network, "input_blocks"):
+        return "unet"
+    if isinstance(model, comfy.model_base.Flux) and all(hasattr(network, name) for name in FLUX_MODULES):
+        return "flux"
+    return ""
+
+
+def member_network(patcher, label: str):
+    """The member's diffusion model (a UNet or a FLUX transformer); AfaError for other models (SD3, Chroma, ...)."""
+    if not member_family(patcher):
+        model = getattr(patcher, "model", None)
         raise IncompatibleMembersError(
-            f"{label} is a {type(model).__name__} model, not a UNet: AFA ensembles SD 1.x, SD 2.x and SDXL "
-            f"checkpoints (UNets)")
+            f"{label} is a {type(model).__name__} model, neither a UNet nor a FLUX.1 transformer: AFA ensembles "
+            f"SD 1.x, SD 2.x, SDXL and FLUX.1 models")
     if patcher.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
         raise IncompatibleMembersError(f"{label} is already an AFA ensemble: connect its members instead")
-    return unet
+    return patcher.model.diffusion_model
 
 
 def member_fingerprint(patcher) -> str:
@@ -63,18 +81,19 @@ def _family(patcher) -> str:
 
 
 def check_ensemble_members(models: Sequence) -> None:
-    """Refuses fewer than 2 or more than 6 members, models that are not UNets, and members of other families or
-    prediction types than member 1 (naming the first differing tensor)."""
+    """Refuses fewer than 2 or more than 6 members, models that are neither UNets nor FLUX transformers, and members
+    of other families or prediction types than member 1 (naming the first differing tensor)."""
     if not MIN_MEMBERS <= len(models) <= MAX_MEMBERS:
         raise IncompatibleMembersError(f"AFA ensembles {MIN_MEMBERS} to {MAX_MEMBERS} members, got {len(models)}")
     labels = [f"model_{index + 1}" for index in range(len(models))]
-    unets = [member_unet(model, label) for model, label in zip(models, labels)]
+    networks = [member_network(model, label) for model, label in zip(models, labels)]
     first_family = _family(models[0])
     for model, label in zip(models[1:], labels[1:]):
         if _family(model) != first_family:
             raise IncompatibleMembersError(f"{label} is {_family(model)}, model_1 is {first_family}: members must "
                                            f"be of one model family and prediction type")
-    check_members([(label, unet_shapes(unet)) for label, unet in zip(labels, unets)])
+    layout = flux_layout if member_family(models[0]) == "flux" else block_layout
+    check_members([(label, unet_shapes(network)) for label, network in zip(labels, networks)], layout)
 
 
 def distinct_members(models: Sequence) -> list:
@@ -121,17 +140,19 @@ def build_ensemble(models: Sequence, mode_label: str, weights_path: Path | None)
     aggregator_patcher = None
     if mode.needs_weights:
         if weights_path is None:
-            raise AfaError(f"mode SABW needs SABW weights trained for these members: choose a file in 'weights' "
-                           f"(models/afa/), or use Block average or Noise average, which need none")
+            raise AfaError("mode SABW needs SABW weights trained for these members: choose a file in 'weights' "
+                           "(models/afa/), or use Block average or Noise average, which need none")
         aggregator_patcher, mode, names = _bind_weights(models, weights_path, mode)
 
-    unets = [member_unet(model, name) for model, name in zip(models, names)]
+    networks = [member_network(model, name) for model, name in zip(models, names)]
+    flux = member_family(models[0]) == "flux"
     # the observer and the default blocks need the layout only: one ensemble over the members, never run here
-    layout_probe = EnsembleUNet(unets, aggregator_patcher.model if aggregator_patcher else None, mode=mode)
-    maps = SamplingMaps(blocks_to_show(layout_probe, mode), layout_probe.num_input_blocks, names)
+    layout_probe = (EnsembleFlux if flux else EnsembleUNet)(
+        networks, aggregator_patcher.model if aggregator_patcher else None, mode=mode)
+    maps = SamplingMaps(blocks_to_show(layout_probe, mode), layout_probe.block_names, names)
 
     ensemble = models[0].clone()
-    forward = EnsembleForward(others, mode, aggregator_patcher, maps)
+    forward = (FluxEnsembleForward if flux else EnsembleForward)(others, mode, aggregator_patcher, maps)
     ensemble.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, forward)
     ensemble.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                   _start_maps_run(maps))
@@ -158,10 +179,15 @@ def _bind_weights(models: Sequence, weights_path: Path, mode):
                         "cannot be checked here: connect %s, in this order (found: %s)", weights_path.name,
                         ", ".join(str(member) for member in info.members),
                         ", ".join(shorthash(fingerprint) for fingerprint in fingerprints))
-    first_unet = member_unet(models[0], "model_1")
-    shapes = unet_shapes(first_unet)
-    context_dim = next((shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")), None)
-    check_weights_fit(info, block_layout(shapes).channels, context_dim, len(models))
+    family = member_family(models[0])
+    shapes = unet_shapes(member_network(models[0], "model_1"))
+    if family == "flux":
+        layout = flux_layout(shapes)
+        channels, context_dim = layout.channels, layout.context_dim
+    else:
+        channels = block_layout(shapes).channels
+        context_dim = next((shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")), None)
+    check_weights_fit(info, channels, context_dim, len(models), family)
     if mode is LAST_BLOCK and info.mode is not LAST_BLOCK:
         raise AfaError(f"{weights_path.name} was trained for SABW after every block, not for the last block only")
     # SABW is ~2% of the members' compute and trained in fp32: it stays fp32 whatever the members' precision

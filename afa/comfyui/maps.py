@@ -11,23 +11,23 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from afa.maps import WeightMapRecorder, block_indices, render_weight_maps
-from afa.unet import block_name
+from afa.maps import WeightMapRecorder, named_block_indices, render_weight_maps
 
 
 class SamplingMaps:
-    """The maps of the blocks `blocks` (forward order indices) at every UNet call of the latest sampling run, for the
-    first image's conditional row.
+    """The maps of the blocks `blocks` (forward order indices) at every model call of the latest sampling run, for
+    the first image's conditional row.
 
     Args:
         blocks: block indices to keep.
-        num_input_blocks: the members' number of input blocks (for block names).
+        block_names: the members' block names in forward order (a UNet's `input_blocks.0` ..., FLUX's
+            `double_blocks.0` ...).
         member_names: the members' labels, in ensemble order (the legend).
     """
 
-    def __init__(self, blocks: Sequence[int], num_input_blocks: int, member_names: Sequence[str]):
+    def __init__(self, blocks: Sequence[int], block_names: Sequence[str], member_names: Sequence[str]):
         self.blocks = list(blocks)
-        self.num_input_blocks = num_input_blocks
+        self.block_names = list(block_names)
         self.member_names = list(member_names)
         self.recorder = WeightMapRecorder(blocks=self.blocks, batch_index=0)
         self.steps: list[tuple[int, int]] = []  # (step, steps) of each recorded call
@@ -60,16 +60,16 @@ class SamplingMaps:
         if not self.steps:
             raise ValueError("no aggregation maps recorded yet: connect this node after a sampler that ran the AFA "
                              "ensemble MODEL")
-        chosen = block_indices(blocks, self.num_input_blocks) if blocks else self.blocks
-        missing = [block_name(block, self.num_input_blocks) for block in chosen if block not in self.blocks]
+        chosen = named_block_indices(blocks, self.block_names) if blocks else self.blocks
+        missing = [self.block_names[block] for block in chosen if block not in self.blocks]
         if missing:
-            recorded = ", ".join(block_name(block, self.num_input_blocks) for block in self.blocks)
+            recorded = ", ".join(self.block_names[block] for block in self.blocks)
             raise ValueError(f"{', '.join(missing)}: not recorded (this mode mixes {recorded})")
         last_step = max(step for step, _ in self.steps)
         keep = [call for call, (step, _) in enumerate(self.steps)
                 if step == last_step or (every > 0 and step % every == 0)]
         keep = [call for call in keep if self.steps.index(self.steps[call]) == call]  # the first call of a step
-        maps = [(f"{block_name(block, self.num_input_blocks)}, step {self.steps[call][0] + 1}/{self.steps[call][1]}",
+        maps = [(f"{self.block_names[block]}, step {self.steps[call][0] + 1}/{self.steps[call][1]}",
                  self.recorder.maps[block][call])
                 for block in chosen for call in keep if call < len(self.recorder.maps.get(block, []))]
         return render_weight_maps(maps, self.member_names, columns=len(keep), title="AFA aggregation maps")

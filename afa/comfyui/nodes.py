@@ -51,13 +51,14 @@ def _connected(first, kwargs: dict, kind: str) -> list:
 
 
 class AFAEnsemble:
-    """Ensembles 2-6 checkpoints of one architecture at inference: every member's UNet runs at every step, and
-    after every block their features are mixed (SABW: learned per-pixel weights; or equal weights)."""
+    """Ensembles 2-6 checkpoints of one architecture at inference (SD 1.x, SD 2.x, SDXL, or FLUX.1 transformers):
+    every member runs at every step, and after every block their features are mixed (SABW: learned per-pixel or
+    per-image-token weights; or equal weights)."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        required, optional = _numbered("MODEL", "member {index}: a checkpoint's MODEL (LoRAs applied to it apply "
-                                                "to this member only)", MIN_MEMBERS)
+        required, optional = _numbered("MODEL", "member {index}: a checkpoint's or diffusion model's MODEL (LoRAs "
+                                                "applied to it apply to this member only)", MIN_MEMBERS)
         return {"required": {
             **required,
             "mode": ([mode.label for mode in CHOICES], {

@@ -25,6 +25,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, Timestep
 from comfy.ldm.modules.encoders.noise_aug_modules import CLIPEmbeddingNoiseAugmentation
 from comfy.ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation
 # stand-in: removed imports of the other model families' networks (not copied; their classes below fail only when instantiated)
+import comfy.ldm.flux.model  # stand-in: of those imports, only FLUX's is kept (comfy/ldm/flux copied)
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -810,9 +811,7 @@ class PixArt(BaseModel):
         return out
 
 class Flux(BaseModel):
-    def __init__(self, model_config, model_type=ModelType.FLUX, device=None, unet_model=None):  # stand-in: default was comfy.ldm.flux.model.Flux (not copied)
-        if unet_model is None:  # stand-in: the upstream default, resolved when called
-            unet_model = comfy.ldm.flux.model.Flux  # stand-in
+    def __init__(self, model_config, model_type=ModelType.FLUX, device=None, unet_model=comfy.ldm.flux.model.Flux):
         super().__init__(model_config, model_type, device=device, unet_model=unet_model)
         self.memory_usage_factor_conds = ("ref_latents",)
 
