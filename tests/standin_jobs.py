@@ -9,7 +9,7 @@ from afa.webui import folders, training_job
 from modules import infotext_utils
 
 TITLE = "AFA ensemble"
-WAIT = 120  # seconds: generous for a shared CPU
+WAIT = 600  # seconds: only catches a hang (a loaded 2-core machine took over 120 s for the SDXL run)
 
 
 def afa(members, mode: str = "Block average", weights: str = "", show_maps: bool = False) -> dict:

@@ -255,6 +255,7 @@ def test_refusals_come_before_any_work(pack, monkeypatch, tmp_path):
     for model in flow:  # a prediction type the trainer has no loss for
         model.model.model_type = comfy.model_base.ModelType.FLOW
     assert "model_1 predicts FLOW" in refused(flow)
+    assert "AFA Train trains SABW for SD 1.x, SD 2.x and SDXL" in refused([cf.tiny_flux(1), cf.tiny_flux(2)])
     from test_comfyui_nodes import tiny_lora, with_lora
     # one loaded checkpoint connected twice, with a LoRA on one connection: ComfyUI holds one copy of its weights
     assert "same loaded checkpoint with different patches" in refused(
@@ -284,7 +285,8 @@ def test_refusals_come_before_any_work(pack, monkeypatch, tmp_path):
         **{**SETTINGS, "extra_flags": "--batch-size 2"}, output_name="refused"))
     assert "output name" in refused(models, request_=Request(**SETTINGS, output_name="../escape"))
     # too little disk
-    monkeypatch.setattr(pack.training.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    from training import service
+    monkeypatch.setattr(service.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     assert "not enough free disk" in refused(models)
 
 

@@ -1,5 +1,6 @@
-"""The trainer as a library, for the WebUI's training tab: the same code as `python training/train.py`, with errors
-raised instead of printed, and the data snapshot the tab trains on.
+"""The trainer as a library, for the hosts' training front ends (the WebUI's training tab, ComfyUI's AFA Train node):
+the same code as `python training/train.py`, with errors raised instead of printed, the data snapshot a run trains
+on, the disk a run needs, and a run's log read back.
 
 `afa/` never imports `training/`: scripts/afa_script.py hands this module to `afa.webui.training_job.use_trainer`.
 """
@@ -10,15 +11,21 @@ import json
 import os
 from pathlib import Path
 
-from training import data as datasets
+import shutil
+from typing import Sequence
+
 import torch
 
+from afa import Aggregator, BlockLayout, default_config
+from training import data as datasets
+from training.curves import read_run_log  # noqa: F401
 from training.sd_checkpoint import native_resolution  # noqa: F401
 from training.train import (RESULT_SETTINGS, TrainingEvents, TrainingOutcome, UsageError, parse_args,  # noqa: F401
                             precision, train)
 
-__all__ = ["DATA_SNAPSHOT_NAME", "RESULT_SETTINGS", "TrainingEvents", "TrainingOutcome", "UsageError", "member_dtype",
-           "native_resolution", "parse_args", "saved_arguments", "snapshot_data", "train", "training_image_count"]
+__all__ = ["DATA_SNAPSHOT_NAME", "RESULT_SETTINGS", "TrainingEvents", "TrainingOutcome", "UsageError", "disk_shortfall",
+           "member_dtype", "native_resolution", "parse_args", "read_run_log", "saved_arguments", "snapshot_data",
+           "state_bytes", "train", "training_image_count"]
 
 DATA_SNAPSHOT_NAME = "data.jsonl"
 
@@ -76,3 +83,26 @@ def saved_arguments(run_dir: str | Path) -> dict | None:
         return {**latest["args"], "step": latest["step"]}
     except (OSError, ValueError, KeyError, TypeError):  # no pointer, or one from before it held the arguments
         return None
+
+
+def state_bytes(args, layout: BlockLayout, num_members: int, context_dim: int) -> int:
+    """The disk a run needs: the trainer keeps `--keep-checkpoints` training states (SABW's weights and Adam's two
+    moments, float32) and writes one more before deleting the oldest, plus the weights file."""
+    config = default_config(layout, num_members, context_dim, preset=args.preset,
+                            hidden_channels=args.hidden_channels, max_resolution=args.max_resolution)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in Aggregator(config).parameters())
+    return parameters * 4 * 3 * (args.keep_checkpoints + 1) + parameters * 4
+
+
+def disk_shortfall(needed: int, folders: Sequence[str | Path]) -> str | None:
+    """Why the disk of `folders` (or of their nearest existing parents) cannot hold `needed` bytes; None when it can."""
+    for folder in folders:
+        existing = Path(folder)
+        while not existing.exists():
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            return (f"not enough free disk in {existing} for the training states: {needed / 2**30:.2f} GB needed, "
+                    f"{free / 2**30:.2f} GB free")
+    return None

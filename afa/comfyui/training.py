@@ -27,7 +27,6 @@ import logging
 import math
 import re
 import shlex
-import shutil
 import time
 import types
 from dataclasses import dataclass
@@ -41,14 +40,13 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from afa import default_config
-from afa.aggregator import Aggregator
 from afa.errors import AfaError
 from afa.hashing import shorthash
 from afa.members import MemberRef, check_members, unet_shapes
 from afa.unet import block_layout
 
-from .ensemble_model import check_ensemble_members, distinct_members, member_fingerprint, member_unet
+from .ensemble_model import (check_ensemble_members, distinct_members, member_family, member_fingerprint,
+                             member_network)
 from .forward import ComfyBlockRunner
 
 WEIGHTS_FOLDER = "afa"
@@ -332,25 +330,14 @@ def extra_argv(flags: str) -> list[str]:
     return argv
 
 
-def state_bytes(args, layout, num_members: int, context_dim: int) -> int:
-    """The disk a run needs: --keep-checkpoints training states (weights and Adam's two moments, float32) plus the
-    one written before the oldest is deleted, plus the weights file."""
-    config = default_config(layout, num_members, context_dim, preset=args.preset,
-                            hidden_channels=args.hidden_channels, max_resolution=args.max_resolution)
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in Aggregator(config).parameters())
-    return parameters * 4 * 3 * (args.keep_checkpoints + 1) + parameters * 4
-
-
-def check_free_disk(needed: int, folders: Sequence[Path]) -> None:
-    for folder in folders:
-        existing = Path(folder)
-        while not existing.exists():
-            existing = existing.parent
-        free = shutil.disk_usage(existing).free
-        if free < needed:
-            raise TrainingRefused(f"not enough free disk in {existing} for the training states: "
-                                  f"{needed / 2**30:.2f} GB needed, {free / 2**30:.2f} GB free")
+def member_unet(patcher, label: str):
+    """The member's UNet (`comfy.ldm`'s UNetModel); TrainingRefused for a FLUX.1 transformer, which AFA Ensemble runs
+    with block or noise averaging but the trainer does not train yet, and AfaError for other models."""
+    network = member_network(patcher, label)
+    if member_family(patcher) != "unet":
+        raise TrainingRefused(f"{label} is a FLUX.1 transformer: AFA Train trains SABW for SD 1.x, SD 2.x and SDXL "
+                              f"members; FLUX members run in AFA Ensemble with Block average or Noise average")
+    return network
 
 
 def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.device) -> Plan:
@@ -364,6 +351,7 @@ def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.
 
     models = list(models)
     check_ensemble_members(models)
+    member_unet(models[0], "model_1")  # FLUX members ensemble, but the trainer trains UNet ensembles only
     distinct_members(models)  # one loaded checkpoint connected twice with different patches cannot be both
     schedule_of(models[0])  # refuses prediction types the trainer does not train
     if len(clips) not in (1, len(models)):
@@ -434,7 +422,10 @@ def plan_run(models: Sequence, clips: Sequence, request: Request, device: torch.
                 run_dir.rmdir()
             raise TrainingRefused(problem)
     layout = block_layout(unet_shapes(unet))
-    check_free_disk(state_bytes(args, layout, len(models), context_width(unet)), [run_dir, weights_path.parent])
+    problem = service.disk_shortfall(service.state_bytes(args, layout, len(models), context_width(unet)),
+                                     [run_dir, weights_path.parent])
+    if problem is not None:
+        raise TrainingRefused(problem)
     return Plan(name, args, weights_path, run_dir, resumed, report)
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,11 +33,9 @@ import torch
 
 from modules import call_queue, devices, paths_internal, progress, sd_models, shared
 
-from afa.aggregator import Aggregator
 from afa.errors import AfaError
 from afa.members import MAX_MEMBERS, MIN_MEMBERS, check_members
 from afa.unet import BlockLayout
-from afa import default_config
 
 from . import checkpoints, folders, settings
 from .infotext import public_text
@@ -238,16 +234,10 @@ def plan_resume(output, members, overrides: dict) -> Plan:
 
 
 def state_bytes(plan: Plan) -> int:
-    """The disk a run needs: the trainer keeps `--keep-checkpoints` states (weights, and Adam's two moments, in
-    float32) and writes one more before deleting the oldest, plus the weights file."""
+    """The disk the run needs (the trainer's count, `state_bytes`)."""
     shapes = checkpoints.unet_shapes_of(plan.infos[0])
     context_dim = next(shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight"))
-    args = plan.args
-    config = default_config(plan.layout, len(plan.infos), context_dim, preset=args.preset,
-                            hidden_channels=args.hidden_channels, max_resolution=args.max_resolution)
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in Aggregator(config).parameters())
-    return parameters * 4 * 3 * (args.keep_checkpoints + 1) + parameters * 4
+    return trainer.state_bytes(plan.args, plan.layout, len(plan.infos), context_dim)
 
 
 def check_data(plan: Plan):
@@ -276,15 +266,9 @@ def check_data(plan: Plan):
 
 
 def check_free_disk(plan: Plan) -> None:
-    needed = state_bytes(plan)
-    for folder in (plan.args.run_dir, folders.weights_dir()):
-        existing = Path(folder)
-        while not existing.exists():
-            existing = existing.parent
-        free = shutil.disk_usage(existing).free
-        if free < needed:
-            raise TrainingRefused(f"not enough free disk for the training states: {needed / 2**30:.2f} GB needed "
-                                  f"(--keep-checkpoints {plan.args.keep_checkpoints}), {free / 2**30:.2f} GB free")
+    problem = trainer.disk_shortfall(state_bytes(plan), [plan.args.run_dir, folders.weights_dir()])
+    if problem is not None:
+        raise TrainingRefused(f"{problem} (--keep-checkpoints {plan.args.keep_checkpoints})")
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -311,28 +295,6 @@ class Status:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
-
-
-def history(run_dir: Path, up_to_step: int) -> tuple[list, list]:
-    """The losses and validations of a resumed run's earlier sessions, from its log.jsonl (last record per step)."""
-    losses, validations = {}, {}
-    try:
-        lines = (Path(run_dir) / "log.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return [], []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("step", 0) > up_to_step:
-            continue
-        if "loss" in record:
-            losses[record["step"]] = record["loss"]
-        if "validation" in record:
-            validations[record["step"]] = record["validation"]
-    return ([[step, loss] for step, loss in sorted(losses.items())],
-            [{"step": step, "errors": errors} for step, errors in sorted(validations.items())])
 
 
 class Events:
@@ -416,7 +378,8 @@ class TrainingJob:
                 self.snapshot_report = None
                 if not plan.resume:
                     self.snapshot_report = check_data(plan)
-                losses, validation = history(plan.args.run_dir, plan.start_step) if plan.resume else ([], [])
+                losses, validation = (trainer.read_run_log(plan.args.run_dir, plan.start_step) if plan.resume
+                                      else ([], []))
                 self.status = Status(state=PREPARING, name=plan.name, members=[info.title for info in plan.infos],
                                      step=plan.start_step, start_step=plan.start_step, losses=losses,
                                      validation=validation, started_at=time.time(), id_task=id_task,
