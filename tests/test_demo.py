@@ -2,7 +2,8 @@
 
 The end-to-end test runs `python training/demo.py --quick` as a user runs it (a few minutes on two CPU cores) and
 fails unless the held-out denoising error of AFA, with either SABW preset ("paper" and "fast", trained on the same
-data), is below the best member's and below block averaging's.
+data), is below the best member's, block averaging's and the best merge's (a weighted merge or MBW, the weights
+chosen on the demo's validation images) by a margin each.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -26,13 +28,20 @@ from training.data import SkipReport, index_captioned_images
 
 REPO = Path(__file__).resolve().parent.parent
 MARGIN = 0.05  # AFA must be at least 5% below each reference, not merely below it
+# ... and at least MERGE_MARGIN below the best merge (MBW in every run so far). The reduced demo put AFA (paper / fast)
+# 20.6 / 20.8% below it with --seed 1 and 21.4 / 21.0% with --seed 2 (the issue's hand-made weighted merges on seed
+# 0: 18-19%); 8% is well under half of the smallest, which leaves room for rounding across CPUs and small changes of
+# the training code, and still fails an AFA that is only as good as a merge.
+MERGE_MARGIN = 0.08
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     output = tmp_path_factory.mktemp("demo") / "demo-output"
+    # The timeout only catches a hang: the run takes about 5 minutes on a quiet 2-core machine, and took 2084 s
+    # (before the merges and images were added) on one shared with heavier jobs.
     result = subprocess.run([sys.executable, "training/demo.py", "--output", str(output), "--quick"], cwd=REPO,
-                            capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            capture_output=True, text=True, timeout=3600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output, result
 
@@ -49,17 +58,40 @@ def test_afa_denoises_held_out_images_better_than_every_member_and_block_averagi
     row = demo.afa_row(preset)
     assert errors[row] < (1 - MARGIN) * best_member, summary
     assert errors[row] < (1 - MARGIN) * errors["block average"], summary
+    merge_rows = [merge["row"] for merge in results["merges"]]
+    assert [merge["kind"] for merge in results["merges"]] == ["weighted merge", "MBW"]
+    assert results["best_merge"] == min(merge_rows, key=errors.get)
+    assert errors[row] < (1 - MERGE_MARGIN) * errors[results["best_merge"]], summary
+    # The merges' weights were chosen on the validation images, not on the evaluated ones.
+    assert results["merge_validation"]["data"].endswith("validation")
+    assert not results["merge_validation"]["same_images_as_the_table"]
     weights, = [entry for entry in results["weights"] if entry["row"] == row]
     assert weights["mode"] == "sabw" and weights["design"] == preset
     # The printed table shows every row.
-    for name in (*members, "block average", "noise average", "AFA (paper)", "AFA (fast)"):
+    for name in (*members, *merge_rows, "block average", "noise average", "AFA (paper)", "AFA (fast)"):
         assert f"\n{name} " in result.stdout
-    assert f"{row}'s held-out denoising error is" in result.stdout
+    assert "vs best member" in result.stdout and "vs best merge" in result.stdout
+    assert f"{row}'s held-out denoising error is" in result.stdout and "the best merge's" in result.stdout
+
+
+def test_demo_scores_sampled_images_with_a_caption_check_validated_first(quick_demo):
+    output, result = quick_demo
+    images = json.loads((output / "evaluation" / "images.json").read_text())
+    results = json.loads((output / "evaluation" / "evaluation.json").read_text())
+    validation = images["caption_check_validation"]
+    assert validation["real"]["shown"] == 100.0 and validation["other captions"] <= 5.0, validation
+    rows = ["warm-expert", "cool-expert", results["best_merge"], "block average", "AFA (fast)"]
+    assert list(images["scores"]) == rows and images["prompts"] == demo.QUICK.image_prompts
+    for row in rows:
+        assert list(images["scores"][row]) == ["50", "20", "10"], row
+        assert all(0.0 <= value <= 100.0 for scores in images["scores"][row].values() for value in scores.values())
+    assert "images that show their caption" in result.stdout and "caption check" in result.stdout
+    assert Image.open(output / "evaluation" / "images.png").size[0] > 600
 
 
 def test_demo_writes_kohya_data_webui_checkpoints_weights_and_figures(quick_demo):
     output, result = quick_demo
-    for name in ("warm", "cool", "two-shapes", "held-out"):
+    for name in ("warm", "cool", "two-shapes", "held-out", "validation"):
         report = SkipReport()
         records = index_captioned_images(output / "data" / name, report)
         assert records and not report.total, name
@@ -114,6 +146,25 @@ def test_data_is_seeded_and_captions_match_the_shapes(tmp_path):
         text = (first["held-out"] / f"{index:05d}.txt").read_text()
         assert any(colour in text for colour in demo.WARM) and any(colour in text for colour in demo.COOL)
     assert demo.caption([("circle", "orange", "top left")]) == "an orange circle at the top left"
+
+
+def test_the_caption_check_reads_drawn_shapes_and_refuses_what_was_not_asked():
+    rng = np.random.default_rng(0)
+    fit = [demo.random_shapes([demo.WARM, demo.COOL], rng) for _ in range(24)]
+    reader = demo.ShapeReader.fit([np.stack([np.asarray(demo.draw_shapes(shapes, rng)) for shapes in fit])],
+                                  [demo.caption(shapes) for shapes in fit])
+    for _ in range(12):
+        shapes = demo.random_shapes([demo.WARM, demo.COOL], rng)
+        pixels = np.asarray(demo.draw_shapes(shapes, rng))
+        assert demo.check_caption(reader, pixels, demo.caption(shapes)) == (True, 2, 2, 2)
+        (kind, colour, quadrant), other = shapes
+        wrong_colour = [(kind, "blue" if colour != "blue" else "red", quadrant), other]
+        assert demo.check_caption(reader, pixels, demo.caption(wrong_colour)).colours == 1
+        wrong_kind = [("square" if kind == "circle" else "circle", colour, quadrant), other]
+        assert demo.check_caption(reader, pixels, demo.caption(wrong_kind)) == (False, 2, 1, 2)
+        # A shape the caption does not name (the other quadrants must be empty)
+        assert not demo.check_caption(reader, pixels, demo.caption([other])).shown
+    assert not demo.check_caption(reader, np.zeros((32, 32, 3), np.uint8), demo.caption(fit[0])).shown
 
 
 def test_unet_training_is_deterministic():

@@ -17,10 +17,16 @@ Stages, each timed:
               with the same VAE and the same random but fixed tiny text encoder.
   4. SABW     training/train.py, run as a user runs it, on the two-shape images, once per SABW preset: "paper" (the
               authors' aggregator) and "fast" (AFA's cheaper one), in parallel processes.
-  5. results  training/evaluate.py on held-out two-shape images: the table of denoising errors (each member, block
-              averaging, noise averaging, "AFA (paper)", "AFA (fast)") and the figures (per-pixel winners, each
-              preset's aggregation maps). Each expert is better on its own colours, so an image holding both is best
-              denoised by different members in different regions: what SABW's per-pixel weights learn.
+  5. results  training/evaluate.py on held-out two-shape images: the table of denoising errors (each member, the
+              weighted merge and MBW with their weights chosen on a validation set, block averaging, noise
+              averaging, "AFA (paper)", "AFA (fast)") and the figures (per-pixel winners, each preset's aggregation
+              maps). Each expert is better on its own colours, so an image holding both is best denoised by
+              different members in different regions: what SABW's per-pixel weights learn.
+              Meanwhile, images: held-out prompts sampled with DDIM at 50, 20 and 10 steps by each member, block
+              averaging and AFA (fast), then by the best merge once evaluate.py has chosen it, and scored by
+              whether the image shows what its caption asks (each named shape in its quadrant, in its colour and
+              kind, nothing elsewhere), a measurement checked first on the real held-out images (the paper's
+              Tables 7 and 8 at the demo's scale).
 
 Everything is seeded. Each process computes with `--threads` threads (default 1), so the numbers do not depend on
 the machine's core count; the two experts train in parallel processes, and so do the two SABW presets.
@@ -35,12 +41,14 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 if __name__ == "__main__":  # `python training/demo.py` puts training/ on the path; afa/ and training/ sit one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -86,15 +94,21 @@ class Settings:
     sabw_hidden: int
     evaluation_draws: int  # timestep/noise draws per held-out image in the table
     figure_draws: int  # Monte-Carlo noise draws per pixel in the denoising-capability figure
+    validation_images: int  # two-shape images the merges' weights are chosen on, seen by no model
+    validation_draws: int  # timestep/noise draws per validation image
+    image_prompts: int  # held-out captions sampled by each model at each step count of IMAGE_STEPS
+    guidance_scale: float  # classifier-free guidance of the sampled images
 
 
 # Sized for a fresh CPU machine: the full run in about 25 minutes, the quick one in about 5 (2 cores, 1 thread each).
 FULL = Settings(expert_images=768, mixed_images=768, held_out_images=128, vae_steps=400, vae_batch=8, base_steps=300,
                 expert_steps=400, unet_batch=16, unet_learning_rate=1e-3, sabw_steps=250, sabw_batch=16,
-                sabw_learning_rate=1e-3, sabw_hidden=64, evaluation_draws=8, figure_draws=32)
+                sabw_learning_rate=1e-3, sabw_hidden=64, evaluation_draws=8, figure_draws=32, validation_images=32,
+                validation_draws=1, image_prompts=16, guidance_scale=3.0)
 QUICK = Settings(expert_images=256, mixed_images=256, held_out_images=32, vae_steps=100, vae_batch=8, base_steps=40,
                  expert_steps=80, unet_batch=16, unet_learning_rate=1e-3, sabw_steps=40, sabw_batch=16,
-                 sabw_learning_rate=1e-3, sabw_hidden=64, evaluation_draws=4, figure_draws=8)
+                 sabw_learning_rate=1e-3, sabw_hidden=64, evaluation_draws=4, figure_draws=8, validation_images=16,
+                 validation_draws=1, image_prompts=8, guidance_scale=3.0)
 SABW_PRESETS = ("paper", "fast")  # trained on the same data, evaluated side by side
 
 
@@ -178,9 +192,10 @@ def write_image_set(folder: Path, count: int, palettes_of_image, rng: np.random.
 
 
 def make_datasets(root: Path, settings: Settings, seed: int) -> dict[str, Path]:
-    """The four image sets. An expert's set holds one or two shapes of its colours; the two-shape sets (SABW
-    training, held-out evaluation) hold a warm and a cool shape in half of the images and two shapes of one
-    temperature in the rest, so SABW has to pick experts per region and per prompt."""
+    """The five image sets. An expert's set holds one or two shapes of its colours; the two-shape sets (SABW
+    training, held-out evaluation, the merges' validation) hold a warm and a cool shape in half of the images and
+    two shapes of one temperature in the rest, so SABW has to pick experts per region and per prompt. (The
+    validation set is drawn last, so adding it left the other sets as they were.)"""
     rng = np.random.default_rng(seed)
 
     def one_palette(palette):
@@ -196,6 +211,7 @@ def make_datasets(root: Path, settings: Settings, seed: int) -> dict[str, Path]:
         "cool": write_image_set(root / "cool", settings.expert_images, one_palette(COOL), rng),
         "two-shapes": write_image_set(root / "two-shapes", settings.mixed_images, two_shapes, rng),
         "held-out": write_image_set(root / "held-out", settings.held_out_images, two_shapes, rng),
+        "validation": write_image_set(root / "validation", settings.validation_images, two_shapes, rng),
     }
 
 
@@ -315,6 +331,301 @@ def write_member(path: Path, unet_state: dict, vae: Vae, text_encoder: torch.nn.
     config["model"]["params"]["scale_factor"] = vae.scale_factor
     config["model"]["params"]["first_stage_config"]["params"]["ddconfig"] = dict(DEMO_VAE_DDCONFIG)
     return write_webui_checkpoint(path, state_dict, config)
+
+
+# -- images: does a sampled image show what its caption asks? -----------------------------------------------------
+
+IMAGE_STEPS = (50, 20, 10)  # the paper's Table 8 steps, down to its fewest
+# The AFA preset whose images are sampled: at the demo's size the paper design's SABW (self-attention over every
+# latent pixel of every block) costs about 5 times block averaging per step, the fast one under twice; both presets
+# have their row in the denoising table.
+IMAGE_PRESET = "fast"
+CAPTION_SHAPE = re.compile(r"an? (\w+) (circle|square) at the (top left|top right|bottom left|bottom right)")
+# A quadrant holds a shape when at least MIN_SHAPE_PIXELS of its pixels have a brightest channel above FOREGROUND (the
+# background is black, every palette colour has a channel above 200; the smallest shape, 9 px across, covers about
+# 64 pixels). The shape is then the pixels brighter than SHAPE_LEVEL of the quadrant's brightest, and its core those
+# brighter than CORE_LEVEL (its colour, away from the blurred edge).
+FOREGROUND = 100
+MIN_SHAPE_PIXELS = 20
+SHAPE_LEVEL, CORE_LEVEL = 0.35, 0.6
+
+
+class CaptionCheck(NamedTuple):
+    """How far an image shows its caption: `shown` (every named shape is in its quadrant with the named colour and
+    kind, and the other quadrants are empty), and of the `named` shapes, how many have their colour and kind."""
+
+    shown: bool
+    colours: int
+    kinds: int
+    named: int
+
+
+def caption_shapes(text: str) -> dict[str, tuple[str, str]]:
+    """quadrant -> (kind, colour) of each shape a caption names ("a red circle at the top left and ...")."""
+    return {quadrant: (kind, colour) for colour, kind, quadrant in CAPTION_SHAPE.findall(text)}
+
+
+def quadrants(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """An image [32 x 32 x 3] cut into its four quadrants [16 x 16 x 3], by name."""
+    half = RESOLUTION // 2
+    return {name: pixels[row * half:(row + 1) * half, column * half:(column + 1) * half]
+            for name, (column, row) in QUADRANTS.items()}
+
+
+def shape_features(quadrant: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """(colour, corners) of the shape in a quadrant [16 x 16 x 3] uint8, None when it is empty: colour [3] the mean
+    RGB of its core, corners the brightness of its bounding box's corners relative to its centre (about 0 for a
+    disc, about 1 for a square; blurred images fall between)."""
+    brightness = quadrant.max(axis=2).astype(np.float64)
+    if (brightness > FOREGROUND).sum() < MIN_SHAPE_PIXELS:
+        return None
+    peak = brightness.max()
+    colour = quadrant[brightness > CORE_LEVEL * peak].astype(np.float64).mean(axis=0)
+    rows, columns = np.nonzero(brightness > SHAPE_LEVEL * peak)
+    box = brightness[rows.min():rows.max() + 1, columns.min():columns.max() + 1]
+    height, width = box.shape
+    side = max(1, min(height, width) // 5)  # corner patches of a fifth of the box
+    corners = np.concatenate([box[:side, :side].ravel(), box[:side, -side:].ravel(), box[-side:, :side].ravel(),
+                              box[-side:, -side:].ravel()])
+    centre = box[height // 2 - side:height // 2 + side, width // 2 - side:width // 2 + side]
+    return colour, float(corners.mean() / centre.mean())
+
+
+@dataclass(frozen=True)
+class ShapeReader:
+    """Reads a quadrant's shape: its colour is the nearest colour prototype, its kind "square" when its corners are
+    above `square_corners`. Fitted on the demo's own captioned images (`fit`), checked on held-out ones before it
+    scores generated images (`fit_caption_check`)."""
+
+    prototypes: tuple[tuple[str, tuple[float, float, float]], ...]
+    square_corners: float
+
+    @classmethod
+    def fit(cls, image_sets: list[np.ndarray], captions: list[str]) -> "ShapeReader":
+        """From images [N x 32 x 32 x 3] uint8 (e.g. real ones and their VAE reconstructions, which every generated
+        image comes through) sharing `captions`: a prototype per palette colour (the palette's RGB) and per colour
+        and image set (the mean core colour of its shapes there), and the corner threshold that tells the most
+        circles from squares."""
+        prototypes = [(name, tuple(float(value) for value in rgb)) for name, rgb in COLOURS.items()]
+        corners: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        for images in image_sets:
+            colours: dict[str, list[np.ndarray]] = {}
+            for pixels, text in zip(images, captions):
+                cut = quadrants(pixels)
+                for quadrant, (kind, colour) in caption_shapes(text).items():
+                    features = shape_features(cut[quadrant])
+                    if features is not None:
+                        colours.setdefault(colour, []).append(features[0])
+                        corners[kind].append(features[1])
+            prototypes += [(name, tuple(float(value) for value in np.mean(values, axis=0)))
+                           for name, values in colours.items()]
+        values = np.sort(np.concatenate([corners["circle"], corners["square"]]))
+        thresholds = (values[1:] + values[:-1]) / 2
+        errors = [np.sum(np.asarray(corners["circle"]) > threshold) + np.sum(np.asarray(corners["square"]) <= threshold)
+                  for threshold in thresholds]
+        return cls(tuple(prototypes), float(thresholds[int(np.argmin(errors))]))
+
+    def read(self, quadrant: np.ndarray) -> tuple[str, str] | None:
+        """(kind, colour) of the shape in a quadrant [16 x 16 x 3] uint8, None when it is empty."""
+        features = shape_features(quadrant)
+        if features is None:
+            return None
+        colour, corners = features
+        name = min(self.prototypes, key=lambda prototype: np.square(colour - np.asarray(prototype[1])).sum())[0]
+        return ("square" if corners > self.square_corners else "circle"), name
+
+
+def check_caption(reader: ShapeReader, pixels: np.ndarray, text: str) -> CaptionCheck:
+    """Whether an image [32 x 32 x 3] uint8 shows its caption (CaptionCheck)."""
+    named = caption_shapes(text)
+    shown, colours, kinds = True, 0, 0
+    for quadrant, cut in quadrants(pixels).items():
+        found, wanted = reader.read(cut), named.get(quadrant)
+        if wanted is None:
+            shown = shown and found is None
+            continue
+        colour_right = found is not None and found[1] == wanted[1]
+        kind_right = found is not None and found[0] == wanted[0]
+        colours, kinds = colours + colour_right, kinds + kind_right
+        shown = shown and colour_right and kind_right
+    return CaptionCheck(shown, colours, kinds, len(named))
+
+
+def caption_scores(reader: ShapeReader, images: np.ndarray, captions: list[str]) -> dict[str, float]:
+    """Percentages over images [P x 32 x 32 x 3] uint8: "shown" (images showing their caption), "colour" and
+    "kind" (of the named shapes, those with their colour; with their kind)."""
+    checks = [check_caption(reader, image, text) for image, text in zip(images, captions)]
+    named = sum(check.named for check in checks)
+    return {"shown": 100.0 * sum(check.shown for check in checks) / len(checks),
+            "colour": 100.0 * sum(check.colours for check in checks) / named,
+            "kind": 100.0 * sum(check.kinds for check in checks) / named}
+
+
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """images [N x 3 x H x W] in about [-1, 1] -> [N x H x W x 3] uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def fit_caption_check(fit_images: torch.Tensor, fit_captions: list[str], held_out: torch.Tensor,
+                      held_out_captions: list[str], vae: Vae) -> tuple[ShapeReader, dict]:
+    """The caption check, fitted on the two-shape training images [N x 3 x 32 x 32] in [-1, 1] and their VAE
+    reconstructions, and its accuracy on the real held-out images before it scores generated ones: "real" and
+    "reconstructed" (caption_scores of the held-out images and of their VAE reconstructions, the decoder every
+    generated image comes through, against their own captions: "shown" should be near 100) and "other captions"
+    (% of the held-out images that "show" the next image's caption instead: how often the check accepts what was
+    not asked)."""
+    def reconstructed(images: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return to_pixels(vae.decode(encode_images(vae, images)))
+
+    reader = ShapeReader.fit([to_pixels(fit_images), reconstructed(fit_images)], fit_captions)
+    real = to_pixels(held_out)
+    shifted = held_out_captions[1:] + held_out_captions[:1]
+    return reader, {"real": caption_scores(reader, real, held_out_captions),
+                    "reconstructed": caption_scores(reader, reconstructed(held_out), held_out_captions),
+                    "other captions": caption_scores(reader, real, shifted)["shown"]}
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One model's images (runs in a worker process): `row` is its table row, "block average", an "AFA (...)" row
+    (its weights file in `weights`) or a merge row (its weights per MBW block, then BASE when the text encoders
+    merge, in `merge_weights`)."""
+
+    row: str
+    members: tuple[str, ...]
+    captions: tuple[str, ...]
+    settings: Settings
+    seed: int
+    threads: int
+    weights: tuple[str, ...] = ()
+    merge_weights: tuple[tuple[float, ...], ...] = ()
+
+
+def sample_images(job: ImageJob) -> tuple[str, dict[int, np.ndarray], float]:
+    """(row, {steps: images [P x 32 x 32 x 3] uint8}, seconds): the job's model sampling its captions with DDIM at
+    each of IMAGE_STEPS, from the same seeded noise per caption (training/sampling.py)."""
+    from afa.merge import MergedModel
+    from training.evaluate import display_names, trained_ensembles
+    from training.merge_search import text_merge_for
+    from training.metrics import encode_for_members, ensemble_reading, member_alone
+    from training.sampling import ddim_sample, initial_noise
+    from training.sd_checkpoint import load_frozen_models
+
+    started = time.time()
+    torch.set_num_threads(job.threads)
+    frozen = load_frozen_models(list(job.members), device="cpu")
+    names = display_names([ref.name for ref in frozen.member_refs])
+    text_encoders = list(frozen.text_encoders)
+    if job.row in names:
+        model = member_alone(frozen.members[names.index(job.row)], names.index(job.row))
+    elif job.row == "block average":
+        from afa import EnsembleUNet
+        from afa.modes import AVERAGE
+        model = ensemble_reading(EnsembleUNet(frozen.members, None, AVERAGE), "per_member")
+    elif job.weights:
+        entry, = [entry for entry in trained_ensembles(job.weights, frozen.members, frozen.member_refs,
+                                                       torch.device("cpu")) if entry.row == job.row]
+        model = ensemble_reading(entry.ensemble, entry.info.config.text_conditioning)
+    else:
+        unet = MergedModel.of_unets(frozen.members)
+        unet.set_weights(job.merge_weights[:unet.num_groups])
+        text = text_merge_for(frozen.text_encoders)
+        if text is not None:
+            text.set_weights(job.merge_weights[unet.num_groups])
+        text_encoders.append(text.model if text is not None else text_encoders[0])
+        model = member_alone(unet.model, len(frozen.members))
+    contexts, _ = encode_for_members(text_encoders, tokenize(list(job.captions)))
+    empty, _ = encode_for_members(text_encoders, tokenize([""] * len(job.captions)))
+    noise = torch.stack([initial_noise(job.seed, index, (4, RESOLUTION // 2, RESOLUTION // 2))
+                         for index in range(len(job.captions))])
+    images = {}
+    for steps in IMAGE_STEPS:
+        latents = ddim_sample(model, noise, contexts, empty, frozen.schedule, steps, job.settings.guidance_scale)
+        with torch.no_grad():
+            images[steps] = to_pixels(frozen.vae.decode(latents))
+    return job.row, images, time.time() - started
+
+
+def format_image_table(scores: dict[str, dict[int, dict[str, float]]], prompts: int) -> str:
+    """The image-level table: per model and step count, "shown% (colour% / kind%)"."""
+    width = max(len(row) for row in scores) + 2
+    lines = [f"images that show their caption, {prompts} held-out prompts, DDIM: % of images (% of named shapes "
+             f"with their colour / kind)",
+             f"{'model':<{width}}" + "".join(f"{f'{steps} steps':>22}" for steps in IMAGE_STEPS)]
+    for row, by_steps in scores.items():
+        lines.append(f"{row:<{width}}" + "".join(
+            f"{by_steps[steps]['shown']:>7.1f} ({by_steps[steps]['colour']:3.0f} / {by_steps[steps]['kind']:3.0f})"
+            .rjust(22) for steps in IMAGE_STEPS))
+    return "\n".join(lines)
+
+
+def render_image_grid(images: dict[str, dict[int, np.ndarray]], captions: list[str], real: np.ndarray,
+                      count: int) -> Image.Image:
+    """A figure: a row per prompt (the first `count`), its real held-out image [32 x 32 x 3] uint8 (from `real`
+    [P x 32 x 32 x 3]) with its caption, then each model's image at each step count."""
+    from afa.maps import render_grid
+
+    rows = [[(captions[index], real[index])] + [(f"{row}\n{steps} steps", by_steps[steps][index])
+                                                for row, by_steps in images.items() for steps in IMAGE_STEPS]
+            for index in range(min(count, len(captions)))]
+    return render_grid(rows, [], cell_size=64, label_lines=6, title="Held-out prompts sampled with DDIM by each "
+                       "model, the same noise per prompt; first column: the real held-out image")
+
+
+def evaluate_and_sample(members: list[Path], weights: dict[str, Path], folders: dict[str, Path],
+                        loaded: dict[str, tuple[torch.Tensor, list[str]]], vae: Vae, evaluation: Path,
+                        settings: Settings, seed: int, threads: int) -> dict:
+    """training/evaluate.py (the denoising table with the merge baselines) and, in worker processes meanwhile, the
+    images of the models that need no search; then the best merge's (no images with settings.image_prompts 0).
+    Returns evaluation.json's content."""
+    images, captions = loaded["held-out"]
+    reader, validation = fit_caption_check(*loaded["two-shapes"], images, captions, vae)
+    print(f"   caption check (fitted on the {len(loaded['two-shapes'][1])} two-shape training images), on the "
+          f"{len(captions)} real held-out images: {validation['real']['shown']:.1f}% show their caption (colours "
+          f"{validation['real']['colour']:.1f}%, kinds {validation['real']['kind']:.1f}% right), their VAE "
+          f"reconstructions {validation['reconstructed']['shown']:.1f}% ({validation['reconstructed']['colour']:.1f}%, "
+          f"{validation['reconstructed']['kind']:.1f}%); {validation['other captions']:.1f}% of the real images "
+          f"\"show\" another image's caption", flush=True)
+    prompts = tuple(captions[:settings.image_prompts])
+    common = dict(members=tuple(map(str, members)), captions=prompts, settings=settings, seed=seed, threads=threads)
+    weights_files = tuple(str(weights[preset]) for preset in SABW_PRESETS)
+    jobs = [ImageJob(afa_row(IMAGE_PRESET), weights=weights_files, **common), ImageJob("block average", **common)]
+    jobs = jobs + [ImageJob(path.stem, **common) for path in members] if prompts else []
+    context = multiprocessing.get_context("spawn")
+    # One worker samples while evaluate.py runs on the other core; the best merge's images, which need its result,
+    # get a worker of their own after it.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool, \
+            concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as merge_pool:
+        futures = [pool.submit(sample_images, job) for job in jobs]
+        run_script("evaluate.py", [
+            "--members", *map(str, members), "--weights", *weights_files, "--data", str(folders["held-out"]),
+            "--validation-data", str(folders["validation"]), "--validation-samples", "0",
+            "--validation-draws", str(settings.validation_draws),
+            "--resolution", str(RESOLUTION), "--samples", "0", "--draws", str(settings.evaluation_draws),
+            "--seed", str(seed), "--batch-size", "32", "--figure-images", "4", "--figure-draws",
+            str(settings.figure_draws), "--cell-size", "96", "--device", "cpu", "--output-dir", str(evaluation),
+        ], threads)
+        results = json.loads((evaluation / "evaluation.json").read_text(encoding="utf-8"))
+        best_merge, = [merge for merge in results["merges"] if merge["row"] == results["best_merge"]]
+        if not prompts:
+            return results
+        futures.append(merge_pool.submit(sample_images, ImageJob(best_merge["row"], merge_weights=tuple(
+            tuple(weights) for weights in best_merge["weights"]), **common)))
+        sampled = {row: (by_steps, seconds) for row, by_steps, seconds in (future.result() for future in futures)}
+    order = [path.stem for path in members] + [best_merge["row"], "block average", afa_row(IMAGE_PRESET)]
+    scores = {row: {steps: caption_scores(reader, sampled[row][0][steps], list(prompts)) for steps in IMAGE_STEPS}
+              for row in order}
+    print("\n" + format_image_table(scores, len(prompts)))
+    print("seconds per model (all step counts): " + ", ".join(f"{row} {sampled[row][1]:.0f}" for row in order))
+    render_image_grid({row: sampled[row][0] for row in order}, list(prompts), to_pixels(images), 4).save(
+        evaluation / "images.png")
+    summary = {"prompts": len(prompts), "steps": list(IMAGE_STEPS), "guidance_scale": settings.guidance_scale,
+               "sampler": "DDIM, eta 0", "caption_check_validation": validation, "scores": {
+                   row: {str(steps): value for steps, value in by_steps.items()} for row, by_steps in scores.items()},
+               "seconds": {row: round(sampled[row][1], 1) for row in order}}
+    (evaluation / "images.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return results
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
@@ -476,28 +787,23 @@ def main(argv: list[str] | None = None) -> int:
                          train_sabw_presets, members, folders["two-shapes"], output, settings, seed, threads)
 
     evaluation = output / "evaluation"
-    stages.run("results", "training/evaluate.py on the held-out images", run_script, "evaluate.py", [
-        "--members", *map(str, members), "--weights", *(str(weights[preset]) for preset in SABW_PRESETS),
-        "--data", str(folders["held-out"]),
-        "--resolution", str(RESOLUTION), "--samples", "0", "--draws", str(settings.evaluation_draws),
-        "--seed", str(seed), "--batch-size", "32", "--figure-images", "4", "--figure-draws",
-        str(settings.figure_draws), "--cell-size", "96", "--device", "cpu", "--output-dir", str(evaluation),
-    ], threads)
+    results = stages.run("results", "training/evaluate.py on the held-out images, and images sampled by each model",
+                         evaluate_and_sample, members, weights, folders, loaded, vae, evaluation, settings, seed,
+                         threads)
 
-    results = json.loads((evaluation / "evaluation.json").read_text(encoding="utf-8"))
     errors = {name: row["all"] for name, row in results["models"].items()}
-    best_member = min((member["name"] for member in results["members"]), key=errors.get)
+    best_member, best_merge = results["best_member"], results["best_merge"]
     print()
     for preset in SABW_PRESETS:
         row = afa_row(preset)
         print(f"{row}'s held-out denoising error is {percent_below(errors[row], errors[best_member])} the best "
-              f"member's ({best_member}) and {percent_below(errors[row], errors['block average'])} block "
-              f"averaging's.")
+              f"member's ({best_member}), {percent_below(errors[row], errors[best_merge])} the best merge's "
+              f"({best_merge}) and {percent_below(errors[row], errors['block average'])} block averaging's.")
     print("Timings: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.times.items())
           + f"; total {time.time() - stages.started:.0f} s")
     print(f"Figures: {evaluation / 'denoising-capability.png'} (paper Figure 1), "
           + ", ".join(str(evaluation / results["figures"][f"aggregation_maps {afa_row(preset)}"])
-                      for preset in SABW_PRESETS) + " (paper Figure 6)")
+                      for preset in SABW_PRESETS) + f" (paper Figure 6), {evaluation / 'images.png'} (sampled images)")
     return 0
 
 
