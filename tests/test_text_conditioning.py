@@ -152,7 +152,10 @@ def test_a_per_member_run_feeds_each_member_its_own_encoding(monkeypatch, distin
                                                              encoding_spy):
     """Training steps and the epoch-end validation (9 training images: 2 batches of 4 are one epoch): every call of
     member i, alone or in an ensemble, reads what member i's text encoder made, never the other one's."""
-    frozen, seen, output = run_spied_training(monkeypatch, distinct_members, dataset, tmp_path, "--val-split", "0.25")
+    # Without the merge baselines: they are deep copies of member 1 (this spy's hooks included) that read their own
+    # merged text encoder (tests/test_merge_search.py).
+    frozen, seen, output = run_spied_training(monkeypatch, distinct_members, dataset, tmp_path, "--val-split", "0.25",
+                                              "--merge-baselines", "none")
     for index, encoder in enumerate(frozen.text_encoders):
         own = encoding_spy.contexts_of(encoder)
         other = encoding_spy.contexts_of(frozen.text_encoders[1 - index])

@@ -475,6 +475,8 @@ def merge_baseline_errors(frozen: FrozenModels, val_set, baselines: str, batch_s
     rows stand beside the members' and AFA's. Their weights are chosen on the same validation images (a run holds
     no other held-out images) with the search's own draws, which favours the merges. Each merge is let go before
     the next is searched: the search holds one extra UNet, and text encoder when the members' differ, at a time."""
+    if baselines == "none":  # nothing to search: do not encode the validation images for it
+        return {}
     loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, collate_fn=datasets.collate, num_workers=0)
     member_names = [ref.name for ref in frozen.member_refs]
     errors = {}
