@@ -79,8 +79,15 @@ def test_demo_scores_sampled_images_with_a_caption_check_validated_first(quick_d
     images = json.loads((output / "evaluation" / "images.json").read_text())
     results = json.loads((output / "evaluation" / "evaluation.json").read_text())
     validation = images["caption_check_validation"]
-    assert validation["real"]["shown"] == 100.0 and validation["other captions"] <= 5.0, validation
-    rows = ["warm-expert", "cool-expert", results["best_merge"], "block average", "AFA (fast)"]
+    assert all(validation["real"][measure] == 100.0 for measure in demo.IMAGE_MEASURES), validation
+    # What the check accepts that was not asked: the exact caption hardly ever; the palettes by design often (half of
+    # the images hold a warm and a cool shape, a quarter each two of one palette).
+    assert validation["other captions"]["shown"] <= 5.0, validation
+    assert validation["other captions"]["colours anywhere"] <= 15.0, validation
+    # The merge with the lowest validation error (MBW: searched from the weighted merge, keeping improvements only).
+    merge = min(results["merges"], key=lambda merge: merge["validation_error"])
+    assert merge["kind"] == "MBW" and images["merge"]["row"] == merge["row"]
+    rows = ["warm-expert", "cool-expert", merge["row"], "block average", "AFA (fast)"]
     assert list(images["scores"]) == rows and images["prompts"] == demo.QUICK.image_prompts
     for row in rows:
         assert list(images["scores"][row]) == ["50", "20", "10"], row
@@ -156,15 +163,26 @@ def test_the_caption_check_reads_drawn_shapes_and_refuses_what_was_not_asked():
     for _ in range(12):
         shapes = demo.random_shapes([demo.WARM, demo.COOL], rng)
         pixels = np.asarray(demo.draw_shapes(shapes, rng))
-        assert demo.check_caption(reader, pixels, demo.caption(shapes)) == (True, 2, 2, 2)
+        assert demo.check_caption(reader, pixels, demo.caption(shapes)) == (True, 2, 2, 2, True, True)
         (kind, colour, quadrant), other = shapes
-        wrong_colour = [(kind, "blue" if colour != "blue" else "red", quadrant), other]
-        assert demo.check_caption(reader, pixels, demo.caption(wrong_colour)).colours == 1
+        # Another colour of the same palette, then one of the other palette.
+        same_palette = next(name for name in (demo.WARM if colour in demo.WARM else demo.COOL) if name != colour)
+        wrong_colour = [(kind, same_palette, quadrant), other]
+        assert demo.check_caption(reader, pixels, demo.caption(wrong_colour)) == (False, 1, 2, 2, False, True)
+        other_palette = next(iter(demo.COOL if colour in demo.WARM else demo.WARM))
+        wrong_palette = [(kind, other_palette, quadrant), other]
+        assert demo.check_caption(reader, pixels, demo.caption(wrong_palette)) == (False, 1, 2, 2, False, False)
         wrong_kind = [("square" if kind == "circle" else "circle", colour, quadrant), other]
-        assert demo.check_caption(reader, pixels, demo.caption(wrong_kind)) == (False, 2, 1, 2)
+        assert demo.check_caption(reader, pixels, demo.caption(wrong_kind)) == (False, 2, 1, 2, True, True)
+        # The shapes swapped between their quadrants: the colours and palettes are there, not in their places.
+        swapped = [(kind, colour, other[2]), (other[0], other[1], quadrant)]
+        check = demo.check_caption(reader, pixels, demo.caption(swapped))
+        assert not check.shown and check.colours_anywhere and check.palettes
         # A shape the caption does not name (the other quadrants must be empty)
-        assert not demo.check_caption(reader, pixels, demo.caption([other])).shown
-    assert not demo.check_caption(reader, np.zeros((32, 32, 3), np.uint8), demo.caption(fit[0])).shown
+        check = demo.check_caption(reader, pixels, demo.caption([other]))
+        assert not (check.shown or check.colours_anywhere or check.palettes)
+    empty = demo.check_caption(reader, np.zeros((32, 32, 3), np.uint8), demo.caption(fit[0]))
+    assert not (empty.shown or empty.colours_anywhere or empty.palettes)
 
 
 def test_unet_training_is_deterministic():

@@ -120,6 +120,10 @@ def test_merge_rows_are_searched_on_validation_draws_and_evaluated_on_the_table_
     unet_bytes = sum(value.numel() * value.element_size() for value in load_member(members[0]).state_dict().values())
     assert weighted["extra_memory_bytes"] > unet_bytes  # a UNet and a text encoder
     assert results["best_merge"] in (weighted["row"], "MBW") and results["best_member"] in results["models"]
+    assert mbw["validation_error"] == mbw["validation_losses"]["sweep 1"] <= weighted["validation_error"]
+    # merges.json, written before the table: the same merges, for work that need not wait for the table.
+    early = json.loads((tmp_path / evaluate.MERGES_FILE).read_text())
+    assert early["merges"] == results["merges"] and early["validation"] == results["merge_validation"]
     printed = capsys.readouterr().out
     assert "vs best member" in printed and "vs best merge" in printed
     assert "MBW: 26 blocks (IN00..BASE) by coordinate descent" in printed and "this favours the merges" in printed
@@ -233,3 +237,32 @@ def test_help_documents_every_flag():
                  "--validation-samples", "--validation-draws", "--merge-ratios", "--mbw-ratios", "--mbw-sweeps"):
         assert flag in result.stdout
     assert "(default: 256)" in result.stdout  # ArgumentDefaultsHelpFormatter
+
+
+def test_noise_averaging_reuses_the_member_rows_and_equals_the_ensemble_bit_for_bit(checkpoint_factory, held_out):
+    from afa import EnsembleUNet
+    from afa.comparison import NOISE_AVERAGE
+    from afa.modes import NOISE
+    from training.data import ImageCaptionDataset, SkipReport, collate, index_captioned_images
+    from training.metrics import ensemble_reading, prepare_batch
+    from training.sd_checkpoint import load_frozen_models
+
+    frozen = load_frozen_models([checkpoint_factory(1), checkpoint_factory(2)])  # different text encoders too
+    images = ImageCaptionDataset(index_captioned_images(held_out, SkipReport()), 32)
+    batch = collate([{**images[index], "index": index} for index in range(4)])
+    inputs = prepare_batch(batch, frozen.vae, frozen.text_encoders, frozen.schedule, seed=0,
+                           device=torch.device("cpu"))
+    arguments = (inputs["noisy"], inputs["timesteps"], inputs["member_contexts"], inputs["member_vectors"])
+    passes = [0, 0]
+    hooks = [member.register_forward_hook(lambda *_, index=index: passes.__setitem__(index, passes[index] + 1))
+             for index, member in enumerate(frozen.members)]
+    models = evaluate.comparison_models(frozen.members, ["one", "two"])
+    rows = {name: models[name](*arguments) for name in ("one", "two", NOISE_AVERAGE)}
+    assert passes == [1, 1]  # the noise average read the member rows' predictions
+    for hook in hooks:
+        hook.remove()
+    expected = ensemble_reading(EnsembleUNet(frozen.members, None, NOISE), "per_member")(*arguments)
+    assert torch.equal(rows[NOISE_AVERAGE], expected)
+    # A new batch (new tensors) is computed anew, not read from the last one.
+    noisy = inputs["noisy"] + 1
+    assert not torch.equal(models["one"](noisy, *arguments[1:]), rows["one"])

@@ -61,6 +61,7 @@ from afa import AfaError  # noqa: E402
 from afa.unet import PRESETS, UNET_KEY_PREFIX, build_unet  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.cli import run  # noqa: E402
+from training.evaluate import MERGES_FILE, RESULTS_FILE  # noqa: E402
 from training.diffusion import NoiseSchedule, draw_for_samples, squared_error  # noqa: E402
 from training.sd_checkpoint import (TEXT_ENCODER_PREFIX, TINY_TEXT_ENCODER_FOLDER_NAME, TINY_VAE_DDCONFIG,  # noqa: E402
                                     VAE_PREFIX, Vae, build_tiny_text_encoder, schedule_buffers, tiny_sd_config,
@@ -352,12 +353,17 @@ SHAPE_LEVEL, CORE_LEVEL = 0.35, 0.6
 
 class CaptionCheck(NamedTuple):
     """How far an image shows its caption: `shown` (every named shape is in its quadrant with the named colour and
-    kind, and the other quadrants are empty), and of the `named` shapes, how many have their colour and kind."""
+    kind, and the other quadrants are empty); of the `named` shapes, how many have their colour and kind in their
+    quadrant; and, wherever the shapes are, whether the image's shapes have exactly the caption's colours
+    (`colours_anywhere`) and its palettes (`palettes`: as many warm and as many cool shapes as the caption names,
+    what the two experts' data differ by)."""
 
     shown: bool
     colours: int
     kinds: int
     named: int
+    colours_anywhere: bool
+    palettes: bool
 
 
 def caption_shapes(text: str) -> dict[str, tuple[str, str]]:
@@ -438,9 +444,11 @@ class ShapeReader:
 def check_caption(reader: ShapeReader, pixels: np.ndarray, text: str) -> CaptionCheck:
     """Whether an image [32 x 32 x 3] uint8 shows its caption (CaptionCheck)."""
     named = caption_shapes(text)
-    shown, colours, kinds = True, 0, 0
+    shown, colours, kinds, found_colours = True, 0, 0, []
     for quadrant, cut in quadrants(pixels).items():
         found, wanted = reader.read(cut), named.get(quadrant)
+        if found is not None:
+            found_colours.append(found[1])
         if wanted is None:
             shown = shown and found is None
             continue
@@ -448,15 +456,25 @@ def check_caption(reader: ShapeReader, pixels: np.ndarray, text: str) -> Caption
         kind_right = found is not None and found[0] == wanted[0]
         colours, kinds = colours + colour_right, kinds + kind_right
         shown = shown and colour_right and kind_right
-    return CaptionCheck(shown, colours, kinds, len(named))
+    named_colours = [colour for _, colour in named.values()]
+    return CaptionCheck(shown, colours, kinds, len(named), sorted(found_colours) == sorted(named_colours),
+                        sorted(map(palette_of, found_colours)) == sorted(map(palette_of, named_colours)))
+
+
+def palette_of(colour: str) -> str:
+    return "warm" if colour in WARM else "cool"
 
 
 def caption_scores(reader: ShapeReader, images: np.ndarray, captions: list[str]) -> dict[str, float]:
-    """Percentages over images [P x 32 x 32 x 3] uint8: "shown" (images showing their caption), "colour" and
-    "kind" (of the named shapes, those with their colour; with their kind)."""
+    """Percentages over images [P x 32 x 32 x 3] uint8: of the images, "shown" (showing their caption), "colours
+    anywhere" (their shapes have the caption's colours, wherever they are) and "palettes" (as many warm and cool
+    shapes as the caption names); of the named shapes, "colour" and "kind" (in their quadrant with their colour;
+    with their kind)."""
     checks = [check_caption(reader, image, text) for image, text in zip(images, captions)]
     named = sum(check.named for check in checks)
     return {"shown": 100.0 * sum(check.shown for check in checks) / len(checks),
+            "colours anywhere": 100.0 * sum(check.colours_anywhere for check in checks) / len(checks),
+            "palettes": 100.0 * sum(check.palettes for check in checks) / len(checks),
             "colour": 100.0 * sum(check.colours for check in checks) / named,
             "kind": 100.0 * sum(check.kinds for check in checks) / named}
 
@@ -471,9 +489,9 @@ def fit_caption_check(fit_images: torch.Tensor, fit_captions: list[str], held_ou
     """The caption check, fitted on the two-shape training images [N x 3 x 32 x 32] in [-1, 1] and their VAE
     reconstructions, and its accuracy on the real held-out images before it scores generated ones: "real" and
     "reconstructed" (caption_scores of the held-out images and of their VAE reconstructions, the decoder every
-    generated image comes through, against their own captions: "shown" should be near 100) and "other captions"
-    (% of the held-out images that "show" the next image's caption instead: how often the check accepts what was
-    not asked)."""
+    generated image comes through, against their own captions: every measure should be near 100) and "other
+    captions" (caption_scores of the held-out images against the next image's caption: how often each measure
+    accepts what was not asked)."""
     def reconstructed(images: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return to_pixels(vae.decode(encode_images(vae, images)))
@@ -483,7 +501,7 @@ def fit_caption_check(fit_images: torch.Tensor, fit_captions: list[str], held_ou
     shifted = held_out_captions[1:] + held_out_captions[:1]
     return reader, {"real": caption_scores(reader, real, held_out_captions),
                     "reconstructed": caption_scores(reader, reconstructed(held_out), held_out_captions),
-                    "other captions": caption_scores(reader, real, shifted)["shown"]}
+                    "other captions": caption_scores(reader, real, shifted)}
 
 
 @dataclass(frozen=True)
@@ -547,16 +565,23 @@ def sample_images(job: ImageJob) -> tuple[str, dict[int, np.ndarray], float]:
     return job.row, images, time.time() - started
 
 
+IMAGE_MEASURES = ("shown", "colours anywhere", "palettes")  # the image table's columns per step count, strictest first
+
+
+def format_measures(scores: dict[str, float]) -> str:
+    """E.g. "100 / 100 / 100": IMAGE_MEASURES' percentages."""
+    return " / ".join(f"{scores[measure]:3.0f}" for measure in IMAGE_MEASURES)
+
+
 def format_image_table(scores: dict[str, dict[int, dict[str, float]]], prompts: int) -> str:
-    """The image-level table: per model and step count, "shown% (colour% / kind%)"."""
+    """The image-level table: per model and step count, IMAGE_MEASURES' percentages."""
     width = max(len(row) for row in scores) + 2
-    lines = [f"images that show their caption, {prompts} held-out prompts, DDIM: % of images (% of named shapes "
-             f"with their colour / kind)",
-             f"{'model':<{width}}" + "".join(f"{f'{steps} steps':>22}" for steps in IMAGE_STEPS)]
+    lines = [f"images that show their caption, {prompts} held-out prompts, DDIM: % of images showing the caption "
+             f"(each shape in its place, colour and kind) / its colours anywhere / its palettes (as many warm and "
+             f"cool shapes)",
+             f"{'model':<{width}}" + "".join(f"{f'{steps} steps':>20}" for steps in IMAGE_STEPS)]
     for row, by_steps in scores.items():
-        lines.append(f"{row:<{width}}" + "".join(
-            f"{by_steps[steps]['shown']:>7.1f} ({by_steps[steps]['colour']:3.0f} / {by_steps[steps]['kind']:3.0f})"
-            .rjust(22) for steps in IMAGE_STEPS))
+        lines.append(f"{row:<{width}}" + "".join(format_measures(by_steps[steps]).rjust(20) for steps in IMAGE_STEPS))
     return "\n".join(lines)
 
 
@@ -576,29 +601,28 @@ def render_image_grid(images: dict[str, dict[int, np.ndarray]], captions: list[s
 def evaluate_and_sample(members: list[Path], weights: dict[str, Path], folders: dict[str, Path],
                         loaded: dict[str, tuple[torch.Tensor, list[str]]], vae: Vae, evaluation: Path,
                         settings: Settings, seed: int, threads: int) -> dict:
-    """training/evaluate.py (the denoising table with the merge baselines) and, in worker processes meanwhile, the
-    images of the models that need no search; then the best merge's (no images with settings.image_prompts 0).
-    Returns evaluation.json's content."""
+    """training/evaluate.py (the denoising table with the merge baselines) and, in a worker process meanwhile, the
+    images of each model: AFA, block averaging and the members first, then the best merge's once evaluate.py has
+    searched it (its merges.json). No images with settings.image_prompts 0. Returns evaluation.json's content."""
     images, captions = loaded["held-out"]
     reader, validation = fit_caption_check(*loaded["two-shapes"], images, captions, vae)
-    print(f"   caption check (fitted on the {len(loaded['two-shapes'][1])} two-shape training images), on the "
-          f"{len(captions)} real held-out images: {validation['real']['shown']:.1f}% show their caption (colours "
-          f"{validation['real']['colour']:.1f}%, kinds {validation['real']['kind']:.1f}% right), their VAE "
-          f"reconstructions {validation['reconstructed']['shown']:.1f}% ({validation['reconstructed']['colour']:.1f}%, "
-          f"{validation['reconstructed']['kind']:.1f}%); {validation['other captions']:.1f}% of the real images "
-          f"\"show\" another image's caption", flush=True)
+    print(f"   caption check (fitted on the {len(loaded['two-shapes'][1])} two-shape training images; % of images "
+          f"showing their caption / its colours anywhere / its palettes): the {len(captions)} real held-out images "
+          f"{format_measures(validation['real'])}, their VAE reconstructions "
+          f"{format_measures(validation['reconstructed'])}; against another image's caption (what the check accepts "
+          f"that was not asked) {format_measures(validation['other captions'])}", flush=True)
     prompts = tuple(captions[:settings.image_prompts])
     common = dict(members=tuple(map(str, members)), captions=prompts, settings=settings, seed=seed, threads=threads)
     weights_files = tuple(str(weights[preset]) for preset in SABW_PRESETS)
     jobs = [ImageJob(afa_row(IMAGE_PRESET), weights=weights_files, **common), ImageJob("block average", **common)]
     jobs = jobs + [ImageJob(path.stem, **common) for path in members] if prompts else []
-    context = multiprocessing.get_context("spawn")
-    # One worker samples while evaluate.py runs on the other core; the best merge's images, which need its result,
-    # get a worker of their own after it.
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool, \
-            concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as merge_pool:
+    merges_file = evaluation / MERGES_FILE
+    merges_file.unlink(missing_ok=True)
+    # One worker samples while evaluate.py runs on the other core.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) \
+            as pool:
         futures = [pool.submit(sample_images, job) for job in jobs]
-        run_script("evaluate.py", [
+        process = start_script("evaluate.py", [
             "--members", *map(str, members), "--weights", *weights_files, "--data", str(folders["held-out"]),
             "--validation-data", str(folders["validation"]), "--validation-samples", "0",
             "--validation-draws", str(settings.validation_draws),
@@ -606,12 +630,24 @@ def evaluate_and_sample(members: list[Path], weights: dict[str, Path], folders: 
             "--seed", str(seed), "--batch-size", "32", "--figure-images", "4", "--figure-draws",
             str(settings.figure_draws), "--cell-size", "96", "--device", "cpu", "--output-dir", str(evaluation),
         ], threads)
-        results = json.loads((evaluation / "evaluation.json").read_text(encoding="utf-8"))
-        best_merge, = [merge for merge in results["merges"] if merge["row"] == results["best_merge"]]
+        # The best merge's images join the worker's queue as soon as its weights are known, before the table.
+        best_merge = None
+        while best_merge is None and process.poll() is None:
+            if merges_file.is_file():
+                # The merge with the lowest validation error (MBW's search starts from the weighted merge's
+                # weights and keeps only improvements): chosen before any held-out image is seen.
+                best_merge = min(json.loads(merges_file.read_text(encoding="utf-8"))["merges"],
+                                 key=lambda merge: merge["validation_error"])
+                if prompts:
+                    futures.append(pool.submit(sample_images, ImageJob(best_merge["row"], merge_weights=tuple(
+                        tuple(weights) for weights in best_merge["weights"]), **common)))
+            else:
+                time.sleep(1)
+        if process.wait():
+            raise subprocess.CalledProcessError(process.returncode, process.args)
+        results = json.loads((evaluation / RESULTS_FILE).read_text(encoding="utf-8"))
         if not prompts:
             return results
-        futures.append(merge_pool.submit(sample_images, ImageJob(best_merge["row"], merge_weights=tuple(
-            tuple(weights) for weights in best_merge["weights"]), **common)))
         sampled = {row: (by_steps, seconds) for row, by_steps, seconds in (future.result() for future in futures)}
     order = [path.stem for path in members] + [best_merge["row"], "block average", afa_row(IMAGE_PRESET)]
     scores = {row: {steps: caption_scores(reader, sampled[row][0][steps], list(prompts)) for steps in IMAGE_STEPS}
@@ -621,7 +657,8 @@ def evaluate_and_sample(members: list[Path], weights: dict[str, Path], folders: 
     render_image_grid({row: sampled[row][0] for row in order}, list(prompts), to_pixels(images), 4).save(
         evaluation / "images.png")
     summary = {"prompts": len(prompts), "steps": list(IMAGE_STEPS), "guidance_scale": settings.guidance_scale,
-               "sampler": "DDIM, eta 0", "caption_check_validation": validation, "scores": {
+               "sampler": "DDIM, eta 0", "caption_check_validation": validation,
+               "merge": {"row": best_merge["row"], "chosen_by": "the lowest validation error"}, "scores": {
                    row: {str(steps): value for steps, value in by_steps.items()} for row, by_steps in scores.items()},
                "seconds": {row: round(sampled[row][1], 1) for row in order}}
     (evaluation / "images.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -664,15 +701,15 @@ def _script_environment(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_script(script: str, arguments: list[str], threads: int) -> None:
-    """Runs a training/ script as a user would, with the demo's thread count."""
+def start_script(script: str, arguments: list[str], threads: int) -> subprocess.Popen:
+    """Starts a training/ script as a user would, with the demo's thread count; its output goes to the demo's."""
     command = [sys.executable, str(TRAINING_DIR / script), *arguments]
     print("$ " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True, env=_script_environment(threads))
+    return subprocess.Popen(command, env=_script_environment(threads))
 
 
 def run_scripts_in_parallel(jobs: list[tuple[str, list[str], Path]], threads: int) -> None:
-    """Runs training/ scripts at the same time, each as `run_script` runs one, given as (script, arguments, log
+    """Runs training/ scripts at the same time, each as `start_script` starts one, given as (script, arguments, log
     file). Their output goes to the log files, printed once all have finished: interleaved progress bars would be
     unreadable.
 

@@ -23,6 +23,8 @@ merge"); how each merge was searched, in how long, and the memory it holds are p
 Writes into --output-dir:
 
   evaluation.json           the table (mean squared error of the eps/v prediction, overall and per timestep range)
+  merges.json               the merges' weights and validation errors, written as soon as their search ends (before
+                            the table), so other work can start on them (the demo samples the best merge's images)
   denoising-capability.png  the paper's Figure 1: for a few images, at several timesteps, which member has the lowest
                             denoising error at each latent pixel (squared error averaged over Monte-Carlo noise draws)
   aggregation-maps.png      with --weights: SABW's weight maps for the same images (the paper's Figure 6);
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,12 +62,13 @@ from training.diffusion import NoiseSchedule, squared_error  # noqa: E402
 from training.merge_search import (DEFAULT_MBW_RATIOS, DEFAULT_RATIOS, MERGE_BASELINES, Merge,  # noqa: E402
                                    ValidationScorer, describe_merge, merged_text_encoders,
                                    prepare_validation_batches, search_merges)
-from training.metrics import (TIMESTEP_RANGES, denoising_errors, encode_for_members, ensemble_reading,  # noqa: E402
-                              member_alone, range_label)
+from training.metrics import (TIMESTEP_RANGES, RememberedPrediction, denoising_errors,  # noqa: E402
+                              encode_for_members, ensemble_reading, member_alone, noise_average_of, range_label)
 from training.sd_checkpoint import load_frozen_models, native_resolution  # noqa: E402
 from training.text_encoder import tokenize  # noqa: E402
 
 RESULTS_FILE = "evaluation.json"
+MERGES_FILE = "merges.json"
 CAPABILITY_FIGURE = "denoising-capability.png"
 MAPS_FIGURE = "aggregation-maps.png"
 FIGURE_LABEL_LINES = 4
@@ -206,12 +210,15 @@ def comparison_models(members: Sequence[torch.nn.Module], member_names: Sequence
     reading its merged text encoder's (the contexts after the members', in `merges` order: see
     merge_search.merged_text_encoders), block averaging and noise averaging reading the prompt per `text_conditioning`, and each
     trained ensemble reading it as its weights file was trained."""
-    models: dict[str, Callable] = {name: member_alone(member, index)
-                                   for index, (name, member) in enumerate(zip(member_names, members))}
+    member_calls = [RememberedPrediction(member_alone(member, index)) for index, member in enumerate(members)]
+    models: dict[str, Callable] = dict(zip(member_names, member_calls))
     for index, merge in enumerate(merges):
         models[merge.row] = member_alone(merge.unet.model, len(members) + index)
     models[BLOCK_AVERAGE] = ensemble_reading(EnsembleUNet(list(members), None, AVERAGE), text_conditioning)
-    models[NOISE_AVERAGE] = ensemble_reading(EnsembleUNet(list(members), None, NOISE), text_conditioning)
+    # Per member, noise averaging is the mean of the member rows' predictions, so it reuses them (a pass per member
+    # less); "shared" feeds every member the first encoding, which only the ensemble does.
+    models[NOISE_AVERAGE] = (noise_average_of(member_calls) if text_conditioning == "per_member"
+                             else ensemble_reading(EnsembleUNet(list(members), None, NOISE), text_conditioning))
     for entry in trained:
         conditioning = entry.ensemble.aggregator.config.text_conditioning
         models[entry.row] = ensemble_reading(entry.ensemble, conditioning)
@@ -504,8 +511,15 @@ def main(argv: list[str] | None = None) -> int:
     if invalid:
         raise AfaError(f"--timesteps {invalid}: the members' schedule has timesteps 0 to {schedule.num_timesteps - 1}")
     clip_skip = evaluation_clip_skip(args.clip_skip, trained)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     merges, validation = (find_merges(args, frozen, member_names, clip_skip, device)
                           if args.merge_baselines != "none" else ([], None))
+    if merges:  # written whole (renamed into place): a reader never sees half a file
+        temporary = output_dir / (MERGES_FILE + ".tmp")
+        temporary.write_text(json.dumps({"merges": [merge.summary() for merge in merges], "validation": validation},
+                                        indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, output_dir / MERGES_FILE)
     models = comparison_models(frozen.members, member_names, trained, args.text_conditioning, merges)
     print(f"loaded {len(frozen.members)} members ({', '.join(map(str, frozen.member_refs))}) on {device}, "
           f"{frozen.distinct_text_encoders} distinct text encoders; averages read the prompt "
@@ -537,8 +551,6 @@ def main(argv: list[str] | None = None) -> int:
     if report.total:
         print(report.summary())
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
     if args.figure_images:
         figure_items = [dataset[index] for index in range(min(args.figure_images, len(dataset)))]

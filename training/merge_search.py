@@ -192,6 +192,7 @@ class Merge:
         """What evaluation.json records of it."""
         return {"row": self.row, "kind": self.kind, "label": self.label,
                 "weights": [list(weights) for weights in self.weights], "validation_losses": self.losses,
+                "validation_error": min(self.losses.values()),
                 "evaluations": self.evaluations, "search_seconds": round(self.search_seconds, 2),
                 "merge_seconds": round(self.merge_seconds, 3), "extra_memory_bytes": self.nbytes,
                 "search": self.description, **self.extra}

@@ -59,8 +59,9 @@ PACK_FOLDER = "comfyui-afa"  # this checkout's name in custom_nodes/, as a clone
 # The SABW design's default width (paper: 128): at 64 px SD 1.5's deepest features are 1x1, and a width of 32 puts one
 # channel in each of the aggregator's 32 GroupNorm groups, which torch refuses to normalise in training ("Expected more
 # than 1 value per channel when training") at batch 1.
+# No merge baselines: the fixture needs only the weights, and their search would hold a third full-size UNet.
 TRAINING_FLAGS = ("--resolution", "64", "--batch-size", "1", "--max-steps", "2", "--val-split", "0.25",
-                  "--num-workers", "0", "--seed", "0")
+                  "--num-workers", "0", "--seed", "0", "--merge-baselines", "none")
 TRAINING_IMAGES = 4
 
 # ComfyUI's CPU default keeps UNets in fp32 (3.3 GB per SD 1.5 member: about 14 GB for the three-member example,
