@@ -1,0 +1,202 @@
+"""training/train.py and training/evaluate.py with FLUX.1 members, on tiny FLUX-layout transformers (width 32, 1
+double and 2 single blocks) written as real transformer files, with a tiny FLUX autoencoder, CLIP-L and T5 encoder
+and a T5 tokenizer.json: training on the rectified-flow objective, resuming bit for bit, the evaluation table, the
+weights file's family (and EnsembleFlux running it), the cached text encodings, and the refusals before anything
+loads (UNet and FLUX members mixed, missing components, FLUX members of different layouts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import write_captioned_images
+
+ROPE_AXES = ("--rope-axes", "4", "6", "6")
+WORDS = ["a", "red", "blue", "green", "thing", "number"] + [str(n) for n in range(12)]
+
+
+def tiny_flux_params(**overrides):
+    from afa.flux_model import FluxParams
+
+    values = dict(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=24, hidden_size=32, mlp_ratio=2.0,
+                  num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(4, 6, 6))
+    return FluxParams(**{**values, **overrides})
+
+
+def write_flux_member(path: Path, seed: int, **overrides) -> Path:
+    """A tiny FLUX-layout transformer file (bare BFL keys, ComfyUI's models/diffusion_models form)."""
+    from afa.flux_model import Flux
+
+    torch.manual_seed(seed)
+    model = Flux(tiny_flux_params(**overrides))
+    with torch.no_grad():  # BFL initialises nothing to zero, but make the final layer matter at this width
+        model.final_layer.linear.weight.normal_(0, 0.2)
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_components(folder: Path) -> dict[str, Path]:
+    """A tiny FLUX autoencoder (16 latent channels, downsampling 2), CLIP-L (width 64), T5 encoder (width 24) and a
+    word-level T5 tokenizer.json, as files."""
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(100)
+    ddconfig = dict(double_z=True, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    vae = {f"encoder.{k}": v for k, v in Encoder(**ddconfig).state_dict().items()}
+    vae.update({f"decoder.{k}": v for k, v in Decoder(**ddconfig).state_dict().items()})
+    save_file(vae, str(folder / "ae.safetensors"))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=1, max_position_embeddings=77))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "clip_l.safetensors"))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 feed_forward_proj="gated-gelu"))
+    state = {k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(state, str(folder / "t5xxl_tiny.safetensors"))  # ComfyUI's files store the tied embedding once
+    vocabulary = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: index + 3 for index, word in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    (folder / "t5_tokenizer").mkdir()
+    tokenizer.save(str(folder / "t5_tokenizer" / "tokenizer.json"))
+    return {"vae": folder / "ae.safetensors", "clip_l": folder / "clip_l.safetensors",
+            "t5": folder / "t5xxl_tiny.safetensors", "t5_tokenizer": folder / "t5_tokenizer"}
+
+
+@pytest.fixture(scope="module")
+def flux_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flux")
+    components = write_components(folder)
+    members = [write_flux_member(folder / f"flux-{seed}.safetensors", seed) for seed in (1, 2)]
+    data = write_captioned_images(tmp_path_factory.mktemp("data"), count=8, width=20, height=16)
+    return {"members": members, "data": data, **components}
+
+
+def component_args(files) -> list[str]:
+    return ["--vae", str(files["vae"]), "--clip-l", str(files["clip_l"]), "--t5", str(files["t5"]),
+            "--t5-tokenizer", str(files["t5_tokenizer"]), "--t5-max-length", "8", *ROPE_AXES]
+
+
+def train_args(files, run_folder: Path, name: str, *extra: str) -> list[str]:
+    return ["--members", *map(str, files["members"]), "--data", str(files["data"]), "--resolution", "16",
+            "--batch-size", "2", "--val-split", "0.25", "--hidden-channels", "32", "--num-workers", "0",
+            "--save-dtype", "fp32", "--output", str(run_folder / f"{name}.safetensors"),
+            "--run-dir", str(run_folder / name), *component_args(files), *extra]
+
+
+@pytest.fixture(scope="module")
+def baseline(flux_files, tmp_path_factory):
+    """4 uninterrupted steps (2 epochs of 3 batches, cut at 4) with the defaults: paper preset, posterior samples,
+    random crops, logit-normal t with the shift, guidance 3.5."""
+    from training import train
+
+    folder = tmp_path_factory.mktemp("runs")
+    assert train.main(train_args(flux_files, folder, "baseline", "--max-steps", "4", "--save-every", "2")) == 0
+    return folder / "baseline.safetensors"
+
+
+def test_training_writes_a_flux_weights_file_that_ensembleflux_runs(baseline, flux_files):
+    from afa import load_weights, read_weights_info
+    from afa.flux import EnsembleFlux
+    from afa.flux_model import load_flux_member
+
+    info = read_weights_info(baseline)
+    assert info.config.family == "flux" and info.config.num_double_blocks == 1 and info.config.num_blocks == 3
+    assert info.config.context_dim == 24 and info.config.text_conditioning == "shared"
+    assert info.training["objective"] == "rectified flow (velocity)" and info.training["guidance"] == 3.5
+    assert info.training["steps"] == 4 and all(member.unet for member in info.members)
+    aggregator, _ = load_weights(baseline)
+    members = [load_flux_member(path, axes_dim=(4, 6, 6)) for path in flux_files["members"]]
+    ensemble = EnsembleFlux(members, aggregator, info.mode)
+    with torch.no_grad():
+        out = ensemble(torch.randn(1, 16, 8, 8), torch.tensor([0.5]), torch.randn(1, 8, 24), torch.randn(1, 64),
+                       torch.tensor([3.5]))
+    assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()
+    # trained: SABW's last conv is no longer zero
+    assert any(value.abs().sum() > 0 for key, value in aggregator.state_dict().items() if "out" in key)
+    log = [json.loads(line) for line in (baseline.parent / "baseline" / "log.jsonl").read_text().splitlines()]
+    validations = [record["validation"] for record in log if "validation" in record]
+    assert validations and set(validations[-1]) == {"flux-1", "flux-2", "block average", "AFA"}
+
+
+def test_resume_continues_bit_for_bit(baseline, flux_files, tmp_path):
+    """2 steps, stop; resume to 4: the weights equal the uninterrupted run's. The resumed run encodes no caption
+    again (the text cache), and the cache holds one file per distinct caption and the empty one."""
+    from training import train
+
+    assert train.main(train_args(flux_files, tmp_path, "resumed", "--max-steps", "2")) == 0
+    cache = tmp_path / "resumed" / "text-cache"
+    cached = sorted(cache.rglob("*.safetensors"))
+    assert len(cached) == 8 + 1
+    mtimes = [path.stat().st_mtime_ns for path in cached]
+    assert train.main(train_args(flux_files, tmp_path, "resumed", "--max-steps", "4", "--resume", "latest")) == 0
+    assert [path.stat().st_mtime_ns for path in sorted(cache.rglob("*.safetensors"))] == mtimes
+    expected, resumed = load_file(str(baseline)), load_file(str(tmp_path / "resumed.safetensors"))
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+
+
+def test_resume_refuses_another_guidance(baseline, flux_files):
+    from afa import AfaError
+    from training import train
+
+    run_folder = baseline.parent
+    with pytest.raises(AfaError, match="--guidance: saved 3.5, given 1.0"):
+        train.train(train.parse_args(train_args(flux_files, run_folder, "baseline", "--max-steps", "6",
+                                                "--resume", "latest", "--guidance", "1.0")))
+
+
+def test_evaluate_prints_the_flow_matching_table(baseline, flux_files, tmp_path, capsys):
+    from training import evaluate
+
+    output = tmp_path / "evaluation"
+    assert evaluate.main(["--members", *map(str, flux_files["members"]), "--weights", str(baseline),
+                          "--data", str(flux_files["data"]), "--resolution", "16", "--samples", "4", "--draws", "2",
+                          "--batch-size", "4", "--output-dir", str(output), *component_args(flux_files)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out flow-matching MSE" in printed and "t 0.00-0.25" in printed
+    results = json.loads((output / "evaluation.json").read_text())
+    assert list(results["models"]) == ["flux-1", "flux-2", "block average", "noise average", "AFA"]
+    assert results["family"] == "flux" and results["guidance"] == 3.5
+    assert results["timestep_ranges"] == ["t 0.00-0.25", "t 0.25-0.50", "t 0.50-0.75", "t 0.75-1.00"]
+    assert all(row["all"] > 0 for row in results["models"].values())
+
+
+def test_refusals_before_anything_loads(flux_files, checkpoint_factory, tmp_path, monkeypatch):
+    from afa.flux_model import load_flux_member  # noqa: F401 -- patched below
+    from training import flux_training, train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before refusing")
+
+    monkeypatch.setattr(flux_training, "load_t5", no_loading)
+    monkeypatch.setattr(flux_training, "load_flux_vae", no_loading)
+
+    def refused(argv) -> str:
+        with pytest.raises(train.UsageError) as error:
+            train.parse_args(argv, exit_on_error=False)
+        return str(error.value)
+
+    unet = checkpoint_factory(1)
+    mixed = train_args(flux_files, tmp_path, "mixed")
+    mixed[mixed.index("--members") + 2] = str(unet)
+    assert "mix FLUX transformers (flux-1.safetensors) and UNet checkpoints" in refused(mixed)
+    missing = train_args(flux_files, tmp_path, "missing")
+    for name in ("--vae", "--t5"):
+        position = missing.index(name)
+        del missing[position:position + 2]
+    assert "give the components they share with --vae, --t5" in refused(missing)
+    wide = write_flux_member(tmp_path / "wide.safetensors", 3, depth_single_blocks=3)
+    other = train_args(flux_files, tmp_path, "other")
+    other[other.index("--members") + 2] = str(wide)
+    assert "wide.safetensors cannot be ensembled with flux-1.safetensors" in refused(other)
+    unet_args = ["--members", str(unet), str(checkpoint_factory(2)), "--data", str(flux_files["data"]),
+                 "--guidance", "3.5"]
+    assert "--guidance: for FLUX transformer members only" in refused(unet_args)
+    assert "--config: for UNet members only" in refused(train_args(flux_files, tmp_path, "c", "--config", "x.yaml"))
