@@ -23,6 +23,7 @@ count (mu 0.5 at 256 tokens to 1.15 at 4096). Members of FLUX.1 [dev] read a dis
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import hashlib
@@ -38,7 +39,7 @@ from afa.flux import FluxLayout, flux_layout, flux_shapes, is_flux
 from afa.hashing import file_sha256, unet_fingerprint
 from afa.members import MemberRef, check_members, describe_difference, read_prefixed_tensors, read_shapes
 
-from .diffusion import VALIDATION_EPOCH, RectifiedFlow, draw_flow_for_samples, per_sample_mse
+from .diffusion import TIMESTEP_SAMPLINGS, VALIDATION_EPOCH, RectifiedFlow, draw_flow_for_samples, per_sample_mse
 from .metrics import batch_posterior
 
 FLUX_VAE_SCALE_FACTOR = 0.3611
@@ -46,10 +47,11 @@ FLUX_VAE_SHIFT_FACTOR = 0.1159
 DEFAULT_GUIDANCE = 3.5
 T5_MAX_LENGTH = 512
 FLUX_RESOLUTION = 1024
-FLUX_FLAGS = ("vae", "clip_l", "t5", "t5_tokenizer", "t5_max_length", "guidance", "timestep_sampling", "rope_axes",
-              "text_cache_dir")
+FLUX_FLAGS = ("vae", "clip_l", "t5", "t5_tokenizer", "t5_max_length", "guidance", "timestep_sampling",
+              "text_mixing", "rope_axes", "text_cache_dir")
 """The trainer's and evaluator's flags for FLUX members only (None unless given, or filled in for FLUX members)."""
-FLUX_DEFAULTS = {"t5_max_length": T5_MAX_LENGTH, "guidance": DEFAULT_GUIDANCE, "timestep_sampling": "logit-normal"}
+FLUX_DEFAULTS = {"t5_max_length": T5_MAX_LENGTH, "guidance": DEFAULT_GUIDANCE, "timestep_sampling": "logit-normal",
+                 "text_mixing": "image-mean"}
 REQUIRED_FLUX_FLAGS = ("vae", "clip_l", "t5", "t5_tokenizer")
 UNET_ONLY_FLAGS = ("config", "components")
 
@@ -76,6 +78,34 @@ def check_flux_members(paths: Sequence[str | Path]) -> FluxLayout:
     """The members' shared FLUX layout, read from the file headers; IncompatibleMembersError naming the first
     differing tensor when they are not of one layout (widths, block counts, guidance embedding)."""
     return check_members([(Path(path).name, flux_shapes(read_shapes(path))) for path in paths], flux_layout)
+
+
+def add_flux_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    """The flags of FLUX.1 members (training/flux_training.py); None unless given (filled in for FLUX members)."""
+    group = parser.add_argument_group("FLUX.1 members (transformer-only files in BFL's layout, as ComfyUI's "
+                                      "models/diffusion_models holds them; the components they share by flag)")
+    group.add_argument("--vae", help="FLUX's autoencoder (ae.safetensors, BFL's layout; latents 0.3611 x (z - "
+                       "0.1159))")
+    group.add_argument("--clip-l", help="CLIP-L's text model (clip_l.safetensors); members read its pooled output")
+    group.add_argument("--t5", help="T5-XXL's encoder (t5xxl_fp16.safetensors or an fp8 file, transformers' keys)")
+    group.add_argument("--t5-tokenizer", help="T5's tokenizer.json, or a folder holding it (e.g. ComfyUI's "
+                       "comfy/text_encoders/t5_tokenizer)")
+    group.add_argument("--t5-max-length", type=int, help=f"T5 tokens per caption (default "
+                       f"{T5_MAX_LENGTH}: FLUX.1 [dev]'s; [schnell] was trained with 256)")
+    group.add_argument("--guidance", type=float, help=f"the distilled guidance value members with a guidance "
+                       f"embedding read (FLUX.1 [dev]; default {DEFAULT_GUIDANCE}: FluxGuidance's "
+                       f"at inference, kohya's and diffusers' training default)")
+    if training:
+        group.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, help="how t is drawn before FLUX's "
+                           "resolution shift (mu 0.5 at 256 image tokens to 1.15 at 4096): sigmoid of a normal "
+                           "(logit-normal, the default, as BFL and kohya's flux_shift) or uniform")
+        group.add_argument("--text-mixing", choices=["image-mean", "average"], help="how the text tokens are "
+                           "mixed: each member's mean image-token weight (image-mean, the default) or 1/N (the "
+                           "ablation)")
+    group.add_argument("--rope-axes", type=int, nargs=3, help="the rotary axes of the members' attention heads "
+                       "(default FLUX.1's 16 56 56); needed only for heads narrower than 128")
+    group.add_argument("--text-cache-dir", help="where the captions' T5 and CLIP-L encodings are cached (default: "
+                       + ("<run-dir>/text-cache)" if training else "<output-dir>/text-cache)"))
 
 
 def check_flux_flags(args, family: str, error: Callable[[str], None]) -> None:

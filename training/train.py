@@ -58,7 +58,7 @@ from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
 from afa.modes import AVERAGE, LAST_BLOCK, SABW, parse_mode, trained_mode  # noqa: E402
 from training import data as datasets  # noqa: E402
 from training.cli import run  # noqa: E402
-from training.diffusion import TIMESTEP_SAMPLINGS, per_sample_mse  # noqa: E402
+from training.diffusion import per_sample_mse  # noqa: E402
 from training import flux_training  # noqa: E402
 from training.merge_search import (MERGE_BASELINES, ValidationScorer, describe_merge,  # noqa: E402
                                    merged_text_encoders, prepare_validation_batches, search_merges)
@@ -159,36 +159,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                        "flags again (a larger --max-steps or --epochs trains longer)")
     group.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the weights file")
     group.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
-    add_flux_arguments(parser)
+    flux_training.add_flux_arguments(parser)
     return parser
-
-
-def add_flux_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
-    """The flags of FLUX.1 members (training/flux_training.py); None unless given (filled in for FLUX members)."""
-    group = parser.add_argument_group("FLUX.1 members (transformer-only files in BFL's layout, as ComfyUI's "
-                                      "models/diffusion_models holds them; the components they share by flag)")
-    group.add_argument("--vae", help="FLUX's autoencoder (ae.safetensors, BFL's layout; latents 0.3611 x (z - "
-                       "0.1159))")
-    group.add_argument("--clip-l", help="CLIP-L's text model (clip_l.safetensors); members read its pooled output")
-    group.add_argument("--t5", help="T5-XXL's encoder (t5xxl_fp16.safetensors or an fp8 file, transformers' keys)")
-    group.add_argument("--t5-tokenizer", help="T5's tokenizer.json, or a folder holding it (e.g. ComfyUI's "
-                       "comfy/text_encoders/t5_tokenizer)")
-    group.add_argument("--t5-max-length", type=int, help=f"T5 tokens per caption (default "
-                       f"{flux_training.T5_MAX_LENGTH}: FLUX.1 [dev]'s; [schnell] was trained with 256)")
-    group.add_argument("--guidance", type=float, help=f"the distilled guidance value members with a guidance "
-                       f"embedding read (FLUX.1 [dev]; default {flux_training.DEFAULT_GUIDANCE}: FluxGuidance's "
-                       f"at inference, kohya's and diffusers' training default)")
-    if training:
-        group.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, help="how t is drawn before FLUX's "
-                           "resolution shift (mu 0.5 at 256 image tokens to 1.15 at 4096): sigmoid of a normal "
-                           "(logit-normal, the default, as BFL and kohya's flux_shift) or uniform")
-        group.add_argument("--text-mixing", choices=["image-mean", "average"], help="how the text tokens are "
-                           "mixed: each member's mean image-token weight (image-mean, the default) or 1/N (the "
-                           "ablation)")
-    group.add_argument("--rope-axes", type=int, nargs=3, help="the rotary axes of the members' attention heads "
-                       "(default FLUX.1's 16 56 56); needed only for heads narrower than 128")
-    group.add_argument("--text-cache-dir", help="where the captions' T5 and CLIP-L encodings are cached (default: "
-                       + ("<run-dir>/text-cache)" if training else "<output-dir>/text-cache)"))
 
 
 class UsageError(AfaError):
@@ -213,8 +185,6 @@ def parse_args(argv: list[str] | None = None, exit_on_error: bool = True) -> arg
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
     args.family = members_family(args.members, parser.error)
     flux_training.check_flux_flags(args, args.family, parser.error)
-    if args.family == "flux" and args.text_mixing is None:
-        args.text_mixing = "image-mean"
     if args.resolution is None:
         args.resolution = (flux_training.FLUX_RESOLUTION if args.family == "flux"
                            else native_resolution(args.members[0], args.config, args.components))
