@@ -200,3 +200,47 @@ def test_refusals_before_anything_loads(flux_files, checkpoint_factory, tmp_path
                  "--guidance", "3.5"]
     assert "--guidance: for FLUX transformer members only" in refused(unet_args)
     assert "--config: for UNet members only" in refused(train_args(flux_files, tmp_path, "c", "--config", "x.yaml"))
+
+
+def test_the_comfyui_node_runs_a_trained_flux_file(comfy_standin, flux_files, tmp_path):
+    """Members built as ComfyUI's loader builds FLUX transformers (comfy.supported_models.Flux, the stand-in),
+    written as transformer files and trained on: the node binds the weights file by the members' fingerprints (the
+    trainer records the loaded tensors' fingerprint) and runs SABW, which differs from block averaging."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import nodes as comfy_nodes
+
+    import comfyui_factories as cf
+    from afa.comfyui.nodes import AFAEnsemble
+    from training import train
+
+    patchers, files = [], []
+    for seed in (1, 2):
+        config = comfy.supported_models.Flux(dict(cf.TINY_FLUX_CONFIG, vec_in_dim=64, depth=1))
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model({}, "", device=torch.device("cpu"))
+        cf.randomize_parameters_(model.diffusion_model, seed, 0.05)
+        model.eval()
+        patchers.append(comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                                         offload_device=torch.device("cpu")))
+        files.append(tmp_path / f"comfy-flux-{seed}.safetensors")
+        save_file({k: v.contiguous() for k, v in model.diffusion_model.state_dict().items()}, str(files[-1]))
+    weights = comfy_standin.models_dir / "afa" / "trained-flux.safetensors"
+    arguments = train_args({**flux_files, "members": files}, tmp_path, "comfy", "--max-steps", "2",
+                           "--learning-rate", "1e-2")
+    arguments[arguments.index("--output") + 1] = str(weights)
+    assert train.main(arguments) == 0
+
+    generator = torch.Generator().manual_seed(0)
+    conditioning = [[torch.randn(1, 5, 24, generator=generator),
+                     {"pooled_output": torch.randn(1, 64, generator=generator), "guidance": 3.5}]]
+
+    def sample(model):
+        return comfy_nodes.common_ksampler(model, 0, 2, 1.0, "euler", "simple", conditioning, conditioning,
+                                           cf.flux_latent(32, 32))[0]["samples"]
+
+    with torch.inference_mode():
+        (sabw, _) = AFAEnsemble().ensemble(patchers[0], patchers[1], "SABW", weights.name)
+        (average, _) = AFAEnsemble().ensemble(patchers[0], patchers[1], "Block average", "none")
+        sabw_samples, average_samples = sample(sabw), sample(average)
+    assert torch.isfinite(sabw_samples).all() and not torch.equal(sabw_samples, average_samples)
