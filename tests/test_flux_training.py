@@ -244,3 +244,64 @@ def test_the_comfyui_node_runs_a_trained_flux_file(comfy_standin, flux_files, tm
         (average, _) = AFAEnsemble().ensemble(patchers[0], patchers[1], "Block average", "none")
         sabw_samples, average_samples = sample(sabw), sample(average)
     assert torch.isfinite(sabw_samples).all() and not torch.equal(sabw_samples, average_samples)
+
+
+def test_gradient_checkpointing_cached_latents_and_bf16(baseline, flux_files, tmp_path):
+    """--gradient-checkpointing recomputes the FLUX blocks and ends where the baseline does (rounding aside);
+    --cache-latents (posterior moments, centre crops) and --mixed-precision bf16 (CPU autocast) train too, and the
+    fast preset with the text-mixing ablation records them in the config."""
+    from afa import read_weights_info
+    from training import train
+
+    assert train.main(train_args(flux_files, tmp_path, "checkpointed", "--max-steps", "4",
+                                 "--gradient-checkpointing")) == 0
+    expected, got = load_file(str(baseline)), load_file(str(tmp_path / "checkpointed.safetensors"))
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+    assert train.main(train_args(flux_files, tmp_path, "cached", "--max-steps", "2", "--cache-latents", "--crop",
+                                 "center", "--mixed-precision", "bf16", "--preset", "fast", "--text-mixing",
+                                 "average", "--timestep-sampling", "uniform")) == 0
+    info = read_weights_info(tmp_path / "cached.safetensors")
+    assert info.config.design == "fast" and info.config.text_mixing == "average"
+    assert info.training["timestep_sampling"] == "uniform" and info.training["steps"] == 2
+    assert any((tmp_path / "cached" / "latent-cache").iterdir())
+
+
+def test_flow_draws_are_shifted_by_the_image_size():
+    """t is drawn per sample from its own generator (the same for a sample whatever its batch), uniform and unshifted
+    for validation, and shifted towards noise by FLUX's mu (0.5 at 256 tokens, 1.15 at 4096 = 1024 px)."""
+    from training.diffusion import draw_flow_for_samples, flux_shift_mu, flux_time_shift
+
+    assert flux_shift_mu(256) == pytest.approx(0.5) and flux_shift_mu(4096) == pytest.approx(1.15)
+    small = draw_flow_for_samples(list(range(64)), 0, 0, (16, 32, 32), 0.0, "logit-normal")
+    large = draw_flow_for_samples(list(range(64)), 0, 0, (16, 128, 128), 0.0, "logit-normal")
+    assert (large.timesteps > small.timesteps).all() and 0 < small.timesteps.min() and large.timesteps.max() < 1
+    alone = draw_flow_for_samples([5], 0, 0, (16, 32, 32), 0.0, "logit-normal")
+    assert torch.equal(alone.timesteps[0], small.timesteps[5]) and torch.equal(alone.noise[0], small.noise[5])
+    plain = draw_flow_for_samples(list(range(64)), 0, 0, (16, 128, 128), 0.0, None)
+    assert torch.equal(flux_time_shift(torch.tensor([0.0, 0.5, 1.0]), 0.0), torch.tensor([0.0, 0.5, 1.0]))
+    assert plain.timesteps.min() >= 0 and plain.timesteps.max() < 1 and not torch.equal(plain.timesteps,
+                                                                                        large.timesteps)
+
+
+def test_text_encoders_load_from_comfyui_style_files(flux_files):
+    """CLIP-L and T5 read from their files (T5's tied embedding stored once) encode as transformers' models with
+    those weights do; T5's tokens end with </s> and are padded with <pad> to --t5-max-length."""
+    from transformers import T5EncoderModel
+
+    from training.flux_training import FluxTextEncoders, T5Tokens, load_clip_l, load_t5, t5_config
+    from training.text_encoder import tokenize
+
+    tokens = T5Tokens(flux_files["t5_tokenizer"], 8)
+    ids = tokens(["a red thing", "a blue thing number 3 and more words than fit"])
+    assert ids[0].tolist() == [3, 4, 7, 1, 0, 0, 0, 0] and ids[1].tolist()[-1] == 1 and ids.shape == (2, 8)
+    encoders = FluxTextEncoders(load_clip_l(flux_files["clip_l"]), load_t5(flux_files["t5"]), tokens)
+    context, pooled = encoders.encode(["a red thing", ""])
+    state = load_file(str(flux_files["t5"]))
+    reference = T5EncoderModel(t5_config({k: tuple(v.shape) for k, v in state.items()})).eval()
+    reference.load_state_dict({**state, "encoder.embed_tokens.weight": state["shared.weight"]})
+    with torch.no_grad():
+        expected = reference(input_ids=tokens(["a red thing", ""])).last_hidden_state
+        clip = encoders.clip(input_ids=tokenize(["a red thing", ""])).pooler_output
+    assert context.shape == (2, 8, 24) and pooled.shape == (2, 64)
+    assert torch.equal(context, expected) and torch.equal(pooled, clip)
