@@ -368,8 +368,9 @@ class TextEncodingCache:
     def identity_of(t5: str | Path, clip_l: str | Path, tokenizer: str | Path, max_length: int,
                     dtype: torch.dtype) -> str:
         """What the encodings depend on: the files' sha256, the T5 length and the encoders' dtype."""
-        return (f"t5 {file_sha256(t5)}; clip-l {file_sha256(clip_l)}; tokenizer {file_sha256(tokenizer_file(tokenizer))}"
-                f"; max_length {max_length}; {str(dtype).replace('torch.', '')}")
+        return (f"t5 {file_sha256(t5)}; clip-l {file_sha256(clip_l)}; "
+                f"tokenizer {file_sha256(tokenizer_file(tokenizer))}; max_length {max_length}; "
+                f"{str(dtype).replace('torch.', '')}")
 
     def path(self, caption: str) -> Path:
         key = hashlib.sha256(f"{self.identity}\0{caption}".encode("utf-8")).hexdigest()
