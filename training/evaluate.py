@@ -626,7 +626,7 @@ def evaluate_flux(args: argparse.Namespace, device: torch.device, started: float
     if not records:
         raise AfaError(f"no usable images in {args.data}\n{report.summary()}")
     frozen = flux_training.load_frozen_flux(
-        args, [record.caption for record in records], device, None, flux_training.text_encoder_dtype(device, False),
+        args, [record.caption for record in records], device, None, flux_training.text_encoder_dtype(device, True),
         cache_dir=args.text_cache_dir or Path(args.output_dir) / "text-cache")
     member_names = display_names([ref.name for ref in frozen.member_refs])
     trained = flux_trained_ensembles(args.weights, frozen.members, frozen.member_refs, device)

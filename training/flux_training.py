@@ -301,6 +301,7 @@ def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.d
                         what=f"--t5 {path}: tensors do not match a T5 encoder of its shapes",
                         expected_label="the layout", found_label="the file", error=CheckpointError)
     model.load_state_dict(state_dict, strict=True, assign=True)
+    model.set_input_embeddings(model.shared)  # one embedding again (assign made two parameters of one tensor)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -456,7 +457,8 @@ class FrozenFlux:
 
 
 def text_encoder_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype:
-    """bfloat16 on a GPU under mixed precision (T5-XXL overflows in float16), else float32."""
+    """bfloat16 on a GPU under mixed precision (T5-XXL overflows in float16; evaluate.py always asks for it on a
+    GPU: T5-XXL is 19 GB in float32), else float32."""
     return torch.bfloat16 if device.type == "cuda" and mixed_precision else torch.float32
 
 

@@ -745,8 +745,9 @@ def load_resume_state(args) -> tuple[dict, Path]:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise AfaError(f"{path}: not a training state of this trainer (format {state.get('format')})")
     saved, given = {**SETTINGS_BEFORE_THEIR_FLAGS, **state.get("args", {})}, vars_for_state(args)
-    changed = [f"  --{name.replace('_', '-')}: saved {saved[name]}, given {given[name]}"
-               for name in RESULT_SETTINGS if name in saved and saved[name] != given[name]]
+    # .get: a command line rebuilt from an older state's saved flags (the WebUI's resume) lacks the newer ones
+    changed = [f"  --{name.replace('_', '-')}: saved {saved[name]}, given {given.get(name)}"
+               for name in RESULT_SETTINGS if name in saved and saved[name] != given.get(name)]
     if changed:
         raise AfaError(f"{path}: resuming with other settings than the run was started with would change its "
                        f"result; give the saved values:\n" + "\n".join(changed))
