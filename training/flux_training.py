@@ -59,12 +59,14 @@ UNET_ONLY_FLAGS = ("config", "components")
 # -- members -------------------------------------------------------------------------------------------------------
 
 def member_family(paths: Sequence[str | Path]) -> str:
-    """"flux" when every member file is a FLUX-layout transformer, "unet" when none is (read from the headers only).
+    """"flux" when every member file is a FLUX-layout transformer, "unet" when none is, read from the .safetensors
+    headers only: FLUX members are .safetensors files (a .ckpt would have to be unpickled whole to list its keys, so
+    it counts as a UNet checkpoint here, as it always did).
 
     Raises:
         IncompatibleMembersError: the members mix both, naming which are which.
     """
-    flux = [is_flux(read_shapes(path)) for path in paths]
+    flux = [Path(path).suffix == ".safetensors" and is_flux(read_shapes(path)) for path in paths]
     if all(flux):
         return "flux"
     if any(flux):
