@@ -9,6 +9,7 @@ the same global batch, and a resumed run equal an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,4 +103,84 @@ def draw_for_samples(indices: list[int], seed: int, epoch: int, latent_shape: tu
         if posterior_noise:  # drawn last, so the draws above are the same with or without it
             posterior_noises.append(torch.randn(latent_shape, generator=generator))
     return Draws(torch.tensor(timesteps, dtype=torch.long), torch.stack(noises), torch.tensor(drops),
+                 torch.stack(posterior_noises) if posterior_noise else None)
+
+
+# -- FLUX.1's objective: rectified flow ----------------------------------------------------------------------------
+
+TIMESTEP_SAMPLINGS = ("logit-normal", "uniform")
+"""How a FLUX training sample's t is drawn before the resolution shift: sigmoid of a standard normal (BFL's and SD3's
+logit-normal; kohya's `flux_shift`) or uniform in [0, 1)."""
+FLUX_BASE_SHIFT, FLUX_MAX_SHIFT = 0.5, 1.15
+FLUX_BASE_TOKENS, FLUX_MAX_TOKENS = 256, 4096
+
+
+def flux_shift_mu(image_tokens: int) -> float:
+    """The time shift's mu for an image of `image_tokens` tokens: linear from 0.5 at 256 tokens to 1.15 at 4096
+    (1024 x 1024 px), as BFL's `get_lin_function` and diffusers' `calculate_shift` give it."""
+    slope = (FLUX_MAX_SHIFT - FLUX_BASE_SHIFT) / (FLUX_MAX_TOKENS - FLUX_BASE_TOKENS)
+    return FLUX_BASE_SHIFT + slope * (image_tokens - FLUX_BASE_TOKENS)
+
+
+def flux_time_shift(t: torch.Tensor, mu: float) -> torch.Tensor:
+    """BFL's `time_shift(mu, 1, t)`: e^mu / (e^mu + (1/t - 1)); moves t towards 1 (more noise) for larger images.
+    t [B] in [0, 1] -> [B]."""
+    t = t.double()
+    shifted = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+    return torch.where(t <= 0, torch.zeros_like(t), shifted).float()
+
+
+def flux_image_tokens(latent_shape: tuple[int, ...]) -> int:
+    """FLUX's image tokens of a latent [C x h x w]: its 2 x 2 patches (odd sides padded, as afa.flux.patchify)."""
+    height, width = latent_shape[-2:]
+    return ((height + 1) // 2) * ((width + 1) // 2)
+
+
+class RectifiedFlow:
+    """FLUX.1's forward process: x_t = (1 - t) x_0 + t noise for t in [0, 1] (the members' timestep, sigma), and the
+    velocity the transformer predicts, noise - x_0 (BFL's and diffusers' flow-matching training target)."""
+
+    parameterization = "velocity"
+
+    @staticmethod
+    def _t(timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return timesteps.to(like.device, like.dtype).view((-1,) + (1,) * (like.ndim - 1))
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """latents, noise [B x C x h x w]; timesteps [B] float in [0, 1] -> x_t [B x C x h x w]."""
+        t = self._t(timesteps, latents)
+        return (1 - t) * latents + t * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The velocity noise - x_0 [B x C x h x w] (the same at every t)."""
+        return noise - latents
+
+
+def draw_flow_for_samples(indices: list[int], seed: int, epoch: int, latent_shape: tuple[int, ...],
+                          caption_dropout: float, sampling: str | None, posterior_noise: bool = False) -> Draws:
+    """`draw_for_samples` for FLUX's rectified flow: each sample's t (float in [0, 1]), noise, caption dropout and
+    posterior noise from its own generator seeded by (seed, epoch, dataset index).
+
+    Args:
+        sampling: "logit-normal" or "uniform" (TIMESTEP_SAMPLINGS), then shifted for the latent's image tokens
+            (`flux_time_shift`, mu from `flux_shift_mu`), as FLUX trains; None: uniform and unshifted (validation and
+            evaluation: every quarter of [0, 1) gets as many samples).
+    """
+    if sampling is not None and sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)} or None, got {sampling!r}")
+    timesteps, noises, drops, posterior_noises = [], [], [], []
+    for index in indices:
+        generator = sample_generator(seed, epoch, index)
+        if sampling == "logit-normal":
+            timesteps.append(torch.sigmoid(torch.randn((), generator=generator)))
+        else:
+            timesteps.append(torch.rand((), generator=generator))
+        drops.append(bool(torch.rand((), generator=generator) < caption_dropout))
+        noises.append(torch.randn(latent_shape, generator=generator))
+        if posterior_noise:
+            posterior_noises.append(torch.randn(latent_shape, generator=generator))
+    t = torch.stack(timesteps).float() if timesteps else torch.zeros(0)
+    if sampling is not None:
+        t = flux_time_shift(t, flux_shift_mu(flux_image_tokens(latent_shape)))
+    return Draws(t, torch.stack(noises), torch.tensor(drops),
                  torch.stack(posterior_noises) if posterior_noise else None)

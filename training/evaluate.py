@@ -29,6 +29,12 @@ Writes into --output-dir:
                             denoising error at each latent pixel (squared error averaged over Monte-Carlo noise draws)
   aggregation-maps.png      with --weights: SABW's weight maps for the same images (the paper's Figure 6);
                             aggregation-maps-<label>.png for each of several weights files
+
+FLUX.1 members (transformer files, with --vae, --clip-l, --t5 and --t5-tokenizer as training/train.py takes them):
+the table is the held-out flow-matching error (MSE of the predicted velocity, t uniform in [0, 1), per quarter of t)
+of each member, block averaging, noise averaging and each AFA file, all reading the run's --guidance. The merge
+baselines and the figures are not made for FLUX members (the merges are searched over UNet blocks; the figures
+draw UNet blocks at DDPM timesteps): a line says so.
 """
 
 from __future__ import annotations
@@ -51,19 +57,22 @@ from tqdm import tqdm  # noqa: E402
 
 from afa import AfaError, EnsembleUNet, WeightsInfo, load_weights  # noqa: E402
 from afa.comparison import AFA, BLOCK_AVERAGE, MBW, NOISE_AVERAGE, percent_change  # noqa: E402
+from afa.flux import EnsembleFlux  # noqa: E402
 from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights,  # noqa: E402
                       colorize_winners, legend_entries, render_grid)
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
 from afa.modes import AVERAGE, NOISE  # noqa: E402
 from afa.unet import block_name  # noqa: E402
 from training import data as datasets  # noqa: E402
+from training import flux_training  # noqa: E402
 from training.cli import run  # noqa: E402
 from training.diffusion import NoiseSchedule, squared_error  # noqa: E402
 from training.merge_search import (DEFAULT_MBW_RATIOS, DEFAULT_RATIOS, MERGE_BASELINES, Merge,  # noqa: E402
                                    ValidationScorer, describe_merge, merged_text_encoders,
                                    prepare_validation_batches, search_merges)
-from training.metrics import (TIMESTEP_RANGES, RememberedPrediction, denoising_errors,  # noqa: E402
-                              encode_for_members, ensemble_reading, member_alone, noise_average_of, range_label)
+from training.metrics import (FLOW_TIMESTEP_RANGES, TIMESTEP_RANGES, RememberedPrediction,  # noqa: E402
+                              denoising_errors, encode_for_members, ensemble_reading, member_alone, noise_average_of,
+                              range_label)
 from training.sd_checkpoint import load_frozen_models, native_resolution  # noqa: E402
 from training.text_encoder import tokenize  # noqa: E402
 
@@ -138,12 +147,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "SD 1.x/2.x, output_blocks.7 for SDXL); blocks without a SABW block (last-block weights) are "
                        "left out")
     group.add_argument("--cell-size", type=int, default=112, help="pixels per figure cell")
+    flux_training.add_flux_arguments(parser, training=False)
     args = parser.parse_args(argv)
 
     if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
+    from training.train import members_family  # the trainer's check: mixtures and other FLUX layouts refused
+    args.family = members_family(args.members, parser.error)
+    flux_training.check_flux_flags(args, args.family, parser.error)
     if args.resolution is None:
-        args.resolution = native_resolution(args.members[0], args.config, args.components)
+        args.resolution = (flux_training.FLUX_RESOLUTION if args.family == "flux"
+                           else native_resolution(args.members[0], args.config, args.components))
     for flag in ("samples", "figure_images", "validation_samples"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be 0 or more")
@@ -279,12 +293,13 @@ def best_row(errors: dict[str, dict[str, float]], names: Sequence[str]) -> str |
 
 
 def format_table(errors: dict[str, dict[str, float]], member_names: Sequence[str] | None = None,
-                 merge_rows: Sequence[str] = ()) -> str:
+                 merge_rows: Sequence[str] = (), ranges: Sequence[tuple] = TIMESTEP_RANGES,
+                 title: str = "held-out denoising MSE (lower is better)") -> str:
     """The errors as a fixed-width text table. Every row but the members' ends with its change over all timesteps
     against the best member ("vs best member") and, with merge rows, against the best merge ("vs best merge");
     lines under the table say which rows those are. The members are `member_names`, by default every row that is
-    not a merge, an average or an AFA row."""
-    columns = ["all"] + [range_label(low, high) for low, high in TIMESTEP_RANGES]
+    not a merge, an average or an AFA row. `ranges` and `title`: FLUX's (FLOW_TIMESTEP_RANGES, flow matching)."""
+    columns = ["all"] + [range_label(low, high) for low, high in ranges]
     columns = [column for column in columns if any(column in row for row in errors.values())]
     if member_names is None:
         member_names = [name for name in errors if name not in (BLOCK_AVERAGE, NOISE_AVERAGE, AFA, *merge_rows)
@@ -292,7 +307,7 @@ def format_table(errors: dict[str, dict[str, float]], member_names: Sequence[str
     best_member, best_merge = best_row(errors, member_names), best_row(errors, merge_rows)
     references = [("vs best member", best_member)] + ([("vs best merge", best_merge)] if best_merge else [])
     name_width = max(len(name) for name in errors) + 2
-    lines = ["held-out denoising MSE (lower is better)",
+    lines = [title,
              f"{'model':<{name_width}}" + "".join(f"{column:>12}" for column in columns)
              + "".join(f"{label:>16}" for label, _ in references)]
     for name, row in errors.items():
@@ -501,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    if args.family == "flux":
+        return evaluate_flux(args, device, started)
 
     frozen = load_frozen_models(args.members, args.config, device, components=args.components)
     member_names = display_names([ref.name for ref in frozen.member_refs])
@@ -588,6 +605,90 @@ def main(argv: list[str] | None = None) -> int:
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {output_dir / RESULTS_FILE}" + "".join(f", {output_dir / name}" for name in figures.values())
           + f" ({time.time() - started:.0f} s)")
+    return 0
+
+
+# -- FLUX members --------------------------------------------------------------------------------------------------
+
+FLUX_TABLE_TITLE = "held-out flow-matching MSE (velocity, t uniform in [0, 1); lower is better)"
+
+
+def flux_trained_ensembles(weights_files: Sequence[str], members: Sequence[torch.nn.Module], member_refs,
+                           device: torch.device) -> list[tuple[str, str, WeightsInfo, EnsembleFlux]]:
+    """(row, file, info, EnsembleFlux) per weights file, each refused unless trained for exactly these members and
+    for FLUX members; rows named as `trained_ensembles` names them."""
+    from afa.aggregator import check_family
+
+    loaded = [(str(path), *load_weights(path, member_refs, device)) for path in weights_files]
+    for path, _, info in loaded:
+        check_family(info.config, "flux", Path(path).name)
+    designs = [info.config.design for _, _, info in loaded]
+    labels = designs if len(set(designs)) == len(designs) else display_names([Path(path).stem
+                                                                              for path, _, _ in loaded])
+    return [(AFA if len(loaded) == 1 else f"{AFA} ({label})", path, info, EnsembleFlux(members, aggregator, info.mode))
+            for (path, aggregator, info), label in zip(loaded, labels)]
+
+
+def evaluate_flux(args: argparse.Namespace, device: torch.device, started: float) -> int:
+    """`main` for FLUX members: the flow-matching table of the members, block and noise averaging and each AFA file
+    (training/flux_training.py), on identical draws; writes evaluation.json."""
+
+    report = datasets.SkipReport()
+    records = select_records(datasets.index_captioned_images(args.data, report), args.samples, args.seed)
+    if not records:
+        raise AfaError(f"no usable images in {args.data}\n{report.summary()}")
+    frozen = flux_training.load_frozen_flux(
+        args, [record.caption for record in records], device, None, flux_training.text_encoder_dtype(device, True),
+        cache_dir=args.text_cache_dir or Path(args.output_dir) / "text-cache")
+    member_names = display_names([ref.name for ref in frozen.member_refs])
+    trained = flux_trained_ensembles(args.weights, frozen.members, frozen.member_refs, device)
+    if args.merge_baselines != "none":
+        print("merge baselines: not made for FLUX members (training/merge_search.py merges UNets block by block)")
+    if args.figure_images:
+        print("figures: not drawn for FLUX members (they show UNet blocks at DDPM timesteps)")
+    guidance = frozen.guidance
+    models = {name: flux_training.flux_member_alone(member, guidance)
+              for name, member in zip(member_names, frozen.members)}
+    models[BLOCK_AVERAGE] = flux_training.flux_ensemble_reading(EnsembleFlux(frozen.members, None, AVERAGE), guidance)
+    models[NOISE_AVERAGE] = flux_training.flux_ensemble_reading(EnsembleFlux(frozen.members, None, NOISE), guidance)
+    for row, _, _, ensemble in trained:
+        models[row] = flux_training.flux_ensemble_reading(ensemble, guidance)
+    print(f"loaded {len(frozen.members)} FLUX members ({', '.join(map(str, frozen.member_refs))}) on {device}; "
+          f"guidance {guidance}" + "".join(f"; {row}: {path} ({info.config.design} design, mode {info.mode})"
+                                           for row, path, info, _ in trained))
+
+    loader = torch.utils.data.DataLoader(RepeatedDraws(datasets.ImageCaptionDataset(records, args.resolution),
+                                                       args.draws),
+                                         batch_size=args.batch_size, collate_fn=datasets.collate, num_workers=0)
+
+    def batches():
+        for batch in tqdm(loader, desc="evaluating", dynamic_ncols=True):
+            report.add_items(batch["skipped"])
+            yield batch
+
+    table_started = time.time()
+    errors = flux_training.flux_denoising_errors(models, batches(), frozen, args.seed, device)
+    table_seconds = time.time() - table_started
+    print(format_table(errors, member_names, ranges=FLOW_TIMESTEP_RANGES, title=FLUX_TABLE_TITLE))
+    if report.total:
+        print(report.summary())
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "family": "flux", "objective": "rectified flow (velocity)", "models": errors,
+        "members": [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
+                    for name, path, ref in zip(member_names, args.members, frozen.member_refs)],
+        "weights": [{"row": row, "file": path, "mode": info.mode.name, "design": info.config.design,
+                     "training": info.training} for row, path, info, _ in trained],
+        "guidance": guidance, "t5_max_length": args.t5_max_length,
+        "data": str(args.data), "images": len(records), "skipped": report.total, "draws_per_image": args.draws,
+        "seed": args.seed, "resolution": args.resolution,
+        "timestep_ranges": [range_label(low, high) for low, high in FLOW_TIMESTEP_RANGES],
+        "figures": {}, "merges": [], "best_member": best_row(errors, member_names),
+        "table_seconds": round(table_seconds, 1),
+    }
+    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {output_dir / RESULTS_FILE} ({time.time() - started:.0f} s)")
     return 0
 
 

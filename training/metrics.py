@@ -13,9 +13,14 @@ from .diffusion import VALIDATION_EPOCH, NoiseSchedule, draw_for_samples, per_sa
 from .text_encoder import encode, tokenize
 
 TIMESTEP_RANGES = ((0, 250), (250, 500), (500, 750), (750, 1000))
+FLOW_TIMESTEP_RANGES = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+"""FLUX's (rectified flow, t in [0, 1]): the quarters of t, as TIMESTEP_RANGES are of a DDPM schedule's 1000 steps."""
 
 
-def range_label(low: int, high: int) -> str:
+def range_label(low: int | float, high: int | float) -> str:
+    """"t 0-249" for a range of integer timesteps [low, high); "t 0.00-0.25" for one of FLUX's t in [0, 1]."""
+    if isinstance(low, float):
+        return f"t {low:.2f}-{high:.2f}"
     return f"t {low}-{high - 1}"
 
 
@@ -152,7 +157,7 @@ def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | t
     """
     if isinstance(text_encoders, torch.nn.Module):
         text_encoders = [text_encoders]
-    mean, std = _posterior(batch, vae, device, sample_latents)
+    mean, std = batch_posterior(batch, vae, device, sample_latents)
     draws = draw_for_samples(batch["indices"], seed, epoch, tuple(mean.shape[1:]), schedule.num_timesteps,
                              caption_dropout, posterior_noise=sample_latents)
     latents = mean + std * draws.posterior_noise.to(device) if sample_latents else mean
@@ -166,7 +171,7 @@ def prepare_batch(batch: dict, vae, text_encoders: Sequence[torch.nn.Module] | t
             "target": schedule.target(latents, noise, timesteps), "latents": latents, "noise": noise}
 
 
-def _posterior(batch: dict, vae, device: torch.device, need_std: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def batch_posterior(batch: dict, vae, device: torch.device, need_std: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The batch's VAE posterior: (mean, std) [B x C x h x w] each (std None when not needed)."""
     if "moments" in batch:
         mean, std = batch["moments"].to(device).chunk(2, dim=1)
@@ -183,7 +188,7 @@ def _posterior(batch: dict, vae, device: torch.device, need_std: bool) -> tuple[
 def denoising_errors(models: Mapping[str, ModelCall], loader: Iterable[dict], vae,
                      text_encoders: Sequence[torch.nn.Module], schedule: NoiseSchedule, seed: int,
                      device: torch.device, ranges: tuple[tuple[int, int], ...] = TIMESTEP_RANGES,
-                     clip_skip: int = 1) -> dict[str, dict[str, float]]:
+                     clip_skip: int = 1, prepare: Callable[[dict], dict] | None = None) -> dict[str, dict[str, float]]:
     """Mean squared error of each model's prediction (eps or v) against the target, overall and per timestep range.
 
     Args:
@@ -192,6 +197,9 @@ def denoising_errors(models: Mapping[str, ModelCall], loader: Iterable[dict], va
         text_encoders: each member's own text encoder (FrozenModels.text_encoders), then any other model's (a
             merge's), whose encodings follow the members' in the models' member_contexts; the latents are the VAE
             posterior means.
+        prepare: batch -> the model inputs with their draws (`prepare_batch`'s keys), instead of `prepare_batch` with
+            `vae`, `text_encoders` and `schedule`: FLUX members' (training/flux_training.py), whose timesteps are
+            floats in [0, 1] (`ranges` FLOW_TIMESTEP_RANGES).
     Returns:
         {name: {"all": mse, "t 0-249": mse, ...}}; a range without samples is left out.
     """
@@ -200,8 +208,9 @@ def denoising_errors(models: Mapping[str, ModelCall], loader: Iterable[dict], va
     for batch in loader:
         if not batch["indices"]:
             continue
-        inputs = prepare_batch(batch, vae, text_encoders, schedule, seed, device, clip_skip=clip_skip)
-        labels = [["all"] + [range_label(low, high) for low, high in ranges if low <= int(t) < high]
+        inputs = (prepare(batch) if prepare is not None
+                  else prepare_batch(batch, vae, text_encoders, schedule, seed, device, clip_skip=clip_skip))
+        labels = [["all"] + [range_label(low, high) for low, high in ranges if low <= t.item() < high]
                   for t in inputs["timesteps"]]
         for sample_labels in labels:
             for label in sample_labels:

@@ -12,6 +12,11 @@ follow the authors' training: the paper SABW design (`--preset paper`), latents 
 the members by their sha256 (by default into the WebUI's `models/AFA/` when this extension sits in a WebUI, else
 `--output`); its config records the design, the text conditioning and the CLIP skip.
 
+FLUX.1 members (transformer-only files in BFL's layout, ComfyUI's `models/diffusion_models`) train the same way on
+FLUX's rectified-flow objective (training/flux_training.py): the components they share come from --vae, --clip-l,
+--t5 and --t5-tokenizer, every caption is encoded once before training (T5-XXL is freed before the members load),
+and the weights file is of family "flux" (afa.flux.EnsembleFlux; the ComfyUI node runs it).
+
 Runs unchanged under `torchrun --nproc_per_node K` (DDP; gloo on CPU, nccl on GPU). `--batch-size` is the global
 batch per optimizer step, split over ranks and `--gradient-accumulation` micro-steps; every sample's timestep, noise,
 caption dropout, posterior noise and crop are drawn from its own seeded generator (training/diffusion.py), so the
@@ -44,6 +49,8 @@ from tqdm import tqdm  # noqa: E402
 
 from afa import (DEFAULT_PRESET, SABW_PRESETS, AfaError, Aggregator, AggregatorConfig, EnsembleUNet,  # noqa: E402
                  MemberRef, default_config, save_weights)
+from afa.errors import IncompatibleMembersError  # noqa: E402
+from afa.flux import FLUX_BLOCKS, EnsembleFlux, flux_preset_config  # noqa: E402
 from afa.ensemble import LDM_BLOCKS  # noqa: E402
 from afa.hashing import file_sha256  # noqa: E402
 from afa.host import find_webui  # noqa: E402
@@ -52,6 +59,7 @@ from afa.modes import AVERAGE, LAST_BLOCK, SABW, parse_mode, trained_mode  # noq
 from training import data as datasets  # noqa: E402
 from training.cli import run  # noqa: E402
 from training.diffusion import per_sample_mse  # noqa: E402
+from training import flux_training  # noqa: E402
 from training.merge_search import (MERGE_BASELINES, ValidationScorer, describe_merge,  # noqa: E402
                                    merged_text_encoders, prepare_validation_batches, search_merges)
 from training.metrics import denoising_errors, ensemble_reading, member_alone, prepare_batch  # noqa: E402
@@ -151,6 +159,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                        "flags again (a larger --max-steps or --epochs trains longer)")
     group.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the weights file")
     group.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    flux_training.add_flux_arguments(parser)
     return parser
 
 
@@ -174,8 +183,11 @@ def parse_args(argv: list[str] | None = None, exit_on_error: bool = True) -> arg
 
     if not MIN_MEMBERS <= len(args.members) <= MAX_MEMBERS:
         parser.error(f"--members takes {MIN_MEMBERS} to {MAX_MEMBERS} checkpoints, got {len(args.members)}")
+    args.family = members_family(args.members, parser.error)
+    flux_training.check_flux_flags(args, args.family, parser.error)
     if args.resolution is None:
-        args.resolution = native_resolution(args.members[0], args.config, args.components)
+        args.resolution = (flux_training.FLUX_RESOLUTION if args.family == "flux"
+                           else native_resolution(args.members[0], args.config, args.components))
     for flag in ("batch_size", "gradient_accumulation", "save_every", "resolution"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -209,6 +221,21 @@ def parse_args(argv: list[str] | None = None, exit_on_error: bool = True) -> arg
         args.output = str(folder / f"{run_name}.safetensors")
     args.run_dir = Path(args.run_dir or Path("runs") / run_name)
     return args
+
+
+def members_family(paths: list[str], error) -> str:
+    """"flux" or "unet" (training/flux_training.py `member_family`), refusing (`error`) members that mix them or
+    FLUX members of different layouts, from the files' headers, before anything loads. Unreadable files count as
+    UNet checkpoints here: loading them says what is wrong."""
+    try:
+        family = flux_training.member_family(paths)
+        if family == "flux":
+            flux_training.check_flux_members(paths)
+        return family
+    except IncompatibleMembersError as refused:
+        error(str(refused))
+    except (AfaError, OSError):
+        return "unet"
 
 
 # -- setup --------------------------------------------------------------------------------------------------------
@@ -272,10 +299,8 @@ def grad_scaler(enabled: bool) -> torch.cuda.amp.GradScaler:
         return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
-def build_datasets(args, distributed: Distributed, vae, vae_identity: str):
-    """(train dataset, validation dataset, skip report). Items are {"pixel_values" | "latents" | "moments",
-    "caption", "index"} (training/data.py's `collate` batches them; "moments" are the cached posterior mean and std
-    of --latents sample). Training images are cropped per --crop, validation images at the centre."""
+def index_records(args) -> tuple[list, list, datasets.SkipReport]:
+    """(training records, validation records, skip report) of --data and --val-data / --val-split."""
     report = datasets.SkipReport()
     records = datasets.index_captioned_images(args.data, report)
     if args.val_data:
@@ -284,6 +309,15 @@ def build_datasets(args, distributed: Distributed, vae, vae_identity: str):
         train_records, val_records = datasets.split_for_validation(records, args.val_split, args.seed)
     if not train_records:
         raise AfaError(f"no usable training images in {args.data}\n{report.summary()}")
+    return train_records, val_records, report
+
+
+def build_datasets(args, distributed: Distributed, vae, vae_identity: str, records: tuple | None = None):
+    """(train dataset, validation dataset, skip report). Items are {"pixel_values" | "latents" | "moments",
+    "caption", "index"} (training/data.py's `collate` batches them; "moments" are the cached posterior mean and std
+    of --latents sample). Training images are cropped per --crop, validation images at the centre. `records`:
+    `index_records(args)` when already read."""
+    train_records, val_records, report = records or index_records(args)
     if not args.cache_latents:
         return (datasets.ImageCaptionDataset(train_records, args.resolution, crop=args.crop, seed=args.seed),
                 datasets.ImageCaptionDataset(val_records, args.resolution), report)
@@ -346,8 +380,16 @@ class EpochBatches:
 
 def aggregator_config(args, frozen: FrozenModels) -> AggregatorConfig:
     """A new run's aggregator: the --preset's architecture with the width, pooling and ablation flags, and the text
-    conditioning and CLIP skip it is trained with (so that inference can feed it the same way)."""
+    conditioning and CLIP skip it is trained with (so that inference can feed it the same way). FLUX members: the
+    layout's SABW (afa.flux.flux_preset_config), every member reading the one shared encoding ("shared")."""
     try:
+        if getattr(frozen, "family", "unet") == "flux":
+            return flux_preset_config(args.preset, len(frozen.members), frozen.layout,
+                                      hidden_channels=args.hidden_channels, max_resolution=args.max_resolution,
+                                      spatial=not args.no_spatial, use_timestep=not args.no_timestep,
+                                      use_text=not args.no_text,
+                                      only_last_block=parse_mode(args.mode) is LAST_BLOCK,
+                                      text_conditioning="shared", text_mixing=args.text_mixing)
         return default_config(frozen.layout, len(frozen.members), frozen.text_encoder.config.hidden_size,
                               preset=args.preset, hidden_channels=args.hidden_channels,
                               max_resolution=args.max_resolution, spatial=not args.no_spatial,
@@ -365,12 +407,18 @@ def text_conditioning(args) -> str:
 
 def build_ensemble(config: AggregatorConfig, members: list[torch.nn.Module], seed: int,
                    gradient_checkpointing: bool, distributed: Distributed, runner=None) \
-        -> tuple[Aggregator, EnsembleUNet, torch.nn.Module]:
-    """(the aggregator, the ensemble of the frozen members with it, the model to train: the ensemble, wrapped in
-    DDP when there are several processes). `runner`: how the members' blocks run (None: ldm's)."""
+        -> tuple[Aggregator, EnsembleUNet | EnsembleFlux, torch.nn.Module]:
+    """(the aggregator, the ensemble of the frozen members with it -- an EnsembleFlux for a config of family
+    "flux" --, the model to train: the ensemble, wrapped in DDP when there are several processes). `runner`: how the
+    members' blocks run (None: ldm's, or BFL's interface for FLUX)."""
     torch.manual_seed(seed)  # the same initial aggregator on every rank
     aggregator = Aggregator(config).to(distributed.device)
-    ensemble = EnsembleUNet(members, aggregator, trained_mode(config.only_last_block), runner=runner or LDM_BLOCKS)
+    if config.family == "flux":
+        ensemble = EnsembleFlux(members, aggregator, trained_mode(config.only_last_block),
+                                runner=runner or FLUX_BLOCKS)
+    else:
+        ensemble = EnsembleUNet(members, aggregator, trained_mode(config.only_last_block),
+                                runner=runner or LDM_BLOCKS)
     ensemble.gradient_checkpointing = gradient_checkpointing
     if distributed.world_size == 1:
         return aggregator, ensemble, ensemble
@@ -455,6 +503,8 @@ def validate(ensemble: EnsembleUNet, val_set, frozen: FrozenModels, batch_size: 
     the current AFA (reading the prompt per the run's text conditioning), on the same draws (posterior means)."""
     ensemble.eval()
     config = ensemble.aggregator.config
+    if config.family == "flux":
+        return validate_flux(ensemble, val_set, frozen, batch_size, seed, device, autocast)
     models = {ref.name: member_alone(member, index)
               for index, (ref, member) in enumerate(zip(frozen.member_refs, ensemble.members))}
     models["block average"] = ensemble_reading(EnsembleUNet(list(ensemble.members), None, AVERAGE,
@@ -468,6 +518,22 @@ def validate(ensemble: EnsembleUNet, val_set, frozen: FrozenModels, batch_size: 
 
 
 @torch.no_grad()
+def validate_flux(ensemble: EnsembleFlux, val_set, frozen, batch_size: int, seed: int, device: torch.device,
+                  autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    """`validate` for FLUX members: held-out flow-matching MSE (velocity) of every member, block averaging and the
+    current AFA, on the same draws (t uniform in [0, 1), posterior means) with the run's guidance."""
+    models = {ref.name: flux_training.flux_member_alone(member, frozen.guidance)
+              for ref, member in zip(frozen.member_refs, ensemble.members)}
+    models["block average"] = flux_training.flux_ensemble_reading(
+        EnsembleFlux(list(ensemble.members), None, AVERAGE, runner=ensemble.runner), frozen.guidance)
+    models["AFA"] = flux_training.flux_ensemble_reading(ensemble, frozen.guidance)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, collate_fn=datasets.collate, num_workers=0)
+    with autocast:
+        errors = flux_training.flux_denoising_errors(models, loader, frozen, seed, device)
+    return {name: result["all"] for name, result in errors.items()}
+
+
+@torch.no_grad()
 def merge_baseline_errors(frozen: FrozenModels, val_set, baselines: str, batch_size: int, seed: int,
                           device: torch.device, autocast: contextlib.AbstractContextManager, clip_skip: int,
                           log=print) -> dict[str, float]:
@@ -476,6 +542,9 @@ def merge_baseline_errors(frozen: FrozenModels, val_set, baselines: str, batch_s
     no other held-out images) with the search's own draws, which favours the merges. Each merge is let go before
     the next is searched: the search holds one extra UNet, and text encoder when the members' differ, at a time."""
     if baselines == "none":  # nothing to search: do not encode the validation images for it
+        return {}
+    if getattr(frozen, "family", "unet") == "flux":  # the merges are searched over UNet (MBW) blocks
+        log("merge baselines: not measured for FLUX members (training/merge_search.py merges UNets block by block)")
         return {}
     loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, collate_fn=datasets.collate, num_workers=0)
     member_names = [ref.name for ref in frozen.member_refs]
@@ -540,10 +609,13 @@ class RunLog:
 RESULT_SETTINGS = ("config", "components", "data", "val_data", "val_split", "resolution", "batch_size", "seed",
                    "learning_rate", "weight_decay", "caption_dropout", "mixed_precision", "mode", "no_spatial", "no_timestep",
                    "no_text", "preset", "hidden_channels", "max_resolution", "text_conditioning", "clip_skip",
-                   "latents", "crop")
+                   "latents", "crop", "vae", "clip_l", "t5", "t5_tokenizer", "t5_max_length", "guidance",
+                   "timestep_sampling", "text_mixing", "rope_axes")
 # What the result settings added later were before they had a flag: a state saved then ran with these.
 SETTINGS_BEFORE_THEIR_FLAGS = {"preset": "fast", "text_conditioning": "shared", "clip_skip": 1, "latents": "mean",
-                               "crop": "center", "components": None}
+                               "crop": "center", "components": None, "vae": None, "clip_l": None, "t5": None,
+                               "t5_tokenizer": None, "t5_max_length": None, "guidance": None,
+                               "timestep_sampling": None, "text_mixing": None, "rope_axes": None}
 
 
 @dataclass
@@ -673,8 +745,9 @@ def load_resume_state(args) -> tuple[dict, Path]:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise AfaError(f"{path}: not a training state of this trainer (format {state.get('format')})")
     saved, given = {**SETTINGS_BEFORE_THEIR_FLAGS, **state.get("args", {})}, vars_for_state(args)
-    changed = [f"  --{name.replace('_', '-')}: saved {saved[name]}, given {given[name]}"
-               for name in RESULT_SETTINGS if name in saved and saved[name] != given[name]]
+    # .get: a command line rebuilt from an older state's saved flags (the WebUI's resume) lacks the newer ones
+    changed = [f"  --{name.replace('_', '-')}: saved {saved[name]}, given {given.get(name)}"
+               for name in RESULT_SETTINGS if name in saved and saved[name] != given.get(name)]
     if changed:
         raise AfaError(f"{path}: resuming with other settings than the run was started with would change its "
                        f"result; give the saved values:\n" + "\n".join(changed))
@@ -776,19 +849,34 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
     state, state_path = load_resume_state(args) if args.resume else (None, None)
 
     # Members and their text encoders (frozen), and VAE and schedule of the first member.
-    if frozen is None:
+    records = None
+    if frozen is None and getattr(args, "family", "unet") == "flux":
+        # FLUX: the captions are encoded (and the encoders freed) before the members load
+        records = index_records(args)
+        distributed.print_main(f"loading {len(args.members)} FLUX members on {device} ({str(member_dtype)[6:]})")
+        frozen = flux_training.load_frozen_flux(
+            args, [record.caption for record in records[0] + records[1]], device, member_dtype,
+            flux_training.text_encoder_dtype(device, args.mixed_precision != "no"), distributed.is_main,
+            distributed.barrier, distributed.print_main, member_refs)
+    elif frozen is None:
         distributed.print_main(f"loading {len(args.members)} members on {device} ({str(member_dtype)[6:]})")
         frozen = load_frozen_models(args.members, args.config, device, member_dtype, members=members,
                                     member_refs=member_refs,
                                     text_encoder_dtype=text_encoder_dtype(member_dtype, device),
                                     components=args.components)
+    flux = getattr(frozen, "family", "unet") == "flux"
     if state is not None:
         check_resumed_members(state, state_path, frozen.member_refs)
 
     # the latent cache is keyed by the VAE's file: the first member's, or --components' for a UNet-only member
-    vae_identity = (file_sha256(frozen.base_checkpoint)
-                    if frozen.base_checkpoint not in (None, Path(args.members[0])) else frozen.member_refs[0].sha256)
-    train_set, val_set, skip_report = build_datasets(args, distributed, frozen.vae, vae_identity)
+    # (FLUX: --vae's)
+    if flux:
+        vae_identity = file_sha256(frozen.vae_file)
+    else:
+        vae_identity = (file_sha256(frozen.base_checkpoint)
+                        if frozen.base_checkpoint not in (None, Path(args.members[0]))
+                        else frozen.member_refs[0].sha256)
+    train_set, val_set, skip_report = build_datasets(args, distributed, frozen.vae, vae_identity, records)
     batches = EpochBatches(len(train_set), args.batch_size, args.gradient_accumulation, distributed.rank,
                            distributed.world_size, args.seed)
     if len(batches) == 0:
@@ -800,10 +888,18 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
               else aggregator_config(args, frozen))
     aggregator, ensemble, model = build_ensemble(config, frozen.members, args.seed, args.gradient_checkpointing,
                                                  distributed, frozen.runner)
-    distributed.print_main(
-        f"SABW: {config.design} design, {sum(p.numel() for p in aggregator.parameters()):,} parameters; text "
-        f"conditioning {config.text_conditioning} ({frozen.distinct_text_encoders} distinct text encoders), CLIP skip "
-        f"{config.clip_skip}; latents: the VAE posterior's {args.latents}; crop: {args.crop}")
+    if flux:
+        distributed.print_main(
+            f"SABW: {config.design} design, {sum(p.numel() for p in aggregator.parameters()):,} parameters, "
+            f"{config.num_double_blocks} double + {config.num_blocks - config.num_double_blocks} single blocks; "
+            f"rectified flow, t {frozen.timestep_sampling} with FLUX's resolution shift, guidance {frozen.guidance}; "
+            f"text tokens mixed by {config.text_mixing}; latents: the VAE posterior's {args.latents}; crop: "
+            f"{args.crop}")
+    else:
+        distributed.print_main(
+            f"SABW: {config.design} design, {sum(p.numel() for p in aggregator.parameters()):,} parameters; text "
+            f"conditioning {config.text_conditioning} ({frozen.distinct_text_encoders} distinct text encoders), CLIP "
+            f"skip {config.clip_skip}; latents: the VAE posterior's {args.latents}; crop: {args.crop}")
     optimizer = torch.optim.AdamW(aggregator.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scaler = grad_scaler(use_scaler)
     progress = Progress()
@@ -812,8 +908,13 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
         distributed.print_main(f"resumed from {state_path} at step {progress.step} (epoch {progress.epoch + 1}, "
                                f"batch {progress.batch_in_epoch})")
 
-    micro_batch_loss = MicroBatchLoss(frozen, config, args.latents == "sample", args.seed, args.caption_dropout,
-                                      args.batch_size, autocast, distributed)
+    if flux:
+        micro_batch_loss = flux_training.FluxMicroBatchLoss(frozen, args.latents == "sample", args.seed,
+                                                            args.caption_dropout, args.batch_size, autocast, device,
+                                                            distributed.world_size)
+    else:
+        micro_batch_loss = MicroBatchLoss(frozen, config, args.latents == "sample", args.seed, args.caption_dropout,
+                                          args.batch_size, autocast, distributed)
     run_log = RunLog(args.run_dir, distributed.is_main, args.tensorboard)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not distributed.is_main, desc="training SABW",
                dynamic_ncols=True)
@@ -891,6 +992,8 @@ def train(args: argparse.Namespace, events: TrainingEvents | None = None,
                 "resolution": args.resolution, "latents": args.latents, "crop": args.crop,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "processes": distributed.world_size, "final_loss": loss,
+                **({"objective": "rectified flow (velocity)", "guidance": frozen.guidance,
+                    "timestep_sampling": frozen.timestep_sampling} if flux else {}),
             }, dtype=torch.float16 if args.save_dtype == "fp16" else torch.float32)
             print(f"wrote {output} ({progress.step} steps)")
         if skip_report.total:
