@@ -4,8 +4,11 @@ ComfyUI's `comfy/ldm/flux` keeps): the same module names and state-dict keys, so
 
 It is what the core builds FLUX members with where no host provides them: `python -m afa bench --arch flux-dev`
 counts FLOPs on meta tensors with it, and the trainer can build members with it. Attention is torch's
-`scaled_dot_product_attention` (as ComfyUI's default on CPU); the RMS norm is written out (torch 2.1 has no
-`rms_norm`), so its results equal ComfyUI's within float rounding (tests/test_flux.py compares them).
+`scaled_dot_product_attention` (ComfyUI's default on NVIDIA GPUs; on the CPU ComfyUI uses its sub-quadratic chunked
+attention), the modulation is BFL's `(1 + scale) * x + shift` (ComfyUI: `torch.addcmul`) and the RMS norm is written
+out (torch 2.1 has no `rms_norm`; ComfyUI calls torch's), so its results equal ComfyUI's within float32 rounding
+(tests/test_flux.py on the stand-in; the real ComfyUI tier, tests/comfyui_real/flux_in_process.py: 3.6e-7 at full
+width on the CPU, and bit for bit once ComfyUI's class is given these three ops).
 """
 
 from __future__ import annotations
