@@ -6,9 +6,14 @@ PYTHON := .venv/bin/python
 env:
 	@bash tools/setup_env.sh
 
+# pytest keeps the temporary folders of its last 3 runs by default, and a run of tests/ writes about 16 GB of them
+# (checkpoints, WebUI and ComfyUI stand-ins; measured 2026-12-07): runs here keep only the folders of tests that
+# failed (none once every test passed), so repeated runs cannot fill the disk, as one did on a CI machine.
+PYTEST := $(PYTHON) -m pytest -q -o tmp_path_retention_policy=failed
+
 # The README's test command (CI runs exactly this through .ci/run).
 test: env
-	$(PYTHON) -m pytest -q tests
+	$(PYTEST) tests
 
 # The real-host tiers (test-webui, test-comfyui) add requirements/webui-real.txt (playwright; the browser is the
 # system's /usr/bin/chromium) to .venv, once per version of that file (the stamp holds its sha256).
@@ -28,7 +33,7 @@ test-webui: env
 	@test -n "$$AFA_WEBUI_DIR" || { echo "make test-webui: set AFA_WEBUI_DIR to an A1111 1.10 checkout" \
 	  "(its venv at \$$AFA_WEBUI_DIR/venv): AFA_WEBUI_DIR=/path/to/stable-diffusion-webui make test-webui" >&2; exit 2; }
 	$(install-real-tier-requirements)
-	$(PYTHON) -m pytest -q tests/webui_real
+	$(PYTEST) tests/webui_real
 
 # Opt-in: the tests in a real ComfyUI (tests/comfyui_real; run for real against 0.3.64):
 #   COMFYUI_DIR=/path/to/ComfyUI make test-comfyui    (ComfyUI's venv at $COMFYUI_DIR/venv)
@@ -40,7 +45,7 @@ test-comfyui: env
 	@test -n "$$COMFYUI_DIR" || { echo "make test-comfyui: set COMFYUI_DIR to a ComfyUI checkout" \
 	  "(its venv at \$$COMFYUI_DIR/venv): COMFYUI_DIR=/path/to/ComfyUI make test-comfyui" >&2; exit 2; }
 	$(install-real-tier-requirements)
-	$(PYTHON) -m pytest -q tests/comfyui_real
+	$(PYTEST) tests/comfyui_real
 
 # The README's first command: the offline demo (synthetic data, two tiny experts, SABW training, evaluation).
 demo: env
