@@ -194,6 +194,50 @@ def write_tiny_sdxl_checkpoint(path, seed: int, tower: dict = TINY_OPEN_CLIP, te
 
 # -- the real-host tiers' servers (tests/webui_real, tests/comfyui_real) -------------------------------------------
 
+# The word-level vocabulary of the tiny T5 tokenizer (write_flux_components): the words of write_captioned_images'
+# captions, so no caption token is unknown.
+FLUX_TOKENIZER_WORDS = ["a", "red", "blue", "green", "thing", "number"] + [str(n) for n in range(12)]
+
+
+def write_flux_components(folder: Path, *, vae_resolution: int, vae_channel_multipliers: list[int], clip_width: int,
+                          clip_heads: int, clip_intermediate: int, t5_width: int) -> dict[str, Path]:
+    """The components FLUX members share, as the files train.py's --vae, --clip-l, --t5 and --t5-tokenizer read,
+    written into `folder`: a 16-channel autoencoder (32 base channels, one res block per level, downsampling
+    2 ** (levels - 1)), a 1-layer CLIP-L text model, a 1-layer T5 encoder (d_kv 8, d_ff 32; the tied embedding stored
+    once, as ComfyUI's files store it) and a word-level T5 tokenizer.json of FLUX_TOKENIZER_WORDS. Returns the paths
+    by component: "vae", "clip_l", "t5", "t5_tokenizer"."""
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(100)
+    ddconfig = dict(double_z=True, z_channels=16, resolution=vae_resolution, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=list(vae_channel_multipliers), num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    vae = {f"encoder.{k}": v for k, v in Encoder(**ddconfig).state_dict().items()}
+    vae.update({f"decoder.{k}": v for k, v in Decoder(**ddconfig).state_dict().items()})
+    paths = {"vae": folder / "ae.safetensors", "clip_l": folder / "clip_l.safetensors",
+             "t5": folder / "t5xxl_tiny.safetensors", "t5_tokenizer": folder / "t5_tokenizer"}
+    save_file(vae, str(paths["vae"]))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=clip_width, intermediate_size=clip_intermediate,
+                                        num_hidden_layers=1, num_attention_heads=clip_heads,
+                                        max_position_embeddings=77))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(paths["clip_l"]))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(FLUX_TOKENIZER_WORDS) + 3, d_model=t5_width, d_kv=8, d_ff=32,
+                                 num_layers=1, num_heads=2, feed_forward_proj="gated-gelu"))
+    state = {k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(state, str(paths["t5"]))
+    vocabulary = {"<pad>": 0, "</s>": 1, "<unk>": 2,
+                  **{word: index + 3 for index, word in enumerate(FLUX_TOKENIZER_WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    paths["t5_tokenizer"].mkdir(exist_ok=True)
+    tokenizer.save(str(paths["t5_tokenizer"] / "tokenizer.json"))
+    return paths
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a host server the tier starts."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

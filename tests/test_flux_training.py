@@ -13,10 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import write_captioned_images
+from factories import write_captioned_images, write_flux_components
 
 ROPE_AXES = ("--rope-axes", "4", "6", "6")
-WORDS = ["a", "red", "blue", "green", "thing", "number"] + [str(n) for n in range(12)]
 
 
 def tiny_flux_params(**overrides):
@@ -42,31 +41,8 @@ def write_flux_member(path: Path, seed: int, **overrides) -> Path:
 def write_components(folder: Path) -> dict[str, Path]:
     """A tiny FLUX autoencoder (16 latent channels, downsampling 2), CLIP-L (width 64), T5 encoder (width 24) and a
     word-level T5 tokenizer.json, as files."""
-    from ldm.modules.diffusionmodules.model import Decoder, Encoder
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(100)
-    ddconfig = dict(double_z=True, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
-                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    vae = {f"encoder.{k}": v for k, v in Encoder(**ddconfig).state_dict().items()}
-    vae.update({f"decoder.{k}": v for k, v in Decoder(**ddconfig).state_dict().items()})
-    save_file(vae, str(folder / "ae.safetensors"))
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=1, max_position_embeddings=77))
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "clip_l.safetensors"))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                 feed_forward_proj="gated-gelu"))
-    state = {k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    save_file(state, str(folder / "t5xxl_tiny.safetensors"))  # ComfyUI's files store the tied embedding once
-    vocabulary = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: index + 3 for index, word in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    (folder / "t5_tokenizer").mkdir()
-    tokenizer.save(str(folder / "t5_tokenizer" / "tokenizer.json"))
-    return {"vae": folder / "ae.safetensors", "clip_l": folder / "clip_l.safetensors",
-            "t5": folder / "t5xxl_tiny.safetensors", "t5_tokenizer": folder / "t5_tokenizer"}
+    return write_flux_components(folder, vae_resolution=32, vae_channel_multipliers=[1, 2], clip_width=64,
+                                 clip_heads=1, clip_intermediate=128, t5_width=24)
 
 
 @pytest.fixture(scope="module")

@@ -21,43 +21,15 @@ repo, work = Path(repo), Path(work)
 sys.path[:0] = [str(repo / "tests"), str(repo)]
 sys.dont_write_bytecode = True
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from factories import write_captioned_images  # noqa: E402
-
-WORDS = ["a", "red", "blue", "green", "thing", "number"] + [str(n) for n in range(12)]
+from factories import write_captioned_images, write_flux_components  # noqa: E402
 
 
 def write_components(folder: Path) -> list[str]:
     """The component flags of tiny-depth, full-width FLUX components written into `folder`."""
-    from ldm.modules.diffusionmodules.model import Decoder, Encoder
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(100)
-    ddconfig = dict(double_z=True, z_channels=16, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 1, 1],
-                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    vae = {f"encoder.{k}": v for k, v in Encoder(**ddconfig).state_dict().items()}
-    vae.update({f"decoder.{k}": v for k, v in Decoder(**ddconfig).state_dict().items()})
-    save_file(vae, str(folder / "ae.safetensors"))
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=12, max_position_embeddings=77))
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "clip_l.safetensors"))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=4096, d_kv=8, d_ff=32, num_layers=1,
-                                 num_heads=2, feed_forward_proj="gated-gelu"))
-    state = {k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    save_file(state, str(folder / "t5xxl_tiny.safetensors"))  # ComfyUI's files store the tied embedding once
-    vocabulary = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: index + 3 for index, word in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    (folder / "t5_tokenizer").mkdir(exist_ok=True)
-    tokenizer.save(str(folder / "t5_tokenizer" / "tokenizer.json"))
-    return ["--vae", str(folder / "ae.safetensors"), "--clip-l", str(folder / "clip_l.safetensors"),
-            "--t5", str(folder / "t5xxl_tiny.safetensors"), "--t5-tokenizer", str(folder / "t5_tokenizer"),
-            "--t5-max-length", "8"]
+    paths = write_flux_components(folder, vae_resolution=64, vae_channel_multipliers=[1, 1, 1, 1], clip_width=768,
+                                  clip_heads=12, clip_intermediate=64, t5_width=4096)
+    return ["--vae", str(paths["vae"]), "--clip-l", str(paths["clip_l"]), "--t5", str(paths["t5"]),
+            "--t5-tokenizer", str(paths["t5_tokenizer"]), "--t5-max-length", "8"]
 
 
 start = time.time()
