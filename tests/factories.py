@@ -192,8 +192,6 @@ def write_tiny_sdxl_checkpoint(path, seed: int, tower: dict = TINY_OPEN_CLIP, te
     return write_webui_checkpoint(path, state_dict, config)
 
 
-# -- the real-host tiers' servers (tests/webui_real, tests/comfyui_real) -------------------------------------------
-
 # The word-level vocabulary of the tiny T5 tokenizer (write_flux_components): the words of write_captioned_images'
 # captions, so no caption token is unknown.
 FLUX_TOKENIZER_WORDS = ["a", "red", "blue", "green", "thing", "number"] + [str(n) for n in range(12)]
@@ -237,6 +235,8 @@ def write_flux_components(folder: Path, *, vae_resolution: int, vae_channel_mult
     tokenizer.save(str(paths["t5_tokenizer"] / "tokenizer.json"))
     return paths
 
+
+# -- the real-host tiers' servers (tests/webui_real, tests/comfyui_real) -------------------------------------------
 
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a host server the tier starts."""
