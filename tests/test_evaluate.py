@@ -129,6 +129,53 @@ def test_merge_rows_are_searched_on_validation_draws_and_evaluated_on_the_table_
     assert "MBW: 26 blocks (IN00..BASE) by coordinate descent" in printed and "this favours the merges" in printed
 
 
+def test_merges_only_writes_the_search_alone_and_merges_reuses_it_for_the_same_table(checkpoint_factory, held_out,
+                                                                                    tmp_path, capsys):
+    members = [checkpoint_factory(1), checkpoint_factory(2)]  # different text encoders: BASE is merged too
+    search = ("--figure-images", "0", "--merge-ratios", "0.3", "0.6", "--mbw-ratios", "0", "1",
+              "--validation-samples", "3", "--validation-draws", "1")
+    searched = run_evaluate(members, held_out, tmp_path / "searched", *search, merges=True)
+
+    # --merges-only: the search and its merges.json, nothing else.
+    apart = tmp_path / "apart"
+    assert evaluate.main(["--members", *map(str, members), "--data", str(held_out), "--resolution", "32",
+                          "--batch-size", "8", "--output-dir", str(apart), "--merges-only", *search]) == 0
+    assert sorted(path.name for path in apart.iterdir()) == [evaluate.MERGES_FILE]
+    written = json.loads((apart / evaluate.MERGES_FILE).read_text())
+    assert written["members"] == searched["members"]
+    timings = ("search_seconds", "merge_seconds")
+    assert ([{key: value for key, value in merge.items() if key not in timings} for merge in written["merges"]]
+            == [{key: value for key, value in merge.items() if key not in timings} for merge in searched["merges"]])
+    assert "wrote " + str(apart / evaluate.MERGES_FILE) in capsys.readouterr().out
+
+    # --merges: the same merges rebuilt, no search, so the same table bit for bit.
+    reused = run_evaluate(members, held_out, tmp_path / "reused", *search[:2], "--merges",
+                          str(apart / evaluate.MERGES_FILE), merges=True)
+    assert reused["models"] == searched["models"]
+    assert reused["merges"] == written["merges"] and reused["best_merge"] == searched["best_merge"]
+    assert reused["merge_validation"] == {**written["validation"], "merges_file": str(apart / evaluate.MERGES_FILE)}
+    printed = capsys.readouterr().out
+    assert f"merges from {apart / evaluate.MERGES_FILE}" in printed and "choosing the merges' weights" not in printed
+
+    # Refused before any work: other members, a file that is not a merges.json, weights that do not fit.
+    with pytest.raises(AfaError, match=r"was searched for the members .*\[.*\], .*, not for these"):
+        run_evaluate([members[0], checkpoint_factory(3)], held_out, tmp_path / "other", "--merges",
+                     str(apart / evaluate.MERGES_FILE), merges=True)
+    not_merges = tmp_path / "evaluation.json"
+    not_merges.write_text(json.dumps(searched))
+    with pytest.raises(AfaError, match="not a merges.json"):
+        run_evaluate(members, held_out, tmp_path / "other", "--merges", str(not_merges), merges=True)
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({**written, "merges": [{**written["merges"][0],
+                                                         "weights": written["merges"][0]["weights"][:25]}]}))
+    with pytest.raises(AfaError, match="25 weight vectors of 2 members; these 2 members take 26 vectors"):
+        run_evaluate(members, held_out, tmp_path / "other", "--merges", str(edited), merges=True)
+    for flags in (["--merges", str(edited), "--merges-only"], ["--merges", str(edited), "--merge-baselines", "none"],
+                  ["--merges", str(tmp_path / "missing.json")]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--members", *map(str, members), "--data", str(held_out), *flags])
+
+
 def test_per_pixel_errors_tell_different_members_apart(checkpoint_factory):
     unets = [load_member(checkpoint_factory(seed)) for seed in (1, 2)]
     schedule = load_schedule(checkpoint_factory(1), read_sd_config(checkpoint_factory(1)))
@@ -234,7 +281,8 @@ def test_help_documents_every_flag():
     for flag in ("--members", "--weights", "--data", "--resolution", "--samples", "--seed", "--output-dir",
                  "--draws", "--timesteps", "--figure-images", "--figure-draws", "--map-blocks", "--cell-size",
                  "--text-conditioning", "--clip-skip", "--components", "--merge-baselines", "--validation-data",
-                 "--validation-samples", "--validation-draws", "--merge-ratios", "--mbw-ratios", "--mbw-sweeps"):
+                 "--validation-samples", "--validation-draws", "--merge-ratios", "--mbw-ratios", "--mbw-sweeps",
+                 "--merges", "--merges-only"):
         assert flag in result.stdout
     assert "(default: 256)" in result.stdout  # ArgumentDefaultsHelpFormatter
 

@@ -16,17 +16,19 @@ Stages, each timed:
               UNet weights, the ordinary denoising loss, 10% caption dropout). Each is written as a WebUI checkpoint
               with the same VAE and the same random but fixed tiny text encoder.
   4. SABW     training/train.py, run as a user runs it, on the two-shape images, once per SABW preset: "paper" (the
-              authors' aggregator) and "fast" (AFA's cheaper one), in parallel processes.
-  5. results  training/evaluate.py on held-out two-shape images: the table of denoising errors (each member, the
-              weighted merge and MBW with their weights chosen on a validation set, block averaging, noise
-              averaging, "AFA (paper)", "AFA (fast)") and the figures (per-pixel winners, each preset's aggregation
-              maps). Each expert is better on its own colours, so an image holding both is best denoised by
-              different members in different regions: what SABW's per-pixel weights learn.
-              Meanwhile, images: held-out prompts sampled with DDIM at 50, 20 and 10 steps by each member, block
-              averaging and AFA (fast), then by the best merge once evaluate.py has chosen it, and scored by
-              whether the image shows what its caption asks (each named shape in its quadrant, in its colour and
-              kind, nothing elsewhere), a measurement checked first on the real held-out images (the paper's
-              Tables 7 and 8 at the demo's scale).
+              authors' aggregator) and "fast" (AFA's cheaper one), in parallel processes. The fast one ends first,
+              and its core then runs what needs no paper weights: evaluate.py --merges-only (the weighted merge
+              and MBW, their weights chosen on a validation set) and the images: held-out prompts sampled with DDIM
+              at 50, 20 and 10 steps by the best merge (the lower validation error), block averaging, each member
+              and AFA (fast).
+  5. results  training/evaluate.py on held-out two-shape images with those merges (--merges): the table of
+              denoising errors (each member, the weighted merge, MBW, block averaging, noise averaging, "AFA
+              (paper)", "AFA (fast)") and the figures (per-pixel winners, each preset's aggregation maps). Each
+              expert is better on its own colours, so an image holding both is best denoised by different members
+              in different regions: what SABW's per-pixel weights learn. Then the image table: each image scored by
+              whether it shows what its caption asks (each named shape in its quadrant, in its colour and kind,
+              nothing elsewhere), a measurement checked first on the real held-out images (the paper's Tables 7 and
+              8 at the demo's scale).
 
 Everything is seeded. Each process computes with `--threads` threads (default 1), so the numbers do not depend on
 the machine's core count; the two experts train in parallel processes, and so do the two SABW presets.
@@ -48,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 if __name__ == "__main__":  # `python training/demo.py` puts training/ on the path; afa/ and training/ sit one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -504,11 +506,21 @@ def fit_caption_check(fit_images: torch.Tensor, fit_captions: list[str], held_ou
                     "other captions": caption_scores(reader, real, shifted)}
 
 
+BEST_MERGE = "the best merge"  # an ImageJob's row until merges.json names it
+
+
+def best_merge_of(merges_file: Path) -> dict:
+    """The summary (training/merge_search.py's Merge.summary) of the merge with the lowest validation error in an
+    evaluate.py merges.json: chosen before any held-out image is seen (MBW's search starts from the weighted merge's
+    weights and keeps only improvements, so it is MBW unless no block improved)."""
+    return min(json.loads(merges_file.read_text(encoding="utf-8"))["merges"],
+               key=lambda merge: merge["validation_error"])
+
+
 @dataclass(frozen=True)
 class ImageJob:
     """One model's images (runs in a worker process): `row` is its table row, "block average", an "AFA (...)" row
-    (its weights file in `weights`) or a merge row (its weights per MBW block, then BASE when the text encoders
-    merge, in `merge_weights`)."""
+    (its weights file in `weights`) or BEST_MERGE (its weights read from `merges_file` when the job runs)."""
 
     row: str
     members: tuple[str, ...]
@@ -517,12 +529,13 @@ class ImageJob:
     seed: int
     threads: int
     weights: tuple[str, ...] = ()
-    merge_weights: tuple[tuple[float, ...], ...] = ()
+    merges_file: str = ""
 
 
 def sample_images(job: ImageJob) -> tuple[str, dict[int, np.ndarray], float]:
     """(row, {steps: images [P x 32 x 32 x 3] uint8}, seconds): the job's model sampling its captions with DDIM at
-    each of IMAGE_STEPS, from the same seeded noise per caption (training/sampling.py)."""
+    each of IMAGE_STEPS, from the same seeded noise per caption (training/sampling.py). The row is the merge's own
+    ("MBW", "weighted merge (r=...)") for BEST_MERGE."""
     from afa.merge import MergedModel
     from training.evaluate import display_names, trained_ensembles
     from training.merge_search import text_merge_for
@@ -535,22 +548,25 @@ def sample_images(job: ImageJob) -> tuple[str, dict[int, np.ndarray], float]:
     frozen = load_frozen_models(list(job.members), device="cpu")
     names = display_names([ref.name for ref in frozen.member_refs])
     text_encoders = list(frozen.text_encoders)
-    if job.row in names:
-        model = member_alone(frozen.members[names.index(job.row)], names.index(job.row))
-    elif job.row == "block average":
+    row = job.row
+    if row in names:
+        model = member_alone(frozen.members[names.index(row)], names.index(row))
+    elif row == "block average":
         from afa import EnsembleUNet
         from afa.modes import AVERAGE
         model = ensemble_reading(EnsembleUNet(frozen.members, None, AVERAGE), "per_member")
     elif job.weights:
         entry, = [entry for entry in trained_ensembles(job.weights, frozen.members, frozen.member_refs,
-                                                       torch.device("cpu")) if entry.row == job.row]
+                                                       torch.device("cpu")) if entry.row == row]
         model = ensemble_reading(entry.ensemble, entry.info.config.text_conditioning)
     else:
+        merge = best_merge_of(Path(job.merges_file))
+        row, merge_weights = merge["row"], merge["weights"]
         unet = MergedModel.of_unets(frozen.members)
-        unet.set_weights(job.merge_weights[:unet.num_groups])
+        unet.set_weights(merge_weights[:unet.num_groups])
         text = text_merge_for(frozen.text_encoders)
         if text is not None:
-            text.set_weights(job.merge_weights[unet.num_groups])
+            text.set_weights(merge_weights[unet.num_groups])
         text_encoders.append(text.model if text is not None else text_encoders[0])
         model = member_alone(unet.model, len(frozen.members))
     contexts, _ = encode_for_members(text_encoders, tokenize(list(job.captions)))
@@ -562,7 +578,7 @@ def sample_images(job: ImageJob) -> tuple[str, dict[int, np.ndarray], float]:
         latents = ddim_sample(model, noise, contexts, empty, frozen.schedule, steps, job.settings.guidance_scale)
         with torch.no_grad():
             images[steps] = to_pixels(frozen.vae.decode(latents))
-    return job.row, images, time.time() - started
+    return row, images, time.time() - started
 
 
 IMAGE_MEASURES = ("shown", "colours anywhere", "palettes")  # the image table's columns per step count, strictest first
@@ -598,12 +614,88 @@ def render_image_grid(images: dict[str, dict[int, np.ndarray]], captions: list[s
                        "model, the same noise per prompt; first column: the real held-out image")
 
 
-def evaluate_and_sample(members: list[Path], weights: dict[str, Path], folders: dict[str, Path],
-                        loaded: dict[str, tuple[torch.Tensor, list[str]]], vae: Vae, evaluation: Path,
-                        settings: Settings, seed: int, threads: int) -> dict:
-    """training/evaluate.py (the denoising table with the merge baselines) and, in a worker process meanwhile, the
-    images of each model: AFA, block averaging and the members first, then the best merge's once evaluate.py has
-    searched it (its merges.json). No images with settings.image_prompts 0. Returns evaluation.json's content."""
+def evaluate_arguments(members: list[Path], folders: dict[str, Path], evaluation: Path, settings: Settings,
+                       seed: int) -> list[str]:
+    """training/evaluate.py's arguments in the demo: the merges' search (with --merges-only) and the table (with
+    --merges and the weights files) take the same."""
+    return ["--members", *map(str, members), "--data", str(folders["held-out"]), "--validation-data", str(folders["validation"]),
+            "--validation-samples", "0", "--validation-draws", str(settings.validation_draws),
+            "--resolution", str(RESOLUTION), "--samples", "0", "--draws", str(settings.evaluation_draws),
+            "--seed", str(seed), "--batch-size", "32", "--figure-images", "4", "--figure-draws",
+            str(settings.figure_draws), "--cell-size", "96", "--device", "cpu", "--output-dir", str(evaluation)]
+
+
+def search_merges_alone(arguments: list[str], log: Path, threads: int) -> None:
+    """training/evaluate.py --merges-only (in FreedCoreWork's worker, which waits while it runs), its output into
+    `log`.
+
+    Raises:
+        subprocess.CalledProcessError: when it fails (after printing its log).
+    """
+    command = [sys.executable, str(TRAINING_DIR / "evaluate.py"), *arguments, "--merges-only"]
+    with open(log, "w", encoding="utf-8") as log_file:
+        code = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT,
+                              env=_script_environment(threads)).returncode
+    if code:
+        print(log.read_text(encoding="utf-8"), flush=True)
+        raise subprocess.CalledProcessError(code, command)
+
+
+class FreedCoreWork:
+    """The results' work that needs at most one SABW preset, on one worker process that starts when the first
+    train.py ends: the core it frees would idle while the slower preset trains on (paper: twice as long as fast).
+    In the worker's order: evaluate.py --merges-only (training/merge_search.py's search, into merges.json), the
+    images of the best merge, block averaging and the members, and AFA's (IMAGE_PRESET) once its weights are
+    written. With settings.image_prompts 0, the search alone."""
+
+    def __init__(self, worker: concurrent.futures.Executor, members: list[Path], weights: dict[str, Path],
+                 arguments: list[str], evaluation: Path, prompts: tuple[str, ...], settings: Settings, seed: int,
+                 threads: int):
+        self.worker, self.weights, self.arguments, self.threads = worker, weights, arguments, threads
+        self.merges_file, self.search_log = evaluation / MERGES_FILE, evaluation / "merge-search.log"
+        self.prompts = prompts
+        self.common = dict(members=tuple(map(str, members)), captions=prompts, settings=settings, seed=seed,
+                           threads=threads)
+        self.search: concurrent.futures.Future | None = None
+        self.image_futures: list[concurrent.futures.Future] = []
+
+    def preset_trained(self, preset: str) -> None:
+        """Queues what `preset`'s weights (and a free core) allow: called as each train.py ends."""
+        if self.search is None:
+            print(f"   {preset} trained: its core now searches the merges ({self.search_log}) and samples images",
+                  flush=True)
+            self.merges_file.parent.mkdir(parents=True, exist_ok=True)
+            self.merges_file.unlink(missing_ok=True)
+            self.search = self.worker.submit(search_merges_alone, self.arguments, self.search_log, self.threads)
+            if self.prompts:
+                self.image_futures += [self.worker.submit(sample_images, job) for job in [
+                    ImageJob(BEST_MERGE, merges_file=str(self.merges_file), **self.common),
+                    ImageJob("block average", **self.common),
+                    *(ImageJob(Path(member).stem, **self.common) for member in self.common["members"])]]
+        if preset == IMAGE_PRESET and self.prompts:
+            self.image_futures.append(self.worker.submit(sample_images, ImageJob(
+                afa_row(IMAGE_PRESET), weights=tuple(str(self.weights[name]) for name in SABW_PRESETS),
+                **self.common)))
+
+    def searched_merges(self) -> Path:
+        """merges.json, once the search has ended (raises its error if it failed)."""
+        self.search.result()
+        lines = self.search_log.read_text(encoding="utf-8").splitlines()
+        print("-- " + str(self.search_log) + ":\n" + "\n".join(line.split("\r")[-1] for line in lines
+                                                                if line.strip()), flush=True)
+        return self.merges_file
+
+    def images(self) -> dict[str, tuple[dict[int, np.ndarray], float]]:
+        """{row: ({steps: images [P x 32 x 32 x 3] uint8}, seconds)} of every model, once sampled."""
+        return {row: (by_steps, seconds) for row, by_steps, seconds in (future.result()
+                                                                        for future in self.image_futures)}
+
+
+def evaluate_and_score(members: list[Path], loaded: dict[str, tuple[torch.Tensor, list[str]]], vae: Vae,
+                       evaluation: Path, settings: Settings, freed_core: FreedCoreWork, threads: int) -> dict:
+    """training/evaluate.py (the denoising table, with the merges FreedCoreWork searched) and the image table of the
+    images it sampled, scored by the caption check (validated first on the real held-out images). Returns
+    evaluation.json's content."""
     images, captions = loaded["held-out"]
     reader, validation = fit_caption_check(*loaded["two-shapes"], images, captions, vae)
     print(f"   caption check (fitted on the {len(loaded['two-shapes'][1])} two-shape training images; % of images "
@@ -611,54 +703,28 @@ def evaluate_and_sample(members: list[Path], weights: dict[str, Path], folders: 
           f"{format_measures(validation['real'])}, their VAE reconstructions "
           f"{format_measures(validation['reconstructed'])}; against another image's caption (what the check accepts "
           f"that was not asked) {format_measures(validation['other captions'])}", flush=True)
-    prompts = tuple(captions[:settings.image_prompts])
-    common = dict(members=tuple(map(str, members)), captions=prompts, settings=settings, seed=seed, threads=threads)
-    weights_files = tuple(str(weights[preset]) for preset in SABW_PRESETS)
-    jobs = [ImageJob(afa_row(IMAGE_PRESET), weights=weights_files, **common), ImageJob("block average", **common)]
-    jobs = jobs + [ImageJob(path.stem, **common) for path in members] if prompts else []
-    merges_file = evaluation / MERGES_FILE
-    merges_file.unlink(missing_ok=True)
-    # One worker samples while evaluate.py runs on the other core.
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) \
-            as pool:
-        futures = [pool.submit(sample_images, job) for job in jobs]
-        process = start_script("evaluate.py", [
-            "--members", *map(str, members), "--weights", *weights_files, "--data", str(folders["held-out"]),
-            "--validation-data", str(folders["validation"]), "--validation-samples", "0",
-            "--validation-draws", str(settings.validation_draws),
-            "--resolution", str(RESOLUTION), "--samples", "0", "--draws", str(settings.evaluation_draws),
-            "--seed", str(seed), "--batch-size", "32", "--figure-images", "4", "--figure-draws",
-            str(settings.figure_draws), "--cell-size", "96", "--device", "cpu", "--output-dir", str(evaluation),
-        ], threads)
-        # The best merge's images join the worker's queue as soon as its weights are known, before the table.
-        best_merge = None
-        while best_merge is None and process.poll() is None:
-            if merges_file.is_file():
-                # The merge with the lowest validation error (MBW's search starts from the weighted merge's
-                # weights and keeps only improvements): chosen before any held-out image is seen.
-                best_merge = min(json.loads(merges_file.read_text(encoding="utf-8"))["merges"],
-                                 key=lambda merge: merge["validation_error"])
-                if prompts:
-                    futures.append(pool.submit(sample_images, ImageJob(best_merge["row"], merge_weights=tuple(
-                        tuple(weights) for weights in best_merge["weights"]), **common)))
-            else:
-                time.sleep(1)
-        if process.wait():
-            raise subprocess.CalledProcessError(process.returncode, process.args)
-        results = json.loads((evaluation / RESULTS_FILE).read_text(encoding="utf-8"))
-        if not prompts:
-            return results
-        sampled = {row: (by_steps, seconds) for row, by_steps, seconds in (future.result() for future in futures)}
-    order = [path.stem for path in members] + [best_merge["row"], "block average", afa_row(IMAGE_PRESET)]
-    scores = {row: {steps: caption_scores(reader, sampled[row][0][steps], list(prompts)) for steps in IMAGE_STEPS}
+    merges_file = freed_core.searched_merges()
+    process = start_script("evaluate.py", [*freed_core.arguments, "--merges", str(merges_file), "--weights",
+                                           *(str(freed_core.weights[preset]) for preset in SABW_PRESETS)], threads)
+    if process.wait():
+        raise subprocess.CalledProcessError(process.returncode, process.args)
+    results = json.loads((evaluation / RESULTS_FILE).read_text(encoding="utf-8"))
+    prompts = list(freed_core.prompts)
+    if not prompts:
+        return results
+    sampled = freed_core.images()
+    best_merge = best_merge_of(merges_file)["row"]
+    order = [path.stem for path in members] + [best_merge, "block average", afa_row(IMAGE_PRESET)]
+    scores = {row: {steps: caption_scores(reader, sampled[row][0][steps], prompts) for steps in IMAGE_STEPS}
               for row in order}
     print("\n" + format_image_table(scores, len(prompts)))
-    print("seconds per model (all step counts): " + ", ".join(f"{row} {sampled[row][1]:.0f}" for row in order))
-    render_image_grid({row: sampled[row][0] for row in order}, list(prompts), to_pixels(images), 4).save(
+    print("seconds per model (all step counts, on the core the first SABW preset freed): "
+          + ", ".join(f"{row} {sampled[row][1]:.0f}" for row in order))
+    render_image_grid({row: sampled[row][0] for row in order}, prompts, to_pixels(images), 4).save(
         evaluation / "images.png")
     summary = {"prompts": len(prompts), "steps": list(IMAGE_STEPS), "guidance_scale": settings.guidance_scale,
                "sampler": "DDIM, eta 0", "caption_check_validation": validation,
-               "merge": {"row": best_merge["row"], "chosen_by": "the lowest validation error"}, "scores": {
+               "merge": {"row": best_merge, "chosen_by": "the lowest validation error"}, "scores": {
                    row: {str(steps): value for steps, value in by_steps.items()} for row, by_steps in scores.items()},
                "seconds": {row: round(sampled[row][1], 1) for row in order}}
     (evaluation / "images.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -708,10 +774,11 @@ def start_script(script: str, arguments: list[str], threads: int) -> subprocess.
     return subprocess.Popen(command, env=_script_environment(threads))
 
 
-def run_scripts_in_parallel(jobs: list[tuple[str, list[str], Path]], threads: int) -> None:
+def run_scripts_in_parallel(jobs: list[tuple[str, list[str], Path]], threads: int,
+                            on_finished: Callable[[int], None] | None = None) -> None:
     """Runs training/ scripts at the same time, each as `start_script` starts one, given as (script, arguments, log
-    file). Their output goes to the log files, printed once all have finished: interleaved progress bars would be
-    unreadable.
+    file). Each one's output goes to its log file, printed when it ends (interleaved progress bars would be
+    unreadable); then `on_finished(its index in jobs)` when it succeeded.
 
     Raises:
         subprocess.CalledProcessError: for the first script that failed (after every log is printed).
@@ -724,24 +791,31 @@ def run_scripts_in_parallel(jobs: list[tuple[str, list[str], Path]], threads: in
         log_file = open(log, "w", encoding="utf-8")
         running.append((command, log, log_file, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                                                  env=_script_environment(threads))))
-    failures = []
-    for command, log, log_file, process in running:
-        process.wait()
-        log_file.close()
-        # A progress bar rewrites its line with carriage returns: print each line as it last read.
-        lines = [line.split("\r")[-1] for line in log.read_text(encoding="utf-8").splitlines()]
-        print(f"-- {log}:\n" + "\n".join(line for line in lines if line.strip()), flush=True)
-        if process.returncode:
-            failures.append(subprocess.CalledProcessError(process.returncode, command))
+    failures, pending = [], list(range(len(running)))
+    while pending:
+        ended = [index for index in pending if running[index][3].poll() is not None]
+        for index in ended:
+            pending.remove(index)
+            command, log, log_file, process = running[index]
+            log_file.close()
+            # A progress bar rewrites its line with carriage returns: print each line as it last read.
+            lines = [line.split("\r")[-1] for line in log.read_text(encoding="utf-8").splitlines()]
+            print(f"-- {log}:\n" + "\n".join(line for line in lines if line.strip()), flush=True)
+            if process.returncode:
+                failures.append(subprocess.CalledProcessError(process.returncode, command))
+            elif on_finished is not None:
+                on_finished(index)
+        if pending and not ended:
+            time.sleep(0.5)
     if failures:
         raise failures[0]
 
 
 def train_sabw_presets(members: list[Path], data: Path, output: Path, settings: Settings, seed: int,
-                       threads: int) -> dict[str, Path]:
+                       threads: int, on_trained: Callable[[str], None] | None = None) -> dict[str, Path]:
     """training/train.py once per SABW preset, on the same data with the same settings, in parallel processes;
-    returns the weights file of each preset."""
-    weights = {preset: output / f"afa-warm-cool-{preset}.safetensors" for preset in SABW_PRESETS}
+    `on_trained(preset)` as each one ends. Returns the weights file of each preset."""
+    weights = sabw_weights_files(output)
     jobs = [("train.py", [
         "--members", *map(str, members), "--data", str(data), "--val-split", "0", "--preset", preset,
         # The demo's images are exactly --resolution square, so there is nothing to crop, and its VAE is trained as
@@ -753,8 +827,14 @@ def train_sabw_presets(members: list[Path], data: Path, output: Path, settings: 
         "--num-workers", "0", "--save-every", "1000000", "--save-dtype", "fp32", "--seed", str(seed),
         "--output", str(weights[preset]), "--run-dir", str(output / f"sabw-run-{preset}"), "--device", "cpu",
     ], output / f"sabw-run-{preset}.log") for preset in SABW_PRESETS]
-    run_scripts_in_parallel(jobs, threads)
+    run_scripts_in_parallel(jobs, threads, None if on_trained is None
+                            else lambda index: on_trained(SABW_PRESETS[index]))
     return weights
+
+
+def sabw_weights_files(output: Path) -> dict[str, Path]:
+    """Where train_sabw_presets writes each preset's weights."""
+    return {preset: output / f"afa-warm-cool-{preset}.safetensors" for preset in SABW_PRESETS}
 
 
 def build_members(output: Path, loaded: dict[str, tuple[torch.Tensor, list[str]]], vae: Vae, settings: Settings,
@@ -820,13 +900,21 @@ def main(argv: list[str] | None = None) -> int:
     members = stages.run("members", "a base UNet and two expert fine-tunes", build_members, output, loaded, vae,
                          settings, seed, threads)
 
-    weights = stages.run("SABW", f"training/train.py on the two-shape images, presets {' and '.join(SABW_PRESETS)}",
-                         train_sabw_presets, members, folders["two-shapes"], output, settings, seed, threads)
-
     evaluation = output / "evaluation"
-    results = stages.run("results", "training/evaluate.py on the held-out images, and images sampled by each model",
-                         evaluate_and_sample, members, weights, folders, loaded, vae, evaluation, settings, seed,
-                         threads)
+    weights_files = sabw_weights_files(output)
+    # One worker process for what the results need of the first trained preset only; its core is free from then.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) \
+            as worker:
+        freed_core = FreedCoreWork(worker, members, weights_files, evaluate_arguments(
+            members, folders, evaluation, settings, seed), evaluation,
+            tuple(loaded["held-out"][1][:settings.image_prompts]), settings, seed, threads)
+        stages.run("SABW", f"training/train.py on the two-shape images, presets {' and '.join(SABW_PRESETS)}; when "
+                   f"the first ends, on its core: the merges' search (evaluate.py --merges-only) and images",
+                   train_sabw_presets, members, folders["two-shapes"], output, settings, seed, threads,
+                   freed_core.preset_trained)
+        results = stages.run("results", "training/evaluate.py on the held-out images with those merges, and the "
+                             "images scored", evaluate_and_score, members, loaded, vae, evaluation, settings,
+                             freed_core, threads)
 
     errors = {name: row["all"] for name, row in results["models"].items()}
     best_member, best_merge = results["best_member"], results["best_merge"]

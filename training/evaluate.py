@@ -23,8 +23,10 @@ merge"); how each merge was searched, in how long, and the memory it holds are p
 Writes into --output-dir:
 
   evaluation.json           the table (mean squared error of the eps/v prediction, overall and per timestep range)
-  merges.json               the merges' weights and validation errors, written as soon as their search ends (before
-                            the table), so other work can start on them (the demo samples the best merge's images)
+  merges.json               the members, the merges' weights and validation errors, written as soon as their search
+                            ends (before the table), so other work can start on them; --merges-only writes it alone
+                            and --merges reuses it for the same members instead of searching again (the demo
+                            searches while its slower SABW preset still trains, then samples the best merge's images)
   denoising-capability.png  the paper's Figure 1: for a few images, at several timesteps, which member has the lowest
                             denoising error at each latent pixel (squared error averaged over Monte-Carlo noise draws)
   aggregation-maps.png      with --weights: SABW's weight maps for the same images (the paper's Figure 6);
@@ -58,6 +60,7 @@ from tqdm import tqdm  # noqa: E402
 from afa import AfaError, EnsembleUNet, WeightsInfo, load_weights  # noqa: E402
 from afa.comparison import AFA, BLOCK_AVERAGE, MBW, NOISE_AVERAGE, percent_change  # noqa: E402
 from afa.flux import EnsembleFlux  # noqa: E402
+from afa.hashing import shorthash  # noqa: E402
 from afa.maps import (TIE, TIE_COLOR, WeightMapRecorder, block_indices, colorize_weights,  # noqa: E402
                       colorize_winners, legend_entries, render_grid)
 from afa.members import MAX_MEMBERS, MIN_MEMBERS  # noqa: E402
@@ -69,7 +72,7 @@ from training.cli import run  # noqa: E402
 from training.diffusion import NoiseSchedule, squared_error  # noqa: E402
 from training.merge_search import (DEFAULT_MBW_RATIOS, DEFAULT_RATIOS, MERGE_BASELINES, Merge,  # noqa: E402
                                    ValidationScorer, describe_merge, merged_text_encoders,
-                                   prepare_validation_batches, search_merges)
+                                   prepare_validation_batches, restore_merges, search_merges)
 from training.metrics import (FLOW_TIMESTEP_RANGES, TIMESTEP_RANGES, RememberedPrediction,  # noqa: E402
                               denoising_errors, encode_for_members, ensemble_reading, member_alone, noise_average_of,
                               range_label)
@@ -133,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="two members: the ratios each MBW block tries (more members: uniform, leave-one-out, "
                        "each member alone)")
     group.add_argument("--mbw-sweeps", type=int, default=1, help="coordinate-descent passes over the MBW blocks")
+    reuse = group.add_mutually_exclusive_group()
+    reuse.add_argument("--merges", metavar="MERGES_JSON", help=f"the merges of an earlier run's {MERGES_FILE} (same "
+                       "members, same order) instead of searching them again; the flags above are then unused")
+    reuse.add_argument("--merges-only", action="store_true", help=f"search the merges, write {MERGES_FILE} and stop "
+                       "(no table, no figures): the search can run apart, e.g. beside other work, and --merges "
+                       "reuses it")
 
     group = parser.add_argument_group("figures")
     group.add_argument("--output-dir", default="evaluation", help=f"where {RESULTS_FILE} and the PNGs go")
@@ -169,6 +178,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("merge_ratios", "mbw_ratios"):
         if not all(0.0 <= ratio <= 1.0 for ratio in getattr(args, flag)):
             parser.error(f"--{flag.replace('_', '-')} are between 0 and 1")
+    if (args.merges or args.merges_only) and args.family == "flux":
+        parser.error("--merges and --merges-only: FLUX members have no merge baselines")
+    if (args.merges or args.merges_only) and args.merge_baselines == "none":
+        parser.error("--merges and --merges-only need merge baselines (--merge-baselines all or weighted)")
+    if args.merges and not Path(args.merges).is_file():
+        parser.error(f"--merges {args.merges}: no such file")
     args.text_conditioning = args.text_conditioning.replace("-", "_")  # as AggregatorConfig spells it
     return args
 
@@ -507,6 +522,36 @@ def find_merges(args: argparse.Namespace, frozen, member_names: Sequence[str], c
                              "samples": scorer.samples, "same_images_as_the_table": not args.validation_data}
 
 
+def reused_merges(path: str, frozen) -> tuple[list[Merge], dict]:
+    """--merges: the merges of an earlier run's merges.json rebuilt on these members, and what their validation data
+    was (with the file's path, for evaluation.json).
+
+    Raises:
+        AfaError: a file that is not a merges.json, or one searched for other members (names what it was searched
+            for and what was given).
+    """
+    try:
+        written = json.loads(Path(path).read_text(encoding="utf-8"))
+        summaries, validation = written["merges"], dict(written["validation"])
+        searched_for = [(entry["name"], entry["sha256"]) for entry in written["members"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError too
+        raise AfaError(f"--merges {path}: not a {MERGES_FILE} of this evaluate.py ({error!r}); search the merges "
+                       f"again without --merges") from error
+    if [sha256 for _, sha256 in searched_for] != [ref.sha256 for ref in frozen.member_refs]:
+        searched = ", ".join(f"{name} [{shorthash(sha256)}]" for name, sha256 in searched_for)
+        raise AfaError(f"--merges {path} was searched for the members {searched}, not for these: "
+                       f"{', '.join(map(str, frozen.member_refs))}; search the merges again without --merges")
+    try:
+        merges = restore_merges(summaries, frozen.members, frozen.text_encoders)
+    except AfaError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:  # a hand-edited file: a field missing, weights not summing to 1
+        raise AfaError(f"--merges {path}: a merge it holds cannot be rebuilt ({error!r})") from error
+    print(f"merges from {path} (searched for these members there): {', '.join(merge.row for merge in merges)}",
+          flush=True)
+    return merges, {**validation, "merges_file": str(path)}
+
+
 # -- the run -------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,13 +575,24 @@ def main(argv: list[str] | None = None) -> int:
     clip_skip = evaluation_clip_skip(args.clip_skip, trained)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    merges, validation = (find_merges(args, frozen, member_names, clip_skip, device)
-                          if args.merge_baselines != "none" else ([], None))
-    if merges:  # written whole (renamed into place): a reader never sees half a file
+    members_json = [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
+                    for name, path, ref in zip(member_names, args.members, frozen.member_refs)]
+    if args.merges:
+        merges, validation = reused_merges(args.merges, frozen)
+    elif args.merge_baselines != "none":
+        merges, validation = find_merges(args, frozen, member_names, clip_skip, device)
+        # Written whole (renamed into place): a reader never sees half a file.
         temporary = output_dir / (MERGES_FILE + ".tmp")
-        temporary.write_text(json.dumps({"merges": [merge.summary() for merge in merges], "validation": validation},
-                                        indent=2) + "\n", encoding="utf-8")
+        temporary.write_text(json.dumps({"members": members_json, "merges": [merge.summary() for merge in merges],
+                                         "validation": validation}, indent=2) + "\n", encoding="utf-8")
         os.replace(temporary, output_dir / MERGES_FILE)
+        if args.merges_only:
+            for merge in merges:
+                print(describe_merge(merge))
+            print(f"wrote {output_dir / MERGES_FILE} ({time.time() - started:.0f} s)")
+            return 0
+    else:
+        merges, validation = [], None
     models = comparison_models(frozen.members, member_names, trained, args.text_conditioning, merges)
     print(f"loaded {len(frozen.members)} members ({', '.join(map(str, frozen.member_refs))}) on {device}, "
           f"{frozen.distinct_text_encoders} distinct text encoders; averages read the prompt "
@@ -587,8 +643,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "models": errors,
-        "members": [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
-                    for name, path, ref in zip(member_names, args.members, frozen.member_refs)],
+        "members": members_json,
         "weights": [{"row": entry.row, "file": entry.file, "mode": entry.info.mode.name,
                      "design": entry.info.config.design, "text_conditioning": entry.info.config.text_conditioning,
                      "clip_skip": entry.info.config.clip_skip, "training": entry.info.training}
@@ -676,8 +731,7 @@ def evaluate_flux(args: argparse.Namespace, device: torch.device, started: float
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {
         "family": "flux", "objective": "rectified flow (velocity)", "models": errors,
-        "members": [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
-                    for name, path, ref in zip(member_names, args.members, frozen.member_refs)],
+        "members": members_json,
         "weights": [{"row": row, "file": path, "mode": info.mode.name, "design": info.config.design,
                      "training": info.training} for row, path, info, _ in trained],
         "guidance": guidance, "t5_max_length": args.t5_max_length,

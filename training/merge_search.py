@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from afa.comparison import MBW, WEIGHTED_MERGE
+from afa.errors import AfaError
 from afa.merge import MergedModel, Weights, mbw_block_names, ratio_weights
 
 from .diffusion import VALIDATION_EPOCH, NoiseSchedule, per_sample_mse
@@ -323,6 +324,36 @@ def search_merges(members: Sequence[nn.Module], text_encoders: Sequence[nn.Modul
     weighted = None  # noqa: F841 -- the generator's own reference, before MBW's copy exists
     if baselines == "all":
         yield search_mbw(members, text_encoders, member_names, scorer, start, mbw_ratios, mbw_sweeps)
+
+
+def restore_merges(summaries: Sequence[dict], members: Sequence[nn.Module],
+                   text_encoders: Sequence[nn.Module]) -> list[Merge]:
+    """The merges of an earlier search, rebuilt on `members` from their `Merge.summary`s (evaluate.py's merges.json)
+    with the weights found then: no search. Row, losses, evaluations and times stay the search's.
+
+    Raises:
+        AfaError: a summary whose weights do not fit these members (another member count, or MBW blocks of another
+            family, or a text encoder ratio where the members share one encoder, or none where they differ).
+    """
+    merges = []
+    for summary in summaries:
+        unet, text = MergedModel.of_unets(members), text_merge_for(text_encoders)
+        weights = [tuple(float(weight) for weight in group) for group in summary["weights"]]
+        expected = unet.num_groups + (1 if text is not None else 0)
+        if len(weights) != expected or any(len(group) != len(members) for group in weights):
+            takes = (f"{expected} vectors ({unet.num_groups} UNet blocks"
+                     + (" and BASE: their text encoders differ)" if text is not None else "; one text encoder)"))
+            raise AfaError(f"{summary['row']} in the merges file has {len(weights)} weight vectors of "
+                           f"{'/'.join(str(size) for size in sorted({len(group) for group in weights}))} members; "
+                           f"these {len(members)} members take {takes}")
+        unet.set_weights(weights[:unet.num_groups])
+        if text is not None:
+            text.set_weights(weights[unet.num_groups])
+        extra = {key: summary[key] for key in ("blocks",) if key in summary}
+        merges.append(Merge(summary["row"], summary["kind"], unet, text, summary["label"], weights,
+                            dict(summary["validation_losses"]), summary["evaluations"], summary["search_seconds"],
+                            summary["merge_seconds"], summary["search"], extra))
+    return merges
 
 
 def merged_text_encoders(text_encoders: Sequence[nn.Module], merges: Sequence[Merge]) -> list[nn.Module]:
