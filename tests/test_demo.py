@@ -8,6 +8,7 @@ chosen on the demo's validation images) by a margin each.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -21,8 +22,9 @@ import torch
 import yaml
 from PIL import Image
 
-from afa import AfaError, read_weights_info
-from afa.unet import PRESETS, build_unet
+from afa import (AfaError, Aggregator, MemberRef, default_config, load_member, read_weights_info, save_weights,
+                 unet_shapes)
+from afa.unet import PRESETS, block_layout, build_unet
 from training import demo
 from training.data import SkipReport, index_captioned_images
 
@@ -122,6 +124,49 @@ def test_demo_writes_kohya_data_webui_checkpoints_weights_and_figures(quick_demo
         assert Image.open(output / "evaluation" / figure).size[0] > 300
     for stage in ("data", "VAE", "members", "SABW", "results"):  # each stage reports its time
         assert f"{stage} " in result.stdout.split("Timings:")[-1]
+
+
+class RecordingExecutor:
+    """An executor that records what is submitted and runs nothing."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, function, *args):
+        self.submitted.append((function, args))
+        return concurrent.futures.Future()
+
+
+@pytest.mark.parametrize("first", demo.SABW_PRESETS)
+def test_the_freed_core_searches_first_and_samples_afa_from_its_own_weights_file_alone(checkpoint_factory, tmp_path,
+                                                                                       first):
+    """The first trained preset frees a core: the merges' search is queued first, then the images that need no SABW
+    weights; AFA's images once IMAGE_PRESET's file is written, reading it alone (the other preset may still train)."""
+    members = [checkpoint_factory(1, name="warm-expert"), checkpoint_factory(2, name="cool-expert")]
+    layout = block_layout(unet_shapes(load_member(members[0])))
+    torch.manual_seed(0)
+    weights = {preset: tmp_path / f"{preset}.safetensors" for preset in demo.SABW_PRESETS}
+    save_weights(weights[demo.IMAGE_PRESET], Aggregator(default_config(layout, 2, 32, preset=demo.IMAGE_PRESET,
+                                                                       hidden_channels=32)),
+                 [MemberRef.from_file(member) for member in members])
+    worker = RecordingExecutor()
+    work = demo.FreedCoreWork(worker, members, weights, ["--members", "..."], tmp_path / "evaluation",
+                              ("a red circle at the top left",), demo.QUICK, 0, 1)
+    second = next(preset for preset in demo.SABW_PRESETS if preset != first)
+    work.preset_trained(first)
+    assert worker.submitted[0] == (demo.search_merges_alone, (["--members", "..."], work.search_log, 1))
+    jobs = [args[0] for function, args in worker.submitted[1:]]
+    assert all(function is demo.sample_images for function, _ in worker.submitted[1:])
+    rows = [demo.BEST_MERGE, "block average", "warm-expert", "cool-expert"]
+    assert [job.row for job in jobs] == rows + ([demo.afa_row(demo.IMAGE_PRESET)] if first == demo.IMAGE_PRESET
+                                                else [])
+    work.preset_trained(second)
+    jobs = [args[0] for function, args in worker.submitted[1:]]
+    assert [job.row for job in jobs] == rows + [demo.afa_row(demo.IMAGE_PRESET)]
+    assert jobs[0].merges_file == str(tmp_path / "evaluation" / "merges.json")
+    row, images, _ = demo.sample_images(jobs[-1])
+    assert row == demo.afa_row(demo.IMAGE_PRESET) and list(images) == list(demo.IMAGE_STEPS)
+    assert all(batch.shape == (1, 32, 32, 3) and batch.dtype == np.uint8 for batch in images.values())
 
 
 def test_rerunning_replaces_only_a_demo_folder(tmp_path):

@@ -520,7 +520,8 @@ def best_merge_of(merges_file: Path) -> dict:
 @dataclass(frozen=True)
 class ImageJob:
     """One model's images (runs in a worker process): `row` is its table row, "block average", an "AFA (...)" row
-    (its weights file in `weights`) or BEST_MERGE (its weights read from `merges_file` when the job runs)."""
+    (its one weights file in `weights`: the other preset's may not be written yet) or BEST_MERGE (its weights read
+    from `merges_file` when the job runs)."""
 
     row: str
     members: tuple[str, ...]
@@ -528,7 +529,7 @@ class ImageJob:
     settings: Settings
     seed: int
     threads: int
-    weights: tuple[str, ...] = ()
+    weights: str = ""
     merges_file: str = ""
 
 
@@ -556,8 +557,7 @@ def sample_images(job: ImageJob) -> tuple[str, dict[int, np.ndarray], float]:
         from afa.modes import AVERAGE
         model = ensemble_reading(EnsembleUNet(frozen.members, None, AVERAGE), "per_member")
     elif job.weights:
-        entry, = [entry for entry in trained_ensembles(job.weights, frozen.members, frozen.member_refs,
-                                                       torch.device("cpu")) if entry.row == row]
+        entry, = trained_ensembles([job.weights], frozen.members, frozen.member_refs, torch.device("cpu"))
         model = ensemble_reading(entry.ensemble, entry.info.config.text_conditioning)
     else:
         merge = best_merge_of(Path(job.merges_file))
@@ -618,8 +618,9 @@ def evaluate_arguments(members: list[Path], folders: dict[str, Path], evaluation
                        seed: int) -> list[str]:
     """training/evaluate.py's arguments in the demo: the merges' search (with --merges-only) and the table (with
     --merges and the weights files) take the same."""
-    return ["--members", *map(str, members), "--data", str(folders["held-out"]), "--validation-data", str(folders["validation"]),
-            "--validation-samples", "0", "--validation-draws", str(settings.validation_draws),
+    return ["--members", *map(str, members), "--data", str(folders["held-out"]),
+            "--validation-data", str(folders["validation"]), "--validation-samples", "0",
+            "--validation-draws", str(settings.validation_draws),
             "--resolution", str(RESOLUTION), "--samples", "0", "--draws", str(settings.evaluation_draws),
             "--seed", str(seed), "--batch-size", "32", "--figure-images", "4", "--figure-draws",
             str(settings.figure_draws), "--cell-size", "96", "--device", "cpu", "--output-dir", str(evaluation)]
@@ -643,7 +644,8 @@ def search_merges_alone(arguments: list[str], log: Path, threads: int) -> None:
 
 class FreedCoreWork:
     """The results' work that needs at most one SABW preset, on one worker process that starts when the first
-    train.py ends: the core it frees would idle while the slower preset trains on (paper: twice as long as fast).
+    train.py ends: the core it frees would idle while the slower preset trains on (the full run: paper 13 minutes,
+    fast 6).
     In the worker's order: evaluate.py --merges-only (training/merge_search.py's search, into merges.json), the
     images of the best merge, block averaging and the members, and AFA's (IMAGE_PRESET) once its weights are
     written. With settings.image_prompts 0, the search alone."""
@@ -674,8 +676,7 @@ class FreedCoreWork:
                     *(ImageJob(Path(member).stem, **self.common) for member in self.common["members"])]]
         if preset == IMAGE_PRESET and self.prompts:
             self.image_futures.append(self.worker.submit(sample_images, ImageJob(
-                afa_row(IMAGE_PRESET), weights=tuple(str(self.weights[name]) for name in SABW_PRESETS),
-                **self.common)))
+                afa_row(IMAGE_PRESET), weights=str(self.weights[IMAGE_PRESET]), **self.common)))
 
     def searched_merges(self) -> Path:
         """merges.json, once the search has ended (raises its error if it failed)."""

@@ -237,8 +237,8 @@ def comparison_models(members: Sequence[torch.nn.Module], member_names: Sequence
                       merges: Sequence[Merge] = ()) -> dict[str, Callable]:
     """The table's rows as metrics.ModelCall's: each member reading its own text encoder's encoding, each merge
     reading its merged text encoder's (the contexts after the members', in `merges` order: see
-    merge_search.merged_text_encoders), block averaging and noise averaging reading the prompt per `text_conditioning`, and each
-    trained ensemble reading it as its weights file was trained."""
+    merge_search.merged_text_encoders), block averaging and noise averaging reading the prompt per
+    `text_conditioning`, and each trained ensemble reading it as its weights file was trained."""
     member_calls = [RememberedPrediction(member_alone(member, index)) for index, member in enumerate(members)]
     models: dict[str, Callable] = dict(zip(member_names, member_calls))
     for index, merge in enumerate(merges):
