@@ -522,6 +522,12 @@ def find_merges(args: argparse.Namespace, frozen, member_names: Sequence[str], c
                              "samples": scorer.samples, "same_images_as_the_table": not args.validation_data}
 
 
+def member_entries(member_names: Sequence[str], paths: Sequence[str], member_refs) -> list[dict]:
+    """What evaluation.json and merges.json say of the members: name, checkpoint path and sha256 of each."""
+    return [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
+            for name, path, ref in zip(member_names, paths, member_refs)]
+
+
 def reused_merges(path: str, frozen) -> tuple[list[Merge], dict]:
     """--merges: the merges of an earlier run's merges.json rebuilt on these members, and what their validation data
     was (with the file's path, for evaluation.json).
@@ -575,8 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     clip_skip = evaluation_clip_skip(args.clip_skip, trained)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    members_json = [{"name": name, "checkpoint": str(path), "sha256": ref.sha256}
-                    for name, path, ref in zip(member_names, args.members, frozen.member_refs)]
+    members_json = member_entries(member_names, args.members, frozen.member_refs)
     if args.merges:
         merges, validation = reused_merges(args.merges, frozen)
     elif args.merge_baselines != "none":
@@ -731,7 +736,7 @@ def evaluate_flux(args: argparse.Namespace, device: torch.device, started: float
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {
         "family": "flux", "objective": "rectified flow (velocity)", "models": errors,
-        "members": members_json,
+        "members": member_entries(member_names, args.members, frozen.member_refs),
         "weights": [{"row": row, "file": path, "mode": info.mode.name, "design": info.config.design,
                      "training": info.training} for row, path, info, _ in trained],
         "guidance": guidance, "t5_max_length": args.t5_max_length,
